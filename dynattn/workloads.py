@@ -1,0 +1,526 @@
+"""Workloads for the attention engine: initial Q, K, V matrices and streams of K/V updates.
+
+Everything here is reproducible from a seed and independent of the engine, so the same workload
+can be replayed against several exact strategies and compared fairly.
+
+* :func:`make_qkv` builds ``(Q, K, V)`` from a named preset (:data:`PRESETS`).
+* :func:`load_npz` reads a user's ``.npz`` file safely (no pickles, size limits, clear errors).
+* :class:`UpdateStream` produces, tick by tick, a batch of updates (:class:`TickUpdates`) and a
+  batch of query positions, for one of the stream kinds in :data:`STREAMS`.
+"""
+
+from __future__ import annotations
+
+import io
+import numbers
+import os
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dynattn._validate import resolve_dtype
+
+PRESETS = ("uniform", "gaussian", "local", "clustered")
+STREAMS = ("entries", "rows", "hotspot", "bursts")
+
+#: Logit gap, at the default ``scale = 1/sqrt(d)``, between a query and its most similar keys and
+#: unrelated keys in the ``local`` and ``clustered`` presets: large enough that the attention map
+#: shows the structure clearly, small enough that several neighbours still share the weight.
+_STRUCTURE_GAP = 16.0
+#: Maximum number of topics in the ``clustered`` preset.
+_MAX_CLUSTERS = 8
+#: Default cap on the size of a loaded ``.npz`` file (and on its decompressed arrays).
+MAX_NPZ_BYTES = 256 * 2**20
+#: Name used in messages for data that did not come from a named file.
+UPLOADED = "<uploaded file>"
+
+# Independent random streams per purpose: changing how many queries are drawn never changes
+# the updates, and the workload of tick t does not depend on which ticks were drawn before.
+_UPDATES_KEY = 1
+_QUERIES_KEY = 2
+
+
+class WorkloadError(ValueError):
+    """A workload file or argument that cannot be used; the message names the file and array."""
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (messages name the argument and its value)
+
+
+def _check_int(name: str, value, low: int) -> int:
+    """A Python int >= ``low``; bools are refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r} must be an integer")
+    if value < low:
+        raise ValueError(f"{name}={value} must be >= {low}")
+    return int(value)
+
+
+def _check_real(name: str, value, low: float, high: float, *, open_low: bool = False,
+                open_high: bool = False) -> float:
+    """A finite float in the interval from ``low`` to ``high`` (ends open or closed)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r} must be a real number")
+    value = float(value)
+    below = value <= low if open_low else value < low
+    above = value >= high if open_high else value > high
+    if not np.isfinite(value) or below or above:
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise ValueError(f"{name}={value!r} must be finite and in {interval}")
+    return value
+
+
+def _check_choice(name: str, value, choices: tuple) -> str:
+    """``value`` itself, if it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+
+
+def make_qkv(preset: str, n: int, d: int, *, seed: int = 0, dtype=np.float64):
+    """Build the initial ``(Q, K, V)`` of a named preset.
+
+    Parameters
+    ----------
+    preset : {"uniform", "gaussian", "local", "clustered"}
+        * ``uniform``: every entry uniform on [0, 1), as in the original prototype; attention is
+          nearly flat.
+        * ``gaussian``: every entry standard normal.
+        * ``local``: banded positional attention. Q and K carry sinusoidal position features
+          (``d // 2`` frequency pairs with a Gaussian taper, plus a little noise) so that
+          ``q_i . k_j`` is a smooth bump in ``i - j``: row ``i`` attends mostly to rows near
+          ``i``, a clear diagonal in the attention map. V is standard normal. Needs ``d >= 2``
+          (rank-one logits cannot form a band); the width of the band shrinks as ``d`` grows,
+          roughly ``n / d`` rows.
+        * ``clustered``: topics. Row ``i`` belongs to one of ``c = min(8, max(1, n // 8))``
+          contiguous blocks; Q and K rows are their topic's centroid (orthonormal directions
+          when ``d >= c``) plus noise, so the attention map is block diagonal. V is standard
+          normal.
+
+        The logit gaps of ``local`` and ``clustered`` are tuned for the default scale
+        ``1/sqrt(d)``.
+    n, d : int
+        Number of rows (tokens) and columns (head dimension), both >= 1.
+    seed : int
+        Seed of ``np.random.default_rng``; the same arguments always give the same matrices.
+    dtype : float32 or float64
+
+    Returns
+    -------
+    Q, K, V : ndarray, each (n, d), C-contiguous, in ``dtype``
+
+    Notes
+    -----
+    Cost O(n d) time and memory.
+
+    Examples
+    --------
+    >>> Q, K, V = make_qkv("gaussian", 4, 3, seed=1, dtype=np.float32)
+    >>> Q.shape, V.dtype
+    ((4, 3), dtype('float32'))
+    >>> bool(np.array_equal(Q, make_qkv("gaussian", 4, 3, seed=1, dtype=np.float32)[0]))
+    True
+    """
+    _check_choice("preset", preset, PRESETS)
+    n = _check_int("n", n, 1)
+    d = _check_int("d", d, 1)
+    seed = _check_int("seed", seed, 0)
+    dt = resolve_dtype(dtype)
+    rng = np.random.default_rng(seed)
+    if preset == "uniform":
+        qkv = rng.random((3, n, d))
+    elif preset == "gaussian":
+        qkv = rng.standard_normal((3, n, d))
+    elif preset == "local":
+        qkv = _local(rng, n, d)
+    else:
+        qkv = _clustered(rng, n, d)
+    return tuple(np.ascontiguousarray(m, dtype=dt) for m in qkv)
+
+
+def _local(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """(3, n, d) banded positional Q, K, V; see :func:`make_qkv`."""
+    if d < 2:
+        raise ValueError(f"preset 'local' needs d >= 2 (sin/cos position pairs); got d={d}")
+    pairs = d // 2
+    m = np.arange(1, pairs + 1)
+    # q_i . k_j = amp^2 * sum_m w_m cos(omega_m (i - j)): a bump at i = j. Frequencies stay
+    # below pi / n so that no far position aliases onto the diagonal, and the Gaussian taper of
+    # the weights keeps the side lobes small.
+    weights = np.exp(-2.0 * (m / pairs) ** 2)
+    weights /= weights.sum()
+    omega = np.pi * m / max(n, 2 * pairs)
+    phase = rng.uniform(0.0, 2.0 * np.pi, pairs)  # cancels in q . k; varies the matrices by seed
+    amp = np.sqrt(_STRUCTURE_GAP * np.sqrt(d))  # logit gap ~ scale * amp^2 = _STRUCTURE_GAP
+    angle = np.arange(n)[:, None] * omega + phase
+    features = np.zeros((n, d))
+    features[:, 0 : 2 * pairs : 2] = amp * np.sqrt(weights) * np.cos(angle)
+    features[:, 1 : 2 * pairs : 2] = amp * np.sqrt(weights) * np.sin(angle)
+    noise = 0.1 * rng.standard_normal((2, n, d))
+    return np.stack([features + noise[0], features + noise[1], rng.standard_normal((n, d))])
+
+
+def _clustered(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """(3, n, d) topic-block Q, K, V; see :func:`make_qkv`."""
+    c = min(_MAX_CLUSTERS, max(1, n // 8))
+    labels = (np.arange(n) * c) // n  # contiguous, near-equal blocks: visible in a heat map
+    directions = rng.standard_normal((max(c, d), d))
+    if d >= c:
+        directions = np.linalg.qr(directions.T)[0].T  # orthonormal topics: no two overlap
+    directions = directions[:c] / np.linalg.norm(directions[:c], axis=1, keepdims=True)
+    radius = np.sqrt(_STRUCTURE_GAP * np.sqrt(d))  # same-topic logit ~ scale * radius^2
+    centroids = radius * directions[labels]
+    noise = (0.25 * radius / np.sqrt(d)) * rng.standard_normal((2, n, d))
+    return np.stack([centroids + noise[0], centroids + noise[1], rng.standard_normal((n, d))])
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a user's file
+
+
+def load_npz(path_or_file, *, max_bytes: int = MAX_NPZ_BYTES, dtype=None):
+    """Read ``(Q, K, V)`` from an ``.npz`` archive, safely.
+
+    The archive is opened with ``allow_pickle=False``, so a file can never run code, and it is
+    checked before use: every problem raises :class:`WorkloadError` naming the file and, where it
+    applies, the array.
+
+    Parameters
+    ----------
+    path_or_file : str, os.PathLike, bytes or binary file-like
+        A path, the raw bytes of an upload (called ``"<uploaded file>"`` in messages) or an open
+        binary file (named after its ``name`` attribute if it has one).
+    max_bytes : int
+        Largest accepted file size, also applied to the decompressed size of Q, K and V together
+        so that a small compressed archive cannot expand into gigabytes.
+    dtype : None, float32 or float64
+        Working dtype of the result; ``None`` keeps float32 when all three arrays are float32
+        and otherwise uses float64.
+
+    Returns
+    -------
+    Q, K, V : ndarray, each (n, d), C-contiguous, finite, in the resolved dtype
+
+    Raises
+    ------
+    WorkloadError
+        Missing file, not an npz (zip) archive, too large, missing ``Q``/``K``/``V``, a
+        non-numeric dtype (object, string, complex, bool), non-finite values (also after the
+        cast to ``dtype``), an array that is not 2-D, mismatched shapes, or ``n < 1``/``d < 1``.
+
+    Notes
+    -----
+    Cost O(n d) time and memory beyond the file itself.
+    """
+    max_bytes = _check_int("max_bytes", max_bytes, 1)
+    name, buffer = _open_limited(path_or_file, max_bytes)
+    if not zipfile.is_zipfile(buffer):
+        raise WorkloadError(f"{name}: not an .npz file (expected a zip archive of .npy arrays)")
+    buffer.seek(0)
+    try:
+        archive = np.load(buffer, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise WorkloadError(f"{name}: cannot read the .npz archive ({exc})") from exc
+    with archive:
+        members = {key: _member(name, archive, key) for key in ("Q", "K", "V")}
+        unpacked = sum(m.file_size for m in members.values())
+        if unpacked > max_bytes:
+            raise WorkloadError(f"{name}: Q, K and V too large when decompressed "
+                                f"({unpacked} bytes > max_bytes={max_bytes})")
+        raw = {key: _read_array(name, archive, key) for key in members}
+    shapes = {key: arr.shape for key, arr in raw.items()}
+    if len(set(shapes.values())) != 1:
+        listed = ", ".join(f"{k} {s}" for k, s in shapes.items())
+        raise WorkloadError(f"{name}: Q, K and V must all have the same shape (n, d); got {listed}")
+    dt = resolve_dtype(dtype, *raw.values())
+    out = []
+    for key, arr in raw.items():
+        with np.errstate(over="ignore"):  # overflow in the cast is reported just below
+            cast = np.ascontiguousarray(arr, dtype=dt)
+        if not np.isfinite(cast).all():
+            where = tuple(int(i) for i in np.argwhere(~np.isfinite(cast))[0])
+            raise WorkloadError(f"{name}: array {key!r} must be finite; {key}{list(where)} = "
+                                f"{arr[where]!r} (in {dt})")
+        out.append(cast)
+    return tuple(out)
+
+
+def _open_limited(source, max_bytes: int) -> tuple[str, io.BytesIO]:
+    """(name for messages, seekable binary buffer) for a path, bytes or file-like, size-checked."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        size = memoryview(source).nbytes
+        _check_size(UPLOADED, size, max_bytes)
+        return UPLOADED, io.BytesIO(source)
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        if not os.path.isfile(name):
+            raise WorkloadError(f"{name}: no such file")
+        _check_size(name, os.path.getsize(name), max_bytes)
+        with open(name, "rb") as f:
+            return name, io.BytesIO(f.read())
+    if not hasattr(source, "read"):
+        raise TypeError(f"path_or_file={source!r} must be a path, bytes or a binary file object")
+    name = str(getattr(source, "name", UPLOADED))
+    data = source.read(max_bytes + 1)  # reads at most one byte past the limit
+    if not isinstance(data, (bytes, bytearray)):
+        raise TypeError(f"{name}: the file object must be opened in binary mode")
+    _check_size(name, len(data), max_bytes)
+    return name, io.BytesIO(data)
+
+
+def _check_size(name: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise WorkloadError(f"{name}: file too large ({size} bytes > max_bytes={max_bytes})")
+
+
+def _member(name: str, archive, key: str) -> zipfile.ZipInfo:
+    """The zip entry holding array ``key`` (``key.npy``, or ``key`` as numpy also accepts)."""
+    for member in (f"{key}.npy", key):
+        if member in archive.zip.namelist():
+            return archive.zip.getinfo(member)
+    found = ", ".join(map(repr, archive.files)) or "none"
+    raise WorkloadError(f"{name}: missing array {key!r} (need 'Q', 'K' and 'V'; found {found})")
+
+
+def _read_array(name: str, archive, key: str) -> np.ndarray:
+    """One array of an open npz archive, with its dtype and shape checked."""
+    try:
+        arr = archive[key]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        # ValueError includes object arrays, which would need pickle (refused) to load.
+        raise WorkloadError(f"{name}: array {key!r} cannot be read ({exc})") from exc
+    if not isinstance(arr, np.ndarray):  # numpy returns a member without a .npy header as bytes
+        raise WorkloadError(f"{name}: array {key!r} is not stored in .npy format")
+    if arr.dtype.kind not in "iuf":
+        raise WorkloadError(f"{name}: array {key!r} has dtype {arr.dtype}; "
+                            "expected real numbers (integer or float)")
+    if arr.ndim != 2:
+        raise WorkloadError(f"{name}: array {key!r} must be 2-D (n, d); got shape {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise WorkloadError(f"{name}: array {key!r} must have n >= 1 rows and d >= 1 columns; "
+                            f"got shape {arr.shape}")
+    return arr
+
+
+# --------------------------------------------------------------------------------------------
+# Update streams
+
+
+def _no_rows() -> np.ndarray:
+    return np.zeros(0, dtype=np.int64)
+
+
+def _no_values() -> np.ndarray:
+    return np.zeros(0)
+
+
+@dataclass(frozen=True)
+class TickUpdates:
+    """The updates of one tick.
+
+    Entry updates add ``*_deltas[t]`` to ``M[*_rows[t], *_cols[t]]`` (``M`` = K or V); row
+    rewrites replace whole rows ``M[*_set_rows[t]] = *_set_values[t]``. Index arrays are int64
+    and deltas float64, all of one length per matrix; ``*_set_values`` is float64 ``(m, d)``
+    with ``m = len(*_set_rows)`` (``None`` when no rows are rewritten). Rows within one rewrite
+    batch are distinct.
+    """
+
+    k_rows: np.ndarray = field(default_factory=_no_rows)
+    k_cols: np.ndarray = field(default_factory=_no_rows)
+    k_deltas: np.ndarray = field(default_factory=_no_values)
+    v_rows: np.ndarray = field(default_factory=_no_rows)
+    v_cols: np.ndarray = field(default_factory=_no_rows)
+    v_deltas: np.ndarray = field(default_factory=_no_values)
+    k_set_rows: np.ndarray = field(default_factory=_no_rows)
+    k_set_values: np.ndarray | None = None
+    v_set_rows: np.ndarray = field(default_factory=_no_rows)
+    v_set_values: np.ndarray | None = None
+
+    @property
+    def n_updates(self) -> int:
+        """Number of update actions: one per entry update and one per rewritten row."""
+        return (self.k_rows.size + self.v_rows.size + self.k_set_rows.size
+                + self.v_set_rows.size)
+
+    def apply(self, engine) -> list:
+        """Apply the updates through the engine's batch methods, skipping empty parts.
+
+        Order: K entries, V entries, K rows, V rows. Works for any object with
+        ``update_k_many``, ``update_v_many``, ``set_k_rows`` and ``set_v_rows``.
+
+        Returns
+        -------
+        list
+            The non-``None`` results of those calls (the engine's ``FlushEvent`` objects),
+            in order.
+        """
+        calls = (
+            (engine.update_k_many, self.k_rows, self.k_cols, self.k_deltas),
+            (engine.update_v_many, self.v_rows, self.v_cols, self.v_deltas),
+            (engine.set_k_rows, self.k_set_rows, self.k_set_values),
+            (engine.set_v_rows, self.v_set_rows, self.v_set_values),
+        )
+        events = []
+        for method, rows, *rest in calls:
+            if rows.size:
+                event = method(rows, *rest)
+                if event is not None:
+                    events.append(event)
+        return events
+
+
+class UpdateStream:
+    """A reproducible stream of K/V updates and query positions.
+
+    The updates of tick ``t`` depend only on the constructor arguments and ``t`` (each tick has
+    its own random generator seeded by ``(seed, t)``), so ticks can be drawn in any order and
+    two streams with the same arguments agree exactly. Queries use a separate generator, so the
+    number of queries drawn never changes the updates.
+
+    Parameters
+    ----------
+    kind : {"entries", "rows", "hotspot", "bursts"}
+        * ``entries``: ``updates_per_tick`` single-entry updates at uniform random
+          ``(row, col)``, ``delta ~ N(0, delta_scale^2)``; each goes to K with probability
+          ``k_share`` (otherwise V).
+        * ``rows``: ``updates_per_tick`` whole-row rewrites split between K and V the same way.
+          The stream does not see the current matrices, so a new row is fresh
+          ``N(0, row_scale^2)`` values rather than a perturbation of the old row. A tick rewrites
+          at most ``n`` distinct rows of each matrix.
+        * ``hotspot``: entry updates whose rows fall, with probability ``band_share``, in a band
+          of ``max(1, round(band_fraction * n))`` consecutive rows (wrapping around) whose start
+          moves by ``drift`` rows per tick; the rest are uniform over all rows.
+        * ``bursts``: entry updates whose number per tick is Poisson with a rate that is high
+          during the first ``burst_duty`` of every ``burst_period`` ticks and low otherwise
+          (ratio ``burst_contrast``), with mean rate ``updates_per_tick`` over a period.
+    n, d : int
+        Shape of K and V (>= 1).
+    updates_per_tick : int
+        Update actions per tick (the mean for ``bursts``), >= 0.
+    k_share : float in [0, 1]
+        Probability that an update goes to K rather than V.
+    delta_scale : float > 0
+        Standard deviation of entry deltas.
+    seed : int >= 0
+    row_scale : float > 0
+        Standard deviation of rewritten row values (``rows``).
+    band_fraction : float in (0, 1], band_share : float in [0, 1], drift : float
+        Band width as a fraction of ``n``, share of updates inside it, and its speed in rows per
+        tick (``hotspot``).
+    burst_period : int >= 1, burst_duty : float in (0, 1), burst_contrast : float >= 1
+        Period in ticks, fraction of the period spent in a burst, and burst-to-quiet rate ratio
+        (``bursts``).
+
+    Notes
+    -----
+    Cost per tick O(updates_per_tick) (``rows``: O(updates_per_tick * d + n) for drawing
+    distinct rows), plus about 10 us to seed the tick's generator.
+
+    Examples
+    --------
+    >>> stream = UpdateStream("entries", 100, 8, updates_per_tick=5, seed=3)
+    >>> tick = stream.next_tick(0)
+    >>> tick.n_updates
+    5
+    >>> rows, cols = stream.queries(0, 2)
+    >>> rows.shape, cols.dtype
+    ((2,), dtype('int64'))
+    """
+
+    def __init__(self, kind: str, n: int, d: int, *, updates_per_tick: int = 16,
+                 k_share: float = 0.5, delta_scale: float = 0.1, seed: int = 0,
+                 row_scale: float = 1.0, band_fraction: float = 0.01, band_share: float = 0.99,
+                 drift: float = 0.25, burst_period: int = 64, burst_duty: float = 0.125,
+                 burst_contrast: float = 16.0):
+        self.kind = _check_choice("kind", kind, STREAMS)
+        self.n = _check_int("n", n, 1)
+        self.d = _check_int("d", d, 1)
+        self.updates_per_tick = _check_int("updates_per_tick", updates_per_tick, 0)
+        self.k_share = _check_real("k_share", k_share, 0.0, 1.0)
+        self.delta_scale = _check_real("delta_scale", delta_scale, 0.0, np.inf, open_low=True)
+        self.seed = _check_int("seed", seed, 0)
+        self.row_scale = _check_real("row_scale", row_scale, 0.0, np.inf, open_low=True)
+        self.band_fraction = _check_real("band_fraction", band_fraction, 0.0, 1.0, open_low=True)
+        self.band_share = _check_real("band_share", band_share, 0.0, 1.0)
+        self.drift = _check_real("drift", drift, -np.inf, np.inf)
+        self.burst_period = _check_int("burst_period", burst_period, 1)
+        self.burst_duty = _check_real("burst_duty", burst_duty, 0.0, 1.0, open_low=True,
+                                      open_high=True)
+        self.burst_contrast = _check_real("burst_contrast", burst_contrast, 1.0, np.inf)
+        self.band_width = max(1, round(self.band_fraction * self.n))
+
+    def __repr__(self) -> str:
+        return (f"UpdateStream({self.kind!r}, n={self.n}, d={self.d}, "
+                f"updates_per_tick={self.updates_per_tick}, k_share={self.k_share}, "
+                f"seed={self.seed})")
+
+    def _rng(self, key: int, tick) -> np.random.Generator:
+        tick = _check_int("tick", tick, 0)
+        return np.random.default_rng([self.seed, key, tick])
+
+    def band_start(self, tick: int) -> int:
+        """First row of the ``hotspot`` band at ``tick``; the band is
+        ``(band_start + arange(band_width)) % n``."""
+        return int(np.floor(self.drift * tick)) % self.n
+
+    def rate(self, tick: int) -> float:
+        """Expected number of updates at ``tick`` (varies only for ``bursts``)."""
+        m = self.updates_per_tick
+        if self.kind != "bursts":
+            return float(m)
+        # quiet * (duty * contrast + 1 - duty) = m keeps the mean rate over a period at m.
+        quiet = m / (self.burst_duty * self.burst_contrast + 1.0 - self.burst_duty)
+        in_burst = (tick % self.burst_period) < self.burst_duty * self.burst_period
+        return quiet * self.burst_contrast if in_burst else quiet
+
+    def next_tick(self, tick: int) -> TickUpdates:
+        """The updates of ``tick`` (an int >= 0); see the class description."""
+        rng = self._rng(_UPDATES_KEY, tick)
+        if self.kind == "bursts":
+            count = int(rng.poisson(self.rate(tick)))
+        else:
+            count = self.updates_per_tick
+        n_k = int(rng.binomial(count, self.k_share))
+        if self.kind == "rows":
+            k_rows, v_rows = (self._distinct_rows(rng, m) for m in (n_k, count - n_k))
+            return TickUpdates(
+                k_set_rows=k_rows,
+                k_set_values=self.row_scale * rng.standard_normal((k_rows.size, self.d)),
+                v_set_rows=v_rows,
+                v_set_values=self.row_scale * rng.standard_normal((v_rows.size, self.d)))
+        if self.kind == "hotspot":
+            rows = self._hotspot_rows(rng, tick, count)
+        else:
+            rows = rng.integers(0, self.n, count, dtype=np.int64)
+        cols = rng.integers(0, self.d, count, dtype=np.int64)
+        deltas = self.delta_scale * rng.standard_normal(count)
+        return TickUpdates(k_rows=rows[:n_k], k_cols=cols[:n_k], k_deltas=deltas[:n_k],
+                           v_rows=rows[n_k:], v_cols=cols[n_k:], v_deltas=deltas[n_k:])
+
+    def _distinct_rows(self, rng: np.random.Generator, m: int) -> np.ndarray:
+        return np.sort(rng.choice(self.n, size=min(m, self.n), replace=False)).astype(np.int64)
+
+    def _hotspot_rows(self, rng: np.random.Generator, tick: int, count: int) -> np.ndarray:
+        inside = rng.random(count) < self.band_share
+        rows = rng.integers(0, self.n, count, dtype=np.int64)
+        offsets = rng.integers(0, self.band_width, count, dtype=np.int64)
+        band_rows = (self.band_start(tick) + offsets) % self.n
+        return np.where(inside, band_rows, rows)
+
+    def queries(self, tick: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """``count`` query positions for ``tick``, uniform over the ``(n, d)`` output.
+
+        Returns
+        -------
+        rows, cols : ndarray of int64, each (count,)
+        """
+        count = _check_int("count", count, 0)
+        rng = self._rng(_QUERIES_KEY, tick)
+        return (rng.integers(0, self.n, count, dtype=np.int64),
+                rng.integers(0, self.d, count, dtype=np.int64))
