@@ -1,2 +1,29 @@
-"""dynattn: exact lazy dynamic attention maintenance."""
+"""dynattn: exact lazy dynamic attention maintenance.
+
+``O = softmax(scale · Q Kᵀ) V`` kept exact while K and V change: updates are queued, queries are
+answered from stale caches plus cheap corrections, and queued updates are applied in batched
+low-rank (BLAS-3) flushes when a policy says so. Importing this package does not import panel,
+holoviews or bokeh; ``dynattn.dashboard`` does.
+"""
+
+from .compat import EnhancedDynamicAttention, adaptive_threshold
+from .engine import ErrorReport, FlushEvent, LazyAttention
+from .policies import CostModel, ErrorBudget, Fixed, OriginalAdaptive, as_policy
+from .reference import dense_attention, dense_weights
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "CostModel",
+    "EnhancedDynamicAttention",
+    "ErrorBudget",
+    "ErrorReport",
+    "Fixed",
+    "FlushEvent",
+    "LazyAttention",
+    "OriginalAdaptive",
+    "adaptive_threshold",
+    "as_policy",
+    "dense_attention",
+    "dense_weights",
+]

@@ -1,0 +1,123 @@
+"""Argument checks shared by the engine and its front ends.
+
+Every check raises before anything is modified, and every message names the argument and the
+offending value, so a caller can fix the call without reading the source.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def resolve_dtype(dtype, *arrays) -> np.dtype:
+    """The engine's working dtype.
+
+    ``None`` keeps float32 when every input is float32 (a float32 user keeps float32 memory and
+    speed) and otherwise uses float64; an explicit dtype must be float32 or float64.
+    """
+    if dtype is None:
+        kinds = [getattr(a, "dtype", None) for a in arrays]
+        return SUPPORTED_DTYPES[0] if kinds and all(k == np.float32 for k in kinds) else \
+            SUPPORTED_DTYPES[1]
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"dtype={dtype!r} is not a numpy dtype; use float32 or float64") from exc
+    if dt not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype={dt} is not supported; use float32 or float64")
+    return dt
+
+
+def as_matrix(name: str, value, dtype: np.dtype, shape: tuple | None = None) -> np.ndarray:
+    """A finite, C-contiguous 2-D copy of ``value`` (dense or scipy.sparse) in ``dtype``."""
+    if hasattr(value, "toarray") and hasattr(value, "nnz"):  # scipy.sparse, without importing it
+        value = value.toarray()
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} has dtype {arr.dtype}; expected real numbers (float32/float64)")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n, d); got shape {arr.shape}")
+    if shape is not None and arr.shape != shape:
+        raise ValueError(f"{name} has shape {arr.shape}; expected {shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one row and one column; got {arr.shape}")
+    out = np.array(arr, dtype=dtype, order="C", copy=True)
+    check_finite(name, out, source=arr)
+    return out
+
+
+def check_finite(name: str, arr: np.ndarray, source=None) -> None:
+    """Reject NaN/inf, also values that only overflow when cast down to the working dtype."""
+    if not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        where = tuple(int(b) for b in bad)
+        shown = (source if source is not None else arr)[where] if arr.ndim else arr
+        raise ValueError(f"{name} must be finite; {name}{list(where)} = {shown!r} "
+                         f"(in {arr.dtype})")
+
+
+def check_index(name: str, value, bound: int) -> int:
+    """A Python int in ``[0, bound)``; negative indices are refused rather than wrapped."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r} must be an integer index")
+    i = int(value)
+    if not 0 <= i < bound:
+        raise IndexError(f"{name}={i} is out of range [0, {bound})")
+    return i
+
+
+def check_scalar(name: str, value, dtype: np.dtype) -> float:
+    """A finite real scalar that stays finite in ``dtype``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r} must be a real number")
+    if not np.isfinite(dtype.type(value)):
+        raise ValueError(f"{name}={value!r} must be finite (in {dtype})")
+    return float(value)
+
+
+def as_indices(name: str, value, bound: int, *, allow_empty: bool = False) -> np.ndarray:
+    """A 1-D int64 array of indices in ``[0, bound)``."""
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {arr.shape}")
+    if arr.size == 0:
+        if allow_empty:
+            return arr.astype(np.int64)
+        raise ValueError(f"{name} is empty; pass at least one index")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} has dtype {arr.dtype}; expected integer indices")
+    out = arr.astype(np.int64)
+    bad = (out < 0) | (out >= bound)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise IndexError(f"{name}[{k}]={int(out[k])} is out of range [0, {bound})")
+    return out
+
+
+def as_selection(name: str, value, bound: int) -> np.ndarray:
+    """Indices from a slice, an int or an index array (used by the display views)."""
+    if isinstance(value, slice):
+        return np.arange(bound, dtype=np.int64)[value]
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return np.array([check_index(name, value, bound)], dtype=np.int64)
+    return as_indices(name, value, bound, allow_empty=True)
+
+
+def as_vector(name: str, value, length: int, dtype: np.dtype) -> np.ndarray:
+    """A finite 1-D array of ``length`` reals in ``dtype``."""
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} has dtype {arr.dtype}; expected real numbers")
+    if arr.shape != (length,):
+        raise ValueError(f"{name} has shape {arr.shape}; expected ({length},)")
+    out = arr.astype(dtype)
+    check_finite(name, out, source=arr)
+    return out

@@ -1,0 +1,649 @@
+"""Exact lazy maintenance of softmax attention under updates to K and V.
+
+Attention is ``O = softmax(scale · Q Kᵀ) V``: with ``A = exp(scale · Q Kᵀ)`` and
+``D = diag(A · 1)``, the weights are ``P = D⁻¹ A`` and the output ``O = P V``.
+
+:class:`LazyAttention` never forms an n×n array. Per row ``i`` it caches a stabiliser ``m_i``,
+the numerator ``N_i = Σ_j ã_ij v_j`` and the denominator ``s_i = Σ_j ã_ij`` with
+``ã_ij = exp(scale · q_i·k_j − m_i)``. Updates to K or V change K and V at once but only *queue*
+the touched rows S (keeping their values as of the last flush). A query corrects the stale cache
+row exactly, in ``O(|S|·d)``, by adding the touched rows' new contributions and removing their
+old ones; a flush applies the same correction to every row as two matrix products (BLAS-3),
+``O(n·|S|·d)``.
+
+Precision is guarded rather than hoped for: each cache row also carries ``Σ_j ã_ij |v_j|``
+(the natural scale of the output) and the mass that removals have taken out of it. When the
+removed mass exceeds ``growth`` times what is left (a dominant key changed, a value went up by
+1e8 and back, or many flushes piled up), subtraction would have lost digits, so that row is
+recomputed exactly in ``O(n·d)``. Rescaling the stabiliser when a new logit exceeds it keeps
+every exponential at most 1, so logits of any magnitude neither overflow nor give NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _validate as V_
+from .policies import as_policy
+
+__all__ = ["ErrorReport", "FlushEvent", "LazyAttention"]
+
+# Removed mass may grow to this multiple of the remaining mass before a row is recomputed. The
+# incremental error is about unit-roundoff × (1 + 2·removed/remaining), so these bound it near
+# 5e-13 (float64) and 8e-6 (float32) of the entry's natural scale.
+_GROWTH = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): 64.0}
+
+# Rows per block when a computation runs over every row: bounds temporaries to a few MB.
+_BLOCK_ELEMENTS = 1 << 20
+
+
+class ErrorReport(NamedTuple):
+    """Error of the stale (cached) output against the exact current output.
+
+    Attributes
+    ----------
+    relative : float
+        ``‖O_stale − O‖_F / ‖O‖_F`` (0 when both are zero).
+    max_abs : float
+        ``max |O_stale − O|``.
+    """
+
+    relative: float
+    max_abs: float
+
+
+@dataclass(frozen=True)
+class FlushEvent:
+    """What one flush did.
+
+    Attributes
+    ----------
+    index : int
+        Flush number, from 1.
+    at_update : int
+        The engine's update counter when the flush ran.
+    updates : int
+        Pending update actions the flush applied.
+    rows : int
+        Distinct touched rows |S| (rows of K or V).
+    k_rows, v_rows : int
+        Touched rows of K and of V.
+    flops : float
+        Floating-point operations, estimated from the shapes.
+    seconds : float
+        Wall time of the flush.
+    kind : str
+        ``"incremental"`` (low-rank correction over S) or ``"rebuild"`` (exact recompute,
+        chosen when it is cheaper or asked for).
+    repaired : int
+        Rows recomputed exactly because the incremental result would have lost precision.
+    """
+
+    index: int
+    at_update: int
+    updates: int
+    rows: int
+    k_rows: int
+    v_rows: int
+    flops: float
+    seconds: float
+    kind: str
+    repaired: int
+
+
+class LazyAttention:
+    """Attention output kept exact under updates to K and V, with deferred (lazy) cache work.
+
+    Parameters
+    ----------
+    Q, K, V : array_like or scipy.sparse matrix, shape (n, d)
+        Queries, keys and values. Copied; Q never changes afterwards.
+    scale : float, optional
+        Logit scale; default ``1/sqrt(d)``. ``scale=1.0`` is the unscaled form of the original
+        prototype and of van den Brand, Song & Zhou (2023).
+    dtype : {None, float32, float64}
+        Working precision. ``None``: float32 if Q, K and V are all float32, else float64.
+    policy : None, int, callable or policy object
+        When to flush. ``None`` uses :class:`~dynattn.policies.CostModel`; an int ``k`` uses
+        ``Fixed(k)``; any object with ``threshold(engine) -> float`` (and optionally
+        ``on_flush(event)``) or a callable ``engine -> float`` works. The engine flushes when
+        the pending update count reaches the threshold.
+
+    Notes
+    -----
+    Costs, with S the touched rows: an update is O(d) (O(1) work plus bookkeeping), an exact
+    query O(|S|·d) (O(n·d) when that is cheaper), a flush O(n·|S|·d) in two matrix products, a
+    rebuild O(n²·d) in row blocks. Memory is O(n·d + |S|·d); no n×n array is ever formed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dynattn import LazyAttention
+    >>> rng = np.random.default_rng(0)
+    >>> Q, K, V = rng.random((3, 100, 8))
+    >>> eng = LazyAttention(Q, K, V, policy=1000)
+    >>> eng.update_k(5, 2, 0.3)          # queued: K changes now, caches later
+    >>> eng.update_v(7, 0, -1.0)
+    >>> eng.pending, sorted(eng.touched_k | eng.touched_v)
+    (2, [5, 7])
+    >>> from dynattn.reference import dense_attention
+    >>> bool(np.isclose(eng.query(0, 0), dense_attention(Q, eng.K, eng.V, eng.scale)[0, 0]))
+    True
+    >>> eng.flush().rows
+    2
+    """
+
+    def __init__(self, Q, K, V, *, scale=None, dtype=None, policy=None):
+        dt = V_.resolve_dtype(dtype, Q, K, V)
+        Qa = V_.as_matrix("Q", Q, dt)
+        n, d = Qa.shape
+        Ka = V_.as_matrix("K", K, dt, shape=(n, d))
+        Va = V_.as_matrix("V", V, dt, shape=(n, d))
+        if scale is None:
+            scale = 1.0 / math.sqrt(d)
+        scale = V_.check_scalar("scale", scale, dt)
+        if scale == 0:
+            raise ValueError("scale=0 makes every row uniform; use a nonzero scale")
+        self._policy = as_policy(policy)
+        self._dtype = dt
+        self._n, self._d = n, d
+        self._scale = scale
+        self._growth = _GROWTH[dt]
+        self._Q = Qa
+        self._K, self._V = Ka, Va
+        self._views = {}
+        for name, arr in (("Q", Qa), ("K", Ka), ("V", Va)):
+            view = arr.view()
+            view.flags.writeable = False  # users read K and V; only update methods write them
+            self._views[name] = view
+        # cache columns: N (d) | Σã|v| (d) | removed Σã|v| (d) | s | removed s
+        self._C = np.empty((n, 3 * d + 2), dtype=dt)
+        self._m = np.empty(n, dtype=dt)
+        self._reset_pending()
+        self._n_updates = 0
+        self._n_queries = 0
+        self._n_flushes = 0
+        self.flush_log: deque[FlushEvent] = deque(maxlen=1000)
+        self.query_log: deque[tuple[int, int, float]] = deque(maxlen=256)
+        self._store_exact()
+
+    # ------------------------------------------------------------------ properties
+    n = property(lambda self: self._n, doc="Number of rows (queries, keys, values).")
+    d = property(lambda self: self._d, doc="Head dimension.")
+    dtype = property(lambda self: self._dtype, doc="Working dtype (float32 or float64).")
+    scale = property(lambda self: self._scale, doc="Logit scale.")
+    Q = property(lambda self: self._views["Q"], doc="Queries (n, d), read-only view.")
+    K = property(lambda self: self._views["K"], doc="Current keys (n, d), read-only view.")
+    V = property(lambda self: self._views["V"], doc="Current values (n, d), read-only view.")
+    pending = property(lambda self: self._pending,
+                       doc="Update actions since the last flush (an entry update or a row set "
+                           "counts one).")
+    touched_rows = property(lambda self: len(self._rows),
+                            doc="Distinct rows of K or V touched since the last flush, |S|.")
+    n_updates = property(lambda self: self._n_updates, doc="Update actions so far.")
+    n_queries = property(lambda self: self._n_queries, doc="Exact entries/rows queried so far.")
+    n_flushes = property(lambda self: self._n_flushes, doc="Flushes so far (rebuilds included).")
+
+    @property
+    def touched_k(self) -> frozenset[int]:
+        """Rows of K changed since the last flush."""
+        return frozenset(self._tk)
+
+    @property
+    def touched_v(self) -> frozenset[int]:
+        """Rows of V changed since the last flush."""
+        return frozenset(self._tv)
+
+    @property
+    def policy(self):
+        """The flush policy; assign an int, callable or policy object to change it."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, value) -> None:
+        self._policy = as_policy(value)
+
+    @property
+    def threshold(self) -> float:
+        """The policy's current flush threshold (pending count that triggers a flush)."""
+        return float(self._policy.threshold(self))
+
+    @property
+    def last_flush(self) -> FlushEvent | None:
+        """The most recent flush, or None."""
+        return self.flush_log[-1] if self.flush_log else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the engine's arrays (state and pending queue)."""
+        arrays = (self._Q, self._K, self._V, self._C, self._m, self._old_k, self._old_v)
+        return sum(a.nbytes for a in arrays)
+
+    # ------------------------------------------------------------------ updates
+    def update_k(self, i, j, delta) -> FlushEvent | None:
+        """Add ``delta`` to ``K[i, j]``; queued, O(d). Returns the flush it caused, if any."""
+        i = V_.check_index("i", i, self._n)
+        j = V_.check_index("j", j, self._d)
+        delta = V_.check_scalar("delta", delta, self._dtype)
+        self._touch(np.array([i]), self._tk)
+        self._K[i, j] += delta
+        return self._after_update((i,), 1)
+
+    def update_v(self, i, j, delta) -> FlushEvent | None:
+        """Add ``delta`` to ``V[i, j]``; queued, O(d). Returns the flush it caused, if any."""
+        i = V_.check_index("i", i, self._n)
+        j = V_.check_index("j", j, self._d)
+        delta = V_.check_scalar("delta", delta, self._dtype)
+        self._touch(np.array([i]), self._tv)
+        self._V[i, j] += delta
+        return self._after_update((i,), 1)
+
+    def update_k_many(self, rows, cols=None, deltas=None) -> FlushEvent | None:
+        """Add ``deltas`` to ``K[rows, cols]`` (repeats accumulate); all or nothing.
+
+        Parameters
+        ----------
+        rows, cols : array_like of int, shape (m,)
+            Entry positions. Alternatively pass a sequence of ``(i, j, delta)`` tuples as
+            ``rows`` alone, the original prototype's form.
+        deltas : array_like of float, shape (m,)
+
+        Returns
+        -------
+        FlushEvent or None
+            The flush the batch triggered (the policy is asked once, after the batch).
+        """
+        return self._update_entries(self._K, self._tk, rows, cols, deltas)
+
+    def update_v_many(self, rows, cols=None, deltas=None) -> FlushEvent | None:
+        """Add ``deltas`` to ``V[rows, cols]``; see :meth:`update_k_many`."""
+        return self._update_entries(self._V, self._tv, rows, cols, deltas)
+
+    def set_k_row(self, i, row) -> FlushEvent | None:
+        """Replace ``K[i]`` by ``row`` (shape (d,)); one update action."""
+        return self.set_k_rows([V_.check_index("i", i, self._n)], np.asarray(row)[None])
+
+    def set_v_row(self, i, row) -> FlushEvent | None:
+        """Replace ``V[i]`` by ``row`` (shape (d,)); one update action."""
+        return self.set_v_rows([V_.check_index("i", i, self._n)], np.asarray(row)[None])
+
+    def set_k_rows(self, rows, values) -> FlushEvent | None:
+        """Replace ``K[rows]`` by ``values`` (shape (m, d)); m update actions, all or nothing."""
+        return self._set_rows(self._K, self._tk, rows, values)
+
+    def set_v_rows(self, rows, values) -> FlushEvent | None:
+        """Replace ``V[rows]`` by ``values`` (shape (m, d)); m update actions, all or nothing."""
+        return self._set_rows(self._V, self._tv, rows, values)
+
+    def _update_entries(self, target, touched, rows, cols, deltas):
+        which = "K" if target is self._K else "V"
+        if cols is None and deltas is None:
+            rows, cols, deltas = self._split_tuples(rows)
+        elif cols is None or deltas is None:
+            raise TypeError(f"update_{which.lower()}_many needs rows, cols and deltas, or one "
+                            "sequence of (i, j, delta) tuples")
+        r = V_.as_indices("rows", rows, self._n)
+        c = V_.as_indices("cols", cols, self._d)
+        if len(c) != len(r):
+            raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
+        dl = V_.as_vector("deltas", deltas, len(r), self._dtype)
+        self._touch(r, touched)
+        np.add.at(target, (r, c), dl)
+        return self._after_update(r, len(r))
+
+    def _split_tuples(self, updates):
+        """Columns of a sequence of ``(i, j, delta)``, checked as a whole (no per-item loop
+        in Python beyond unpacking), with the first bad item named in the error."""
+        try:
+            items = list(updates)
+        except TypeError:
+            raise TypeError(f"updates={updates!r} must be a sequence of (i, j, delta)") from None
+        if not items:
+            raise ValueError("updates is empty; pass at least one (i, j, delta)")
+        try:
+            rows, cols, deltas = zip(*items, strict=True)
+        except (TypeError, ValueError):
+            k = next(k for k, u in enumerate(items)
+                     if not (isinstance(u, (tuple, list)) and len(u) == 3))
+            raise ValueError(f"updates[{k}]={items[k]!r} is not an (i, j, delta) triple") from None
+        for pos, (name, values, bound) in enumerate(
+                (("i", rows, self._n), ("j", cols, self._d))):
+            arr = np.asarray(values)
+            if arr.dtype.kind not in "iu" or ((arr < 0) | (arr >= bound)).any():
+                for k, v in enumerate(values):
+                    V_.check_index(f"updates[{k}][{pos}] ({name})", v, bound)
+        dl = np.asarray(deltas)
+        if dl.dtype.kind not in "biuf" or not np.isfinite(dl.astype(self._dtype)).all():
+            for k, v in enumerate(deltas):
+                V_.check_scalar(f"updates[{k}][2] (delta)", v, self._dtype)
+        return np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64), dl
+
+    def _set_rows(self, target, touched, rows, values):
+        r = V_.as_indices("rows", rows, self._n)
+        if len(np.unique(r)) != len(r):
+            raise ValueError(f"rows={r.tolist()} repeats a row; a row can be set once per call")
+        vals = V_.as_matrix("values", values, self._dtype, shape=(len(r), self._d))
+        self._touch(r, touched)
+        target[r] = vals
+        return self._after_update(r, len(r))
+
+    def _touch(self, rows: np.ndarray, touched: set) -> None:
+        """Queue rows; the first touch since the last flush keeps their old K and V rows."""
+        slot = self._slot
+        new = [r for r in dict.fromkeys(rows.tolist()) if r not in slot]
+        if new:
+            size = len(self._rows) + len(new)
+            if size > len(self._old_k):
+                cap = max(2 * len(self._old_k), size, 16)
+                self._old_k = np.resize(self._old_k, (cap, self._d))
+                self._old_v = np.resize(self._old_v, (cap, self._d))
+            start = len(self._rows)
+            self._old_k[start:size] = self._K[new]
+            self._old_v[start:size] = self._V[new]
+            for k, r in enumerate(new, start):
+                slot[r] = k
+            self._rows.extend(new)
+            self._pack = None
+        touched.update(rows.tolist())
+
+    def _after_update(self, rows, count: int) -> FlushEvent | None:
+        self._pending += count
+        self._n_updates += count
+        if self._pack is not None:
+            self._refresh_pack(rows)
+        if self._pending >= self._policy.threshold(self):
+            return self.flush()
+        return None
+
+    def _reset_pending(self) -> None:
+        self._pending = 0
+        self._slot: dict[int, int] = {}
+        self._rows: list[int] = []
+        self._tk: set[int] = set()
+        self._tv: set[int] = set()
+        self._old_k = np.empty((0, self._d), dtype=self._dtype)
+        self._old_v = np.empty((0, self._d), dtype=self._dtype)
+        self._pack = None
+
+    # ------------------------------------------------------------------ the correction
+    def _get_pack(self):
+        """Touched rows packed for one product: logits ``Qs[I] @ Kp.T``, contributions ``@ B``.
+
+        ``Kp`` (2|S|, d) stacks new then old keys. ``B`` (2|S|, 3d+2) holds, for new rows,
+        ``[v, |v|, 0, 1, 0]`` and, for old rows, ``[−v, −|v|, |v|, −1, 1]``, so that one product
+        adds new contributions, removes old ones and counts the removed mass.
+        """
+        if self._pack is None:
+            S, d = len(self._rows), self._d
+            rows = np.array(self._rows, dtype=np.int64)
+            Kp = np.concatenate([self._K[rows], self._old_k[:S]])
+            B = np.zeros((2 * S, 3 * d + 2), dtype=self._dtype)
+            new_v, old_v = self._V[rows], self._old_v[:S]
+            B[:S, :d] = new_v
+            np.abs(new_v, out=B[:S, d:2 * d])
+            B[:S, 3 * d] = 1
+            np.negative(old_v, out=B[S:, :d])
+            np.abs(old_v, out=B[S:, 2 * d:3 * d])
+            np.negative(B[S:, 2 * d:3 * d], out=B[S:, d:2 * d])
+            B[S:, 3 * d] = -1
+            B[S:, 3 * d + 1] = 1
+            self._pack = (rows, Kp, B)
+        return self._pack
+
+    def _refresh_pack(self, rows) -> None:
+        """Patch the new-row half of the pack for rows already queued (no reallocation)."""
+        d = self._d
+        _, Kp, B = self._pack
+        for r in set(rows):
+            k = self._slot[r]
+            Kp[k] = self._K[r]
+            B[k, :d] = self._V[r]
+            np.abs(self._V[r], out=B[k, d:2 * d])
+
+    def _incremental_cheaper(self, S: int) -> bool:
+        # per row: correction 2S·(d + 3d+2) flops against an exact row n·(d + 2d)
+        return 2 * S * (4 * self._d + 2) < 3 * self._n * self._d
+
+    def _current_rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """Exact current cache rows ``(m, C)`` for ``idx`` without modifying the engine.
+
+        Cost O(len(idx)·|S|·d), or O(len(idx)·n·d) when that is cheaper. Rows whose
+        correction would lose precision are recomputed exactly; the count is returned third.
+        """
+        S = len(self._rows)
+        if S == 0:
+            return self._m[idx], self._C[idx], 0
+        if not self._incremental_cheaper(S):
+            m, C = self._exact(idx)
+            return m, C, 0
+        _, Kp, B = self._get_pack()
+        L = self._logits(idx, Kp)
+        m = np.maximum(self._m[idx], L[:, :S].max(axis=1))
+        L -= m[:, None]
+        np.exp(L, out=L)
+        C = self._C[idx]
+        C *= np.exp(self._m[idx] - m)[:, None]
+        C += L @ B
+        bad = self._lost_precision(C)
+        if bad.any():
+            m[bad], C[bad] = self._exact(idx[bad])
+        return m, C, int(bad.sum())
+
+    def _lost_precision(self, C: np.ndarray) -> np.ndarray:
+        d, g = self._d, self._growth
+        s, s_removed = C[:, 3 * d], C[:, 3 * d + 1]
+        bad = ~(s > 0) | ~(s_removed <= g * s)  # negated so NaN counts as bad
+        bad |= (C[:, 2 * d:3 * d] > g * C[:, d:2 * d]).any(axis=1)
+        return bad
+
+    def _logits(self, idx: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """``(scale · Q[idx]) @ keys.T``: every logit in the engine is rounded this one way
+        (``_exact`` repeats it into a workspace)."""
+        return (self._Q[idx] * self._dtype.type(self._scale)) @ keys.T
+
+    def _exact(self, idx: np.ndarray, out_m=None, out_C=None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cache rows for ``idx`` from scratch: O(len(idx)·n·d), in row blocks.
+
+        Writes into ``out_m``/``out_C`` (indexed like ``idx``) when given, so a full rebuild
+        needs no second n×(3d+2) array.
+        """
+        d = self._d
+        m = np.empty(len(idx), dtype=self._dtype) if out_m is None else out_m
+        C = np.empty((len(idx), 3 * d + 2), dtype=self._dtype) if out_C is None else out_C
+        abs_v = np.abs(self._V)
+        step = min(len(idx), max(32, _BLOCK_ELEMENTS // self._n))
+        # one workspace for all blocks: fresh multi-MB temporaries are page-faulted every time
+        work = np.empty((step, self._n), dtype=self._dtype)
+        scale = self._dtype.type(self._scale)
+        for a in range(0, len(idx), step):
+            blk = slice(a, a + step)
+            L = work[:len(idx[blk])]
+            np.matmul(self._Q[idx[blk]] * scale, self._K.T, out=L)
+            mb = L.max(axis=1)
+            L -= mb[:, None]
+            np.exp(L, out=L)
+            m[blk] = mb
+            np.matmul(L, self._V, out=C[blk, :d])
+            np.matmul(L, abs_v, out=C[blk, d:2 * d])
+            C[blk, 2 * d:] = 0
+            L.sum(axis=1, out=C[blk, 3 * d])
+        return m, C
+
+    def _store_exact(self) -> None:
+        self._exact(np.arange(self._n), out_m=self._m, out_C=self._C)
+
+    def _blocks(self, width: int):
+        step = max(1, _BLOCK_ELEMENTS // max(1, width))
+        for a in range(0, self._n, step):
+            yield np.arange(a, min(a + step, self._n))
+
+    # ------------------------------------------------------------------ flush
+    def flush(self) -> FlushEvent | None:
+        """Apply every pending update to the caches; None when nothing is pending.
+
+        An incremental flush corrects all n rows at once over the touched rows S with two
+        matrix products, ``O(n·|S|·d)``; when S is so large that recomputing is cheaper, the
+        engine rebuilds instead, ``O(n²·d)``. Rows that would lose precision are recomputed.
+        """
+        if not self._rows:
+            return None
+        t0 = time.perf_counter()
+        S, n, d = len(self._rows), self._n, self._d
+        if self._incremental_cheaper(S):
+            repaired = 0
+            for idx in self._blocks(2 * S):
+                m, C, bad = self._current_rows(idx)
+                self._m[idx], self._C[idx] = m, C
+                repaired += bad
+            flops = 2.0 * n * 2 * S * (4 * d + 2) + 6.0 * repaired * n * d
+            kind = "incremental"
+        else:
+            self._store_exact()
+            repaired, flops, kind = 0, 6.0 * n * n * d, "rebuild"
+        return self._record(kind, flops, repaired, t0)
+
+    def rebuild(self) -> FlushEvent:
+        """Recompute every cache row exactly, ``O(n²·d)``; also clears the pending queue."""
+        t0 = time.perf_counter()
+        self._store_exact()
+        return self._record("rebuild", 6.0 * self._n * self._n * self._d, 0, t0)
+
+    def _record(self, kind, flops, repaired, t0) -> FlushEvent:
+        self._n_flushes += 1
+        event = FlushEvent(index=self._n_flushes, at_update=self._n_updates,
+                           updates=self._pending, rows=len(self._rows), k_rows=len(self._tk),
+                           v_rows=len(self._tv), flops=flops,
+                           seconds=time.perf_counter() - t0, kind=kind, repaired=repaired)
+        self._reset_pending()
+        self.flush_log.append(event)
+        on_flush = getattr(self._policy, "on_flush", None)
+        if on_flush is not None:
+            on_flush(event)
+        return event
+
+    # ------------------------------------------------------------------ queries
+    def query(self, i, j, stale: bool = False) -> float:
+        """Output entry ``O[i, j]``; exact in O(|S|·d), or the cached value if ``stale``."""
+        i = V_.check_index("i", i, self._n)
+        j = V_.check_index("j", j, self._d)
+        return float(self._rows_out(np.array([i]), stale, count=1)[0, j])
+
+    def query_row(self, i, stale: bool = False) -> np.ndarray:
+        """Output row ``O[i]`` (shape (d,)); exact in O(|S|·d), or cached if ``stale``."""
+        i = V_.check_index("i", i, self._n)
+        return self._rows_out(np.array([i]), stale, count=1)[0]
+
+    def query_many(self, rows, cols, stale: bool = False) -> np.ndarray:
+        """Output entries ``O[rows[k], cols[k]]`` (shape (m,)), vectorised.
+
+        Each distinct row is corrected once: O(u·|S|·d) for u distinct rows.
+        """
+        r = V_.as_indices("rows", rows, self._n)
+        c = V_.as_indices("cols", cols, self._d)
+        if len(r) != len(c):
+            raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
+        uniq, inv = np.unique(r, return_inverse=True)
+        return self._rows_out(uniq, stale, count=len(r))[inv, c]
+
+    def _rows_out(self, idx: np.ndarray, stale: bool, count: int) -> np.ndarray:
+        d = self._d
+        if stale:
+            C = self._C[idx]
+        elif count == 0:  # internal use (error estimates): not a user query, not timed
+            _, C, _ = self._current_rows(idx)
+        else:
+            t0 = time.perf_counter()
+            _, C, _ = self._current_rows(idx)
+            self._n_queries += count
+            self.query_log.append((len(self._rows), len(idx), time.perf_counter() - t0))
+        return C[:, :d] / C[:, 3 * d, None]
+
+    def output(self, stale: bool = False) -> np.ndarray:
+        """The whole output O (shape (n, d)): exact in O(n·|S|·d), or the cached view."""
+        d = self._d
+        if stale:
+            return self._C[:, :d] / self._C[:, 3 * d, None]
+        out = np.empty((self._n, d), dtype=self._dtype)
+        for idx in self._blocks(2 * len(self._rows) + 1):
+            _, C, _ = self._current_rows(idx)
+            out[idx] = C[:, :d] / C[:, 3 * d, None]
+        return out
+
+    def weight(self, i, j, stale: bool = False) -> float:
+        """Attention weight ``P[i, j]``; exact in O(|S|·d), or as of the last flush."""
+        i = V_.check_index("i", i, self._n)
+        j = V_.check_index("j", j, self._n)
+        return float(self.weights([i], [j], stale=stale)[0, 0])
+
+    def weights(self, rows=slice(None), cols=slice(None), stale: bool = False) -> np.ndarray:
+        """A window of the attention weights ``P[rows][:, cols]`` without forming P.
+
+        Parameters
+        ----------
+        rows, cols : slice, int or array of int
+            The window; keep ``len(rows)·len(cols)`` display-sized.
+        stale : bool
+            Weights as of the last flush (old keys, cached denominators) instead of exact.
+
+        Returns
+        -------
+        ndarray, shape (len(rows), len(cols))
+            Cost O(len(rows)·(|S| + len(cols))·d).
+        """
+        I = V_.as_selection("rows", rows, self._n)
+        J = V_.as_selection("cols", cols, self._n)
+        d = self._d
+        if stale:
+            m, s = self._m[I], self._C[I, 3 * d]
+            keys = self._K[J].copy()
+            for k, j in enumerate(J.tolist()):
+                if j in self._slot:
+                    keys[k] = self._old_k[self._slot[j]]
+        else:
+            m, C, _ = self._current_rows(I)
+            s, keys = C[:, 3 * d], self._K[J]
+        L = self._logits(I, keys)
+        L -= m[:, None]
+        np.exp(L, out=L)
+        L /= s[:, None]
+        return L
+
+    # ------------------------------------------------------------------ error
+    def rows_error(self, rows) -> tuple[float, float]:
+        """``(Σ (O_stale − O)², Σ O²)`` over the output rows ``rows``; O(len(rows)·|S|·d).
+
+        The building block of sampled error estimates (see ``policies.ErrorBudget``).
+        """
+        idx = V_.as_indices("rows", rows, self._n)
+        exact = self._rows_out(idx, stale=False, count=0)
+        diff = self._rows_out(idx, stale=True, count=0) - exact
+        return float(np.vdot(diff, diff)), float(np.vdot(exact, exact))
+
+    def approximation_error(self) -> ErrorReport:
+        """Error of the stale output against the exact output, O(n·|S|·d), no n×n array."""
+        d = self._d
+        sq_diff = sq_exact = max_abs = 0.0
+        for idx in self._blocks(2 * len(self._rows) + 1):
+            _, C, _ = self._current_rows(idx)
+            exact = C[:, :d] / C[:, 3 * d, None]
+            diff = self._C[idx, :d] / self._C[idx, 3 * d, None] - exact
+            sq_diff += float(np.vdot(diff, diff))
+            sq_exact += float(np.vdot(exact, exact))
+            max_abs = max(max_abs, float(np.abs(diff).max()))
+        if sq_exact == 0.0:
+            rel = 0.0 if sq_diff == 0.0 else math.inf
+        else:
+            rel = math.sqrt(sq_diff / sq_exact)
+        return ErrorReport(rel, max_abs)
+
+    def __repr__(self) -> str:
+        return (f"LazyAttention(n={self._n}, d={self._d}, dtype={self._dtype}, "
+                f"scale={self._scale:.4g}, pending={self._pending}, "
+                f"touched_rows={len(self._rows)}, flushes={self._n_flushes}, "
+                f"policy={self._policy!r})")
