@@ -45,7 +45,8 @@ def as_matrix(name: str, value, dtype: np.dtype, shape: tuple | None = None) -> 
         raise ValueError(f"{name} has shape {arr.shape}; expected {shape}")
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(f"{name} must have at least one row and one column; got {arr.shape}")
-    out = np.array(arr, dtype=dtype, order="C", copy=True)
+    with np.errstate(over="ignore"):  # reported below, naming the array
+        out = np.array(arr, dtype=dtype, order="C", copy=True)
     check_finite(name, out, source=arr)
     return out
 
@@ -118,6 +119,7 @@ def as_vector(name: str, value, length: int, dtype: np.dtype) -> np.ndarray:
         raise TypeError(f"{name} has dtype {arr.dtype}; expected real numbers")
     if arr.shape != (length,):
         raise ValueError(f"{name} has shape {arr.shape}; expected ({length},)")
-    out = arr.astype(dtype)
+    with np.errstate(over="ignore"):
+        out = arr.astype(dtype)
     check_finite(name, out, source=arr)
     return out

@@ -1,0 +1,405 @@
+"""The engine against a dense float64 oracle, over random sequences and hard cases."""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from oracle import Oracle, assert_close_natural
+
+from dynattn import (
+    CostModel,
+    ErrorBudget,
+    Fixed,
+    LazyAttention,
+    OriginalAdaptive,
+    dense_attention,
+)
+
+POLICIES = {
+    "fixed": lambda draw: Fixed(draw(st.integers(1, 12))),
+    "never": lambda draw: Fixed(10**9),
+    "adaptive": lambda draw: OriginalAdaptive(initial=draw(st.integers(1, 8))),
+    "cost": lambda draw: CostModel(initial=draw(st.integers(1, 8)), window=16),
+    "error": lambda draw: ErrorBudget(draw(st.sampled_from([1e-3, 1e-2, 0.2]))),
+}
+
+
+@st.composite
+def scenarios(draw, hard=False):
+    n = draw(st.integers(1, 12))
+    d = draw(st.integers(1, 5))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if hard:
+        Q, K, V = (rng.normal(0, 10, (n, d)) for _ in range(3))
+    else:
+        Q, K, V = (rng.random((n, d)) * 2 - 1 for _ in range(3))
+    scale = draw(st.sampled_from([None, 1.0, 0.3]))
+    policy = POLICIES[draw(st.sampled_from(sorted(POLICIES)))](draw)
+    delta = st.floats(-50, 50) if hard else st.floats(-1, 1)
+    i, j = st.integers(0, n - 1), st.integers(0, d - 1)
+    row = st.lists(st.floats(-30, 30) if hard else st.floats(-2, 2), min_size=d, max_size=d)
+    op = st.one_of(
+        st.tuples(st.just("update_k"), i, j, delta),
+        st.tuples(st.just("update_v"), i, j, delta),
+        st.tuples(st.just("many_k"), st.lists(st.tuples(i, j, delta), min_size=1, max_size=6)),
+        st.tuples(st.just("many_v"), st.lists(st.tuples(i, j, delta), min_size=1, max_size=6)),
+        st.tuples(st.just("set_k"), i, row),
+        st.tuples(st.just("set_v"), i, row),
+        st.tuples(st.just("query"), i, j),
+        st.tuples(st.just("query_row"), i),
+        st.tuples(st.just("query_many"), st.lists(st.tuples(i, j), min_size=1, max_size=6)),
+        st.tuples(st.just("weight"), i, st.integers(0, n - 1)),
+        st.tuples(st.just("flush")),
+        st.tuples(st.just("check_all")),
+    )
+    ops = draw(st.lists(op, min_size=1, max_size=25))
+    return Q, K, V, scale, policy, ops
+
+
+def run_against_oracle(scenario, tol, dtype=np.float64):
+    Q, K, V, scale, policy, ops = scenario
+    eng = LazyAttention(Q, K, V, scale=scale, dtype=dtype, policy=policy)
+    orc = Oracle(eng)
+    updates = 0
+    for op in ops:
+        kind = op[0]
+        if kind in ("update_k", "update_v"):
+            _, i, j, delta = op
+            getattr(eng, kind)(i, j, delta)
+            (orc.K if kind == "update_k" else orc.V)[i, j] += dtype(delta)
+            updates += 1
+        elif kind in ("many_k", "many_v"):
+            items = op[1]
+            target = orc.K if kind == "many_k" else orc.V
+            if len(items) % 2:  # both batch forms
+                (eng.update_k_many if kind == "many_k" else eng.update_v_many)(items)
+            else:
+                r, c, dl = (np.array(x) for x in zip(*items, strict=True))
+                (eng.update_k_many if kind == "many_k" else eng.update_v_many)(r, c, dl)
+            for i, j, delta in items:
+                target[i, j] += dtype(delta)
+            updates += len(items)
+        elif kind in ("set_k", "set_v"):
+            _, i, row = op
+            (eng.set_k_row if kind == "set_k" else eng.set_v_row)(i, row)
+            (orc.K if kind == "set_k" else orc.V)[i] = np.asarray(row, dtype=dtype)
+            updates += 1
+        elif kind == "flush":
+            eng.flush()
+        orc.sync_flush()
+        # K and V are always current
+        np.testing.assert_array_equal(eng.K, orc.K)
+        np.testing.assert_array_equal(eng.V, orc.V)
+        exact, nat = orc.output(), orc.natural_scale()
+        if kind == "query":
+            _, i, j = op
+            for stale in (False, True):
+                o = orc.output(stale)
+                s = orc.natural_scale(stale)
+                assert_close_natural(eng.query(i, j, stale=stale), o[i, j], s[i, j], tol,
+                                     f"query stale={stale}")
+        elif kind == "query_row":
+            i = op[1]
+            assert_close_natural(eng.query_row(i), exact[i], nat[i], tol, "query_row")
+            assert_close_natural(eng.query_row(i, stale=True), orc.output(True)[i],
+                                 orc.natural_scale(True)[i], tol, "stale query_row")
+        elif kind == "query_many":
+            r, c = (np.array(x) for x in zip(*op[1], strict=True))
+            assert_close_natural(eng.query_many(r, c), exact[r, c], nat[r, c], tol, "many")
+        elif kind == "weight":
+            _, i, j = op
+            for stale in (False, True):
+                w = orc.weights(stale)[i, j]
+                assert abs(eng.weight(i, j, stale=stale) - w) <= tol * max(w, 1e-300) + 1e-300
+        elif kind == "check_all":
+            assert_close_natural(eng.output(), exact, nat, tol, "output")
+            assert_close_natural(eng.output(stale=True), orc.output(True),
+                                 orc.natural_scale(True), tol, "stale output")
+            np.testing.assert_allclose(eng.weights(), orc.weights(), rtol=tol, atol=1e-300)
+            np.testing.assert_allclose(eng.weights(stale=True), orc.weights(True), rtol=tol,
+                                       atol=1e-300)
+            report = eng.approximation_error()
+            diff = orc.output(True) - exact
+            want = np.linalg.norm(diff) / np.linalg.norm(exact) if np.any(exact) else 0.0
+            assert report.relative == pytest.approx(want, rel=1e-6, abs=1e-9)
+            assert report.max_abs == pytest.approx(np.abs(diff).max(), rel=1e-6, abs=1e-9)
+    assert eng.n_updates == updates
+    # what is pending is exactly what happened since the last flush
+    assert eng.pending <= updates
+    if eng.pending == 0:
+        assert eng.touched_rows == 0 and not eng.touched_k and not eng.touched_v
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_random_sequences_match_dense_oracle(scenario):
+    run_against_oracle(scenario, tol=1e-12)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(hard=True))
+def test_hard_data_matches_dense_oracle(scenario):
+    run_against_oracle(scenario, tol=1e-10)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_float32_matches_dense_oracle(scenario):
+    run_against_oracle(scenario, tol=1e-4, dtype=np.float32)
+
+
+def make(n=40, d=6, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    Q, K, V = (rng.random((n, d)) for _ in range(3))
+    return LazyAttention(Q, K, V, **kw)
+
+
+def test_touched_rows_and_pending_are_inspectable():
+    eng = make(policy=100)
+    eng.update_k(3, 1, 0.5)
+    eng.update_k(3, 2, 0.5)
+    eng.update_v_many([4, 4, 9], [0, 1, 2], [1.0, 2.0, 3.0])
+    eng.set_k_row(9, np.ones(6))
+    assert eng.pending == 6
+    assert eng.touched_k == {3, 9} and eng.touched_v == {4, 9}
+    assert eng.touched_rows == 3
+    event = eng.flush()
+    assert (event.updates, event.rows, event.k_rows, event.v_rows) == (6, 3, 2, 2)
+    assert event.kind == "incremental" and event.flops > 0 and event.seconds >= 0
+    assert eng.pending == 0 and eng.touched_rows == 0 and eng.flush() is None
+
+
+def test_threshold_triggers_flush_and_reports_event():
+    eng = make(policy=Fixed(3))
+    assert eng.update_k(0, 0, 0.1) is None
+    assert eng.update_k(1, 0, 0.1) is None
+    event = eng.update_v(2, 0, 0.1)
+    assert event is not None and event.updates == 3 and eng.last_flush is event
+    assert eng.n_flushes == 1 and eng.pending == 0
+
+
+def test_flush_chooses_rebuild_when_most_rows_are_touched():
+    eng = make(n=8, d=2, policy=10**6)
+    for i in range(8):
+        eng.update_k(i, 0, 0.1)
+    assert eng.flush().kind == "rebuild"
+
+
+@pytest.mark.parametrize("kind", ["csr", "csc", "coo"])
+def test_sparse_inputs(kind):
+    rng = np.random.default_rng(1)
+    dense = [np.where(rng.random((30, 5)) < 0.3, rng.random((30, 5)), 0.0) for _ in range(3)]
+    eng = LazyAttention(*(sp.random(30, 5, 0).asformat(kind) + sp.coo_matrix(m).asformat(kind)
+                          for m in dense), policy=4)
+    eng.update_k(2, 3, 0.7)
+    eng.update_v(5, 1, -0.2)
+    np.testing.assert_allclose(eng.output(), dense_attention(dense[0], eng.K, eng.V), rtol=1e-12)
+    np.testing.assert_array_equal(eng.Q, dense[0])
+
+
+def test_dtype_defaults_and_choices():
+    rng = np.random.default_rng(2)
+    f32 = [rng.random((5, 3)).astype(np.float32) for _ in range(3)]
+    assert LazyAttention(*f32).dtype == np.float32
+    assert LazyAttention(*f32, dtype=np.float64).dtype == np.float64
+    assert LazyAttention(f32[0], f32[1], f32[2].astype(np.float64)).dtype == np.float64
+    ints = [np.arange(15).reshape(5, 3) % 4 for _ in range(3)]
+    assert LazyAttention(*ints).dtype == np.float64
+
+
+@pytest.mark.parametrize("magnitude", [1e2, 1e3, 1e4])
+def test_large_logits_never_overflow(magnitude):
+    rng = np.random.default_rng(3)
+    n, d = 16, 1
+    Q = rng.choice([-1.0, 1.0], (n, d)) * math.sqrt(magnitude)
+    K = rng.choice([-1.0, 1.0], (n, d)) * math.sqrt(magnitude) * rng.random((n, d))
+    V = rng.random((n, d))
+    eng = LazyAttention(Q, K, V, scale=1.0, policy=5)
+    orc = Oracle(eng)
+    for step in range(30):
+        i = int(rng.integers(n))
+        delta = float(rng.normal()) * math.sqrt(magnitude)
+        eng.update_k(i, 0, delta)
+        orc.K[i, 0] += delta
+        orc.sync_flush()
+        assert_close_natural(eng.output(), orc.output(), orc.natural_scale(), 1e-10, f"{step}")
+        assert np.isfinite(eng.output(stale=True)).all()
+    assert np.abs(orc.Q @ orc.K.T).max() > magnitude / 4  # the logits really were large
+
+
+def test_cancellation_dominant_key_changed_stays_exact():
+    # row 0 puts all its mass on key 0 (logit 500 against about 0); then key 0 goes away
+    n, d = 6, 2
+    Q = np.zeros((n, d))
+    Q[0] = [10.0, 0.0]
+    K = np.full((n, d), 0.01)
+    K[0] = [50.0, 0.0]
+    V = np.arange(n * d, dtype=float).reshape(n, d) + 1
+    eng = LazyAttention(Q, K, V, scale=1.0, policy=10**6)
+    assert eng.weight(0, 0) == pytest.approx(1.0)
+    eng.update_k(0, 0, -50.0)  # logit 500 -> 0: the remaining mass is e^-500 of what was there
+    want = dense_attention(Q, eng.K, eng.V, 1.0)
+    assert_close_natural(eng.query_row(0), want[0], (np.abs(V)).mean(0), 1e-13, "query")
+    event = eng.flush()
+    assert event.repaired >= 1  # the row was recomputed, not subtracted
+    assert_close_natural(eng.output(stale=True), want, np.abs(V).max(), 1e-13, "after flush")
+
+
+def test_value_up_by_1e8_and_back_stays_exact():
+    eng = make(n=20, d=3, seed=4, policy=1)
+    V0 = eng.V.copy()
+    eng.update_v(7, 1, 1e8)
+    eng.update_v(7, 1, -1e8)
+    assert abs(eng.V[7, 1] - V0[7, 1]) < 1e-7  # K/V hold what the user asked, rounding aside
+    want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
+    nat = dense_attention(eng.Q, eng.K, np.abs(eng.V), eng.scale)
+    assert_close_natural(eng.output(stale=True), want, nat, 1e-12, "stale after repair")
+    assert eng.last_flush.repaired > 0
+
+
+def test_long_run_drift_stays_within_1e_10_of_rebuild():
+    rng = np.random.default_rng(5)
+    n, d = 48, 8
+    eng = LazyAttention(*(rng.normal(0, 1, (n, d)) for _ in range(3)), policy=10)
+    rows = rng.integers(0, n, 100_000)
+    cols = rng.integers(0, d, 100_000)
+    deltas = rng.normal(0, 0.1, 100_000)
+    for k in range(0, 100_000, 50):  # batches of 50, 5 flushes each
+        sl = slice(k, k + 50)
+        for start in range(0, 50, 10):
+            s2 = slice(k + start, k + start + 10)
+            if (k // 50) % 2:
+                eng.update_k_many(rows[s2], cols[s2], deltas[s2])
+            else:
+                eng.update_v_many(rows[s2], cols[s2], deltas[s2])
+        del sl
+    assert eng.n_updates == 100_000 and eng.n_flushes == 10_000
+    cached = eng.output(stale=True)
+    eng.rebuild()
+    fresh = eng.output(stale=True)
+    nat = dense_attention(eng.Q, eng.K, np.abs(eng.V), eng.scale)
+    assert_close_natural(cached, fresh, nat, 1e-10, "drift")
+
+
+def test_engine_never_allocates_n_by_n():
+    n, d = 2048, 16
+    eng = make(n=n, d=d, policy=10**6)
+    rng = np.random.default_rng(6)
+    eng.update_k_many(rng.integers(0, n, 200), rng.integers(0, d, 200), rng.normal(size=200))
+    tracemalloc.start()
+    eng.query_many(rng.integers(0, n, 100), rng.integers(0, d, 100))
+    eng.output()
+    eng.approximation_error()
+    eng.flush()
+    eng.rebuild()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < n * n * 8 / 2, f"peak {peak / 1e6:.1f} MB is n×n-sized"
+    assert eng.nbytes < 20 * n * d * 8
+
+
+def test_weights_window_and_stale_view():
+    eng = make(n=30, d=4, policy=10**6)
+    eng.update_k(5, 0, 2.0)
+    full = eng.weights()
+    np.testing.assert_allclose(full.sum(axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(eng.weights(rows=slice(3, 9), cols=[5, 1]), full[3:9][:, [5, 1]])
+    stale = eng.weights(stale=True)
+    assert not np.allclose(stale[:, 5], full[:, 5])
+    eng.flush()
+    np.testing.assert_allclose(eng.weights(stale=True), full, rtol=1e-12)
+
+
+def test_policy_forms():
+    eng = make(policy=lambda e: 2)
+    eng.update_k(0, 0, 1.0)
+    assert eng.update_k(0, 0, 1.0) is not None
+    eng.policy = 5
+    assert isinstance(eng.policy, Fixed) and eng.threshold == 5
+    assert isinstance(make().policy, CostModel)
+    with pytest.raises(TypeError, match="policy"):
+        make(policy="often")
+
+
+# --------------------------------------------------------------------------- bad input
+def snapshot(eng):
+    return (eng.K.copy(), eng.V.copy(), eng.pending, eng.n_updates, eng.touched_rows,
+            eng.output(stale=True).copy())
+
+
+def assert_unchanged(eng, snap):
+    K, V, pending, n_updates, touched, stale = snap
+    np.testing.assert_array_equal(eng.K, K)
+    np.testing.assert_array_equal(eng.V, V)
+    assert (eng.pending, eng.n_updates, eng.touched_rows) == (pending, n_updates, touched)
+    np.testing.assert_array_equal(eng.output(stale=True), stale)
+
+
+BAD_CALLS = [
+    (lambda e: e.update_k(40, 0, 1.0), IndexError, "i=40"),
+    (lambda e: e.update_k(-1, 0, 1.0), IndexError, "i=-1"),
+    (lambda e: e.update_v(0, 6, 1.0), IndexError, "j=6"),
+    (lambda e: e.update_k(1.5, 0, 1.0), TypeError, "i=1.5"),
+    (lambda e: e.update_k(True, 0, 1.0), TypeError, "i=True"),
+    (lambda e: e.update_k(0, 0, float("nan")), ValueError, "delta=nan"),
+    (lambda e: e.update_v(0, 0, float("inf")), ValueError, "delta=inf"),
+    (lambda e: e.update_k(0, 0, "1"), TypeError, "delta"),
+    (lambda e: e.update_k_many([1, 2], [0, 9], [1.0, 1.0]), IndexError, r"cols\[1\]=9"),
+    (lambda e: e.update_k_many([1, 2], [0, 1], [1.0, np.nan]), ValueError, "deltas"),
+    (lambda e: e.update_v_many([1, 2], [0], [1.0, 1.0]), ValueError, "cols has 1"),
+    (lambda e: e.update_v_many([1, 2], [0, 1], [1.0]), ValueError, "deltas has shape"),
+    (lambda e: e.update_v_many([], [], []), ValueError, "empty"),
+    (lambda e: e.update_k_many([]), ValueError, "empty"),
+    (lambda e: e.update_k_many([(1, 2, 0.5), (3, 99, 0.1)]), IndexError, r"updates\[1\]\[1\]"),
+    (lambda e: e.update_k_many([(1, 2, 0.5), (3, 1)]), ValueError, r"updates\[1\]"),
+    (lambda e: e.update_v_many([(1, 2, float("inf"))]), ValueError, r"updates\[0\]\[2\]"),
+    (lambda e: e.update_k_many([1.0, 2.0], [0, 1], [1.0, 1.0]), TypeError, "rows"),
+    (lambda e: e.update_k_many([1, 2], [0, 1]), TypeError, "needs rows, cols and deltas"),
+    (lambda e: e.set_k_row(0, np.ones(5)), ValueError, "values has shape"),
+    (lambda e: e.set_v_row(0, [1, 2, 3, 4, 5, np.inf]), ValueError, "values must be finite"),
+    (lambda e: e.set_k_rows([1, 1], np.ones((2, 6))), ValueError, "repeats"),
+    (lambda e: e.set_v_rows([1, 99], np.ones((2, 6))), IndexError, "rows"),
+    (lambda e: e.set_k_row(0, ["a"] * 6), TypeError, "values has dtype"),
+    (lambda e: e.query(0, 6), IndexError, "j=6"),
+    (lambda e: e.query_many([0, 1], [0]), ValueError, "cols has 1"),
+    (lambda e: e.weight(0, 40), IndexError, "j=40"),
+    (lambda e: e.weights(rows=[0, 50]), IndexError, "rows"),
+]
+
+
+@pytest.mark.parametrize(("call", "exc", "match"), BAD_CALLS)
+def test_bad_input_names_argument_and_changes_nothing(call, exc, match):
+    eng = make(policy=3)
+    eng.update_k(2, 2, 0.5)
+    snap = snapshot(eng)
+    with pytest.raises(exc, match=match):
+        call(eng)
+    assert_unchanged(eng, snap)
+
+
+@pytest.mark.parametrize(("args", "kwargs", "exc", "match"), [
+    ((np.ones((3, 2)), np.ones((3, 3)), np.ones((3, 2))), {}, ValueError, "K has shape"),
+    ((np.ones((3, 2)), np.ones((3, 2)), np.ones((4, 2))), {}, ValueError, "V has shape"),
+    ((np.ones(3), np.ones(3), np.ones(3)), {}, ValueError, "Q must be 2-D"),
+    ((np.ones((0, 2)), np.ones((0, 2)), np.ones((0, 2))), {}, ValueError, "at least one"),
+    ((np.ones((3, 2)), np.full((3, 2), np.nan), np.ones((3, 2))), {}, ValueError, "K must be"),
+    ((np.ones((3, 2)), np.ones((3, 2)), np.ones((3, 2)) * 1j), {}, TypeError, "V has dtype"),
+    ((np.array([["a", "b"]]),) * 3, {}, TypeError, "Q has dtype"),
+    ((np.ones((3, 2)),) * 3, {"dtype": np.float16}, TypeError, "dtype=float16"),
+    ((np.ones((3, 2)),) * 3, {"dtype": "int64"}, TypeError, "dtype=int64"),
+    ((np.ones((3, 2)),) * 3, {"scale": float("nan")}, ValueError, "scale=nan"),
+    ((np.ones((3, 2)),) * 3, {"scale": 0}, ValueError, "scale=0"),
+    ((np.ones((3, 2)),) * 3, {"policy": 0}, ValueError, "k=0"),
+    ((np.ones((3, 2)), np.full((3, 2), 1e300), np.ones((3, 2))), {"dtype": np.float32},
+     ValueError, "K must be finite"),
+])
+def test_bad_construction(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        LazyAttention(*args, **kwargs)
