@@ -63,6 +63,8 @@ def check_finite(name: str, arr: np.ndarray, source=None) -> None:
 
 def check_index(name: str, value, bound: int) -> int:
     """A Python int in ``[0, bound)``; negative indices are refused rather than wrapped."""
+    if type(value) is int and 0 <= value < bound:  # the common case, cheaply
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}={value!r} must be an integer index")
     i = int(value)

@@ -11,12 +11,13 @@ row exactly, in ``O(|S|·d)``, by adding the touched rows' new contributions and
 old ones; a flush applies the same correction to every row as two matrix products (BLAS-3),
 ``O(n·|S|·d)``.
 
-Precision is guarded rather than hoped for: each cache row also carries ``Σ_j ã_ij |v_j|``
-(the natural scale of the output) and the mass that removals have taken out of it. When the
-removed mass exceeds ``growth`` times what is left (a dominant key changed, a value went up by
-1e8 and back, or many flushes piled up), subtraction would have lost digits, so that row is
-recomputed exactly in ``O(n·d)``. Rescaling the stabiliser when a new logit exceeds it keeps
-every exponential at most 1, so logits of any magnitude neither overflow nor give NaN.
+Precision is guarded rather than hoped for: each cache row also carries guards comparing the
+mass that removals have taken out with the natural scale of what is left (``s_i`` and
+``Σ_j ã_ij |v_j|``). When the removed mass exceeds ``g`` times what is left (a dominant key
+changed, a value went up by 1e8 and back, or many flushes piled up), subtraction would have
+lost digits, so that row is recomputed exactly in ``O(n·d)``. Rescaling the stabiliser when a
+new logit exceeds it keeps every exponential at most 1, so logits of any magnitude neither
+overflow nor give NaN.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from .policies import as_policy
 
 __all__ = ["ErrorReport", "FlushEvent", "LazyAttention"]
 
-# Removed mass may grow to this multiple of the remaining mass before a row is recomputed. The
-# incremental error is about unit-roundoff × (1 + 2·removed/remaining), so these bound it near
-# 5e-13 (float64) and 8e-6 (float32) of the entry's natural scale.
+# g: removed mass may grow to this multiple of the remaining mass before a row is recomputed.
+# The incremental error is about unit-roundoff × (1 + 2·removed/remaining), so these bound it
+# near 5e-13 (float64) and 8e-6 (float32) of the entry's natural scale.
 _GROWTH = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): 64.0}
 
 # Rows per block when a computation runs over every row: bounds temporaries to a few MB.
@@ -162,8 +163,8 @@ class LazyAttention:
             view = arr.view()
             view.flags.writeable = False  # users read K and V; only update methods write them
             self._views[name] = view
-        # cache columns: N (d) | Σã|v| (d) | removed Σã|v| (d) | s | removed s
-        self._C = np.empty((n, 3 * d + 2), dtype=dt)
+        # cache columns: N (d) | s | guard of s | guard of N (d); see _lost_precision
+        self._C = np.empty((n, 2 * d + 2), dtype=dt)
         self._m = np.empty(n, dtype=dt)
         self._reset_pending()
         self._n_updates = 0
@@ -375,24 +376,23 @@ class LazyAttention:
     def _get_pack(self):
         """Touched rows packed for one product: logits ``Qs[I] @ Kp.T``, contributions ``@ B``.
 
-        ``Kp`` (2|S|, d) stacks new then old keys. ``B`` (2|S|, 3d+2) holds, for new rows,
-        ``[v, |v|, 0, 1, 0]`` and, for old rows, ``[−v, −|v|, |v|, −1, 1]``, so that one product
-        adds new contributions, removes old ones and counts the removed mass.
+        ``Kp`` (2|S|, d) stacks new then old keys. ``B`` (2|S|, 2d+2) holds, for new rows,
+        ``[v, 1, −g, −g|v|]`` and, for old rows, ``[−v, −1, 1+g, (1+g)|v|]`` (g the growth
+        bound), so one product adds new contributions, removes old ones and moves the guards.
         """
         if self._pack is None:
             S, d = len(self._rows), self._d
             rows = np.array(self._rows, dtype=np.int64)
             Kp = np.concatenate([self._K[rows], self._old_k[:S]])
-            B = np.zeros((2 * S, 3 * d + 2), dtype=self._dtype)
+            g = self._growth
+            B = np.empty((2 * S, 2 * d + 2), dtype=self._dtype)
             new_v, old_v = self._V[rows], self._old_v[:S]
             B[:S, :d] = new_v
-            np.abs(new_v, out=B[:S, d:2 * d])
-            B[:S, 3 * d] = 1
+            B[:S, d:d + 2] = (1, -g)
+            np.multiply(np.abs(new_v), -g, out=B[:S, d + 2:])
             np.negative(old_v, out=B[S:, :d])
-            np.abs(old_v, out=B[S:, 2 * d:3 * d])
-            np.negative(B[S:, 2 * d:3 * d], out=B[S:, d:2 * d])
-            B[S:, 3 * d] = -1
-            B[S:, 3 * d + 1] = 1
+            B[S:, d:d + 2] = (-1, 1 + g)
+            np.multiply(np.abs(old_v), 1 + g, out=B[S:, d + 2:])
             self._pack = (rows, Kp, B)
         return self._pack
 
@@ -404,11 +404,11 @@ class LazyAttention:
             k = self._slot[r]
             Kp[k] = self._K[r]
             B[k, :d] = self._V[r]
-            np.abs(self._V[r], out=B[k, d:2 * d])
+            np.multiply(np.abs(self._V[r]), -self._growth, out=B[k, d + 2:])
 
     def _incremental_cheaper(self, S: int) -> bool:
-        # per row: correction 2S·(d + 3d+2) flops against an exact row n·(d + 2d)
-        return 2 * S * (4 * self._d + 2) < 3 * self._n * self._d
+        # per row: correction 2S·(d + 2d+2) flops against an exact row n·(d + 2d)
+        return 2 * S * (3 * self._d + 2) < 3 * self._n * self._d
 
     def _current_rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """Exact current cache rows ``(m, C)`` for ``idx`` without modifying the engine.
@@ -436,10 +436,19 @@ class LazyAttention:
         return m, C, int(bad.sum())
 
     def _lost_precision(self, C: np.ndarray) -> np.ndarray:
-        d, g = self._d, self._growth
-        s, s_removed = C[:, 3 * d], C[:, 3 * d + 1]
-        bad = ~(s > 0) | ~(s_removed <= g * s)  # negated so NaN counts as bad
-        bad |= (C[:, 2 * d:3 * d] > g * C[:, d:2 * d]).any(axis=1)
+        """Rows whose incremental value may have lost digits (or is not finite).
+
+        With g the growth bound, each row carries the guards ``removed_s − g·s`` and, per output
+        column, ``removed_c − g·Σ_j ã_ij|v_jc|``, where ``removed`` is the mass that removals
+        subtracted since the row was last computed exactly. Both are linear in the
+        contributions, so the flush product maintains them like N and s. A positive guard means
+        the removed mass exceeds g times the remaining natural scale: the subtraction may have
+        cancelled more than log10(g) digits, so the row must be recomputed.
+        """
+        d = self._d
+        s = C[:, d]
+        bad = ~(s > 0) | ~(C[:, d + 1] <= 0)  # negated comparisons also catch NaN
+        bad |= (C[:, d + 2:] > 0).any(axis=1)
         return bad
 
     def _logits(self, idx: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -451,11 +460,11 @@ class LazyAttention:
         """Exact cache rows for ``idx`` from scratch: O(len(idx)·n·d), in row blocks.
 
         Writes into ``out_m``/``out_C`` (indexed like ``idx``) when given, so a full rebuild
-        needs no second n×(3d+2) array.
+        needs no second n×(2d+2) array.
         """
         d = self._d
         m = np.empty(len(idx), dtype=self._dtype) if out_m is None else out_m
-        C = np.empty((len(idx), 3 * d + 2), dtype=self._dtype) if out_C is None else out_C
+        C = np.empty((len(idx), 2 * d + 2), dtype=self._dtype) if out_C is None else out_C
         abs_v = np.abs(self._V)
         step = min(len(idx), max(32, _BLOCK_ELEMENTS // self._n))
         # one workspace for all blocks: fresh multi-MB temporaries are page-faulted every time
@@ -470,9 +479,10 @@ class LazyAttention:
             np.exp(L, out=L)
             m[blk] = mb
             np.matmul(L, self._V, out=C[blk, :d])
-            np.matmul(L, abs_v, out=C[blk, d:2 * d])
-            C[blk, 2 * d:] = 0
-            L.sum(axis=1, out=C[blk, 3 * d])
+            L.sum(axis=1, out=C[blk, d])
+            np.multiply(C[blk, d], -self._growth, out=C[blk, d + 1])
+            np.matmul(L, abs_v, out=C[blk, d + 2:])
+            C[blk, d + 2:] *= -self._growth
         return m, C
 
     def _store_exact(self) -> None:
@@ -501,7 +511,7 @@ class LazyAttention:
                 m, C, bad = self._current_rows(idx)
                 self._m[idx], self._C[idx] = m, C
                 repaired += bad
-            flops = 2.0 * n * 2 * S * (4 * d + 2) + 6.0 * repaired * n * d
+            flops = 2.0 * n * 2 * S * (3 * d + 2) + 6.0 * repaired * n * d
             kind = "incremental"
         else:
             self._store_exact()
@@ -532,12 +542,43 @@ class LazyAttention:
         """Output entry ``O[i, j]``; exact in O(|S|·d), or the cached value if ``stale``."""
         i = V_.check_index("i", i, self._n)
         j = V_.check_index("j", j, self._d)
-        return float(self._rows_out(np.array([i]), stale, count=1)[0, j])
+        row = self._row(i, stale)
+        return float(row[j] / row[self._d])
 
     def query_row(self, i, stale: bool = False) -> np.ndarray:
         """Output row ``O[i]`` (shape (d,)); exact in O(|S|·d), or cached if ``stale``."""
         i = V_.check_index("i", i, self._n)
-        return self._rows_out(np.array([i]), stale, count=1)[0]
+        row = self._row(i, stale)
+        return row[:self._d] / row[self._d]
+
+    def _row(self, i: int, stale: bool) -> np.ndarray:
+        """One cache row, current unless ``stale``: the single-query fast path.
+
+        Same arithmetic as :meth:`_current_rows` on one row, with vector operations only,
+        because a single query is dominated by per-call overhead, not flops.
+        """
+        S = len(self._rows)
+        if stale or S == 0:
+            return self._C[i]
+        t0 = time.perf_counter()
+        if self._incremental_cheaper(S):
+            _, Kp, B = self._get_pack()
+            L = Kp @ (self._Q[i] * self._dtype.type(self._scale))
+            m_old = self._m[i]
+            m = max(m_old, L[:S].max())
+            L -= m
+            np.exp(L, out=L)
+            row = L @ B
+            row += self._C[i] * math.exp(m_old - m) if m != m_old else self._C[i]
+            d = self._d
+            # _lost_precision for one row, in scalars: it costs more than the query otherwise
+            if not (row[d] > 0 and row[d + 1] <= 0) or row[d + 2:].max() > 0:
+                row = self._exact(np.array([i]))[1][0]
+        else:
+            row = self._exact(np.array([i]))[1][0]
+        self._n_queries += 1
+        self.query_log.append((S, 1, time.perf_counter() - t0))
+        return row
 
     def query_many(self, rows, cols, stale: bool = False) -> np.ndarray:
         """Output entries ``O[rows[k], cols[k]]`` (shape (m,)), vectorised.
@@ -552,7 +593,6 @@ class LazyAttention:
         return self._rows_out(uniq, stale, count=len(r))[inv, c]
 
     def _rows_out(self, idx: np.ndarray, stale: bool, count: int) -> np.ndarray:
-        d = self._d
         if stale:
             C = self._C[idx]
         elif count == 0:  # internal use (error estimates): not a user query, not timed
@@ -562,17 +602,21 @@ class LazyAttention:
             _, C, _ = self._current_rows(idx)
             self._n_queries += count
             self.query_log.append((len(self._rows), len(idx), time.perf_counter() - t0))
-        return C[:, :d] / C[:, 3 * d, None]
+        return self._out(C)
+
+    def _out(self, C: np.ndarray) -> np.ndarray:
+        """Output rows ``N / s`` from cache rows."""
+        return C[:, :self._d] / C[:, self._d, None]
 
     def output(self, stale: bool = False) -> np.ndarray:
         """The whole output O (shape (n, d)): exact in O(n·|S|·d), or the cached view."""
         d = self._d
         if stale:
-            return self._C[:, :d] / self._C[:, 3 * d, None]
+            return self._out(self._C)
         out = np.empty((self._n, d), dtype=self._dtype)
         for idx in self._blocks(2 * len(self._rows) + 1):
             _, C, _ = self._current_rows(idx)
-            out[idx] = C[:, :d] / C[:, 3 * d, None]
+            out[idx] = self._out(C)
         return out
 
     def weight(self, i, j, stale: bool = False) -> float:
@@ -600,14 +644,14 @@ class LazyAttention:
         J = V_.as_selection("cols", cols, self._n)
         d = self._d
         if stale:
-            m, s = self._m[I], self._C[I, 3 * d]
+            m, s = self._m[I], self._C[I, d]
             keys = self._K[J].copy()
             for k, j in enumerate(J.tolist()):
                 if j in self._slot:
                     keys[k] = self._old_k[self._slot[j]]
         else:
             m, C, _ = self._current_rows(I)
-            s, keys = C[:, 3 * d], self._K[J]
+            s, keys = C[:, d], self._K[J]
         L = self._logits(I, keys)
         L -= m[:, None]
         np.exp(L, out=L)
@@ -627,12 +671,11 @@ class LazyAttention:
 
     def approximation_error(self) -> ErrorReport:
         """Error of the stale output against the exact output, O(n·|S|·d), no n×n array."""
-        d = self._d
         sq_diff = sq_exact = max_abs = 0.0
         for idx in self._blocks(2 * len(self._rows) + 1):
             _, C, _ = self._current_rows(idx)
-            exact = C[:, :d] / C[:, 3 * d, None]
-            diff = self._C[idx, :d] / self._C[idx, 3 * d, None] - exact
+            exact = self._out(C)
+            diff = self._out(self._C[idx]) - exact
             sq_diff += float(np.vdot(diff, diff))
             sq_exact += float(np.vdot(exact, exact))
             max_abs = max(max_abs, float(np.abs(diff).max()))
