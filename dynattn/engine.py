@@ -166,6 +166,7 @@ class LazyAttention:
         # cache columns: N (d) | s | guard of s | guard of N (d); see _lost_precision
         self._C = np.empty((n, 2 * d + 2), dtype=dt)
         self._m = np.empty(n, dtype=dt)
+        self._buffers: dict[str, np.ndarray] = {}
         self._reset_pending()
         self._n_updates = 0
         self._n_queries = 0
@@ -374,16 +375,18 @@ class LazyAttention:
 
     # ------------------------------------------------------------------ the correction
     def _get_pack(self):
-        """Touched rows packed for one product: logits ``Qs[I] @ Kp.T``, contributions ``@ B``.
+        """Touched rows packed for one product: logits ``Q[I] @ Kp.T``, contributions ``@ B``.
 
-        ``Kp`` (2|S|, d) stacks new then old keys. ``B`` (2|S|, 2d+2) holds, for new rows,
-        ``[v, 1, −g, −g|v|]`` and, for old rows, ``[−v, −1, 1+g, (1+g)|v|]`` (g the growth
-        bound), so one product adds new contributions, removes old ones and moves the guards.
+        ``Kp`` (2|S|, d) stacks new then old keys, pre-multiplied by the scale. ``B``
+        (2|S|, 2d+2) holds, for new rows, ``[v, 1, −g, −g|v|]`` and, for old rows,
+        ``[−v, −1, 1+g, (1+g)|v|]`` (g the growth bound), so one product adds new
+        contributions, removes old ones and moves the guards.
         """
         if self._pack is None:
             S, d = len(self._rows), self._d
             rows = np.array(self._rows, dtype=np.int64)
             Kp = np.concatenate([self._K[rows], self._old_k[:S]])
+            Kp *= self._dtype.type(self._scale)
             g = self._growth
             B = np.empty((2 * S, 2 * d + 2), dtype=self._dtype)
             new_v, old_v = self._V[rows], self._old_v[:S]
@@ -402,7 +405,7 @@ class LazyAttention:
         _, Kp, B = self._pack
         for r in set(rows):
             k = self._slot[r]
-            Kp[k] = self._K[r]
+            np.multiply(self._K[r], self._scale, out=Kp[k])
             B[k, :d] = self._V[r]
             np.multiply(np.abs(self._V[r]), -self._growth, out=B[k, d + 2:])
 
@@ -411,7 +414,7 @@ class LazyAttention:
         return 2 * S * (3 * self._d + 2) < 3 * self._n * self._d
 
     def _current_rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """Exact current cache rows ``(m, C)`` for ``idx`` without modifying the engine.
+        """Exact current cache rows ``(m, C)`` for the index array ``idx`` (copies).
 
         Cost O(len(idx)·|S|·d), or O(len(idx)·n·d) when that is cheaper. Rows whose
         correction would lose precision are recomputed exactly; the count is returned third.
@@ -422,18 +425,40 @@ class LazyAttention:
         if not self._incremental_cheaper(S):
             m, C = self._exact(idx)
             return m, C, 0
-        _, Kp, B = self._get_pack()
-        L = self._logits(idx, Kp)
-        m = np.maximum(self._m[idx], L[:, :S].max(axis=1))
-        L -= m[:, None]
-        np.exp(L, out=L)
-        C = self._C[idx]
-        C *= np.exp(self._m[idx] - m)[:, None]
-        C += L @ B
-        bad = self._lost_precision(C)
+        m, C = self._m[idx], self._C[idx]
+        bad = self._correct(idx, m, C)
         if bad.any():
             m[bad], C[bad] = self._exact(idx[bad])
         return m, C, int(bad.sum())
+
+    def _correct(self, rows, m: np.ndarray, C: np.ndarray, workspace: bool = False):
+        """Bring cache rows ``(m, C)`` of ``rows`` from the last flush to now, in place.
+
+        ``C ← e^(m − m')·C + exp(Q[rows] Kpᵀ − m') B`` with ``m'`` the rescaled stabiliser:
+        new contributions in, old ones out, guards moved, all in two matrix products. Returns
+        the rows that lost precision (see :meth:`_lost_precision`). With ``workspace`` the
+        temporaries live in reused buffers (the flush's hot loop).
+        """
+        S = len(self._rows)
+        _, Kp, B = self._get_pack()
+        b = len(m)
+        L = self._buffer("logits", (b, 2 * S)) if workspace else None
+        L = np.matmul(self._Q[rows], Kp.T, out=L)
+        m_new = np.maximum(m, L[:, :S].max(axis=1))
+        L -= m_new[:, None]
+        np.exp(L, out=L)
+        C *= np.exp(m - m_new)[:, None]
+        C += np.matmul(L, B, out=self._buffer("product", C.shape) if workspace else None)
+        m[...] = m_new
+        return self._lost_precision(C)
+
+    def _buffer(self, name: str, shape: tuple[int, int]) -> np.ndarray:
+        """A reused scratch array: fresh multi-MB temporaries are page-faulted on every use."""
+        size = shape[0] * shape[1]
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = self._buffers[name] = np.empty(size, dtype=self._dtype)
+        return buf[:size].reshape(shape)
 
     def _lost_precision(self, C: np.ndarray) -> np.ndarray:
         """Rows whose incremental value may have lost digits (or is not finite).
@@ -452,8 +477,7 @@ class LazyAttention:
         return bad
 
     def _logits(self, idx: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        """``(scale · Q[idx]) @ keys.T``: every logit in the engine is rounded this one way
-        (``_exact`` repeats it into a workspace)."""
+        """``(scale · Q[idx]) @ keys.T`` for display windows of the weights."""
         return (self._Q[idx] * self._dtype.type(self._scale)) @ keys.T
 
     def _exact(self, idx: np.ndarray, out_m=None, out_C=None) -> tuple[np.ndarray, np.ndarray]:
@@ -467,8 +491,7 @@ class LazyAttention:
         C = np.empty((len(idx), 2 * d + 2), dtype=self._dtype) if out_C is None else out_C
         abs_v = np.abs(self._V)
         step = min(len(idx), max(32, _BLOCK_ELEMENTS // self._n))
-        # one workspace for all blocks: fresh multi-MB temporaries are page-faulted every time
-        work = np.empty((step, self._n), dtype=self._dtype)
+        work = self._buffer("exact", (step, self._n))
         scale = self._dtype.type(self._scale)
         for a in range(0, len(idx), step):
             blk = slice(a, a + step)
@@ -489,9 +512,10 @@ class LazyAttention:
         self._exact(np.arange(self._n), out_m=self._m, out_C=self._C)
 
     def _blocks(self, width: int):
+        """Row slices covering all n rows, each about ``_BLOCK_ELEMENTS / width`` rows."""
         step = max(1, _BLOCK_ELEMENTS // max(1, width))
         for a in range(0, self._n, step):
-            yield np.arange(a, min(a + step, self._n))
+            yield slice(a, min(a + step, self._n))
 
     # ------------------------------------------------------------------ flush
     def flush(self) -> FlushEvent | None:
@@ -507,10 +531,12 @@ class LazyAttention:
         S, n, d = len(self._rows), self._n, self._d
         if self._incremental_cheaper(S):
             repaired = 0
-            for idx in self._blocks(2 * S):
-                m, C, bad = self._current_rows(idx)
-                self._m[idx], self._C[idx] = m, C
-                repaired += bad
+            for blk in self._blocks(2 * S):
+                bad = self._correct(blk, self._m[blk], self._C[blk], workspace=True)
+                if bad.any():
+                    rows = np.arange(blk.start, blk.stop)[bad]
+                    self._m[rows], self._C[rows] = self._exact(rows)
+                    repaired += len(rows)
             flops = 2.0 * n * 2 * S * (3 * d + 2) + 6.0 * repaired * n * d
             kind = "incremental"
         else:
@@ -563,7 +589,7 @@ class LazyAttention:
         t0 = time.perf_counter()
         if self._incremental_cheaper(S):
             _, Kp, B = self._get_pack()
-            L = Kp @ (self._Q[i] * self._dtype.type(self._scale))
+            L = Kp @ self._Q[i]
             m_old = self._m[i]
             m = max(m_old, L[:S].max())
             L -= m
@@ -614,9 +640,9 @@ class LazyAttention:
         if stale:
             return self._out(self._C)
         out = np.empty((self._n, d), dtype=self._dtype)
-        for idx in self._blocks(2 * len(self._rows) + 1):
-            _, C, _ = self._current_rows(idx)
-            out[idx] = self._out(C)
+        for blk in self._blocks(2 * len(self._rows) + 1):
+            _, C, _ = self._current_rows(np.arange(blk.start, blk.stop))
+            out[blk] = self._out(C)
         return out
 
     def weight(self, i, j, stale: bool = False) -> float:
@@ -672,10 +698,10 @@ class LazyAttention:
     def approximation_error(self) -> ErrorReport:
         """Error of the stale output against the exact output, O(n·|S|·d), no n×n array."""
         sq_diff = sq_exact = max_abs = 0.0
-        for idx in self._blocks(2 * len(self._rows) + 1):
-            _, C, _ = self._current_rows(idx)
+        for blk in self._blocks(2 * len(self._rows) + 1):
+            _, C, _ = self._current_rows(np.arange(blk.start, blk.stop))
             exact = self._out(C)
-            diff = self._out(self._C[idx]) - exact
+            diff = self._out(self._C[blk]) - exact
             sq_diff += float(np.vdot(diff, diff))
             sq_exact += float(np.vdot(exact, exact))
             max_abs = max(max_abs, float(np.abs(diff).max()))
