@@ -172,6 +172,7 @@ class LazyAttention:
         self._n_queries = 0
         self._n_flushes = 0
         self.flush_log: deque[FlushEvent] = deque(maxlen=1000)
+        # (touched rows, entries answered, seconds) of recent exact queries, for cost models
         self.query_log: deque[tuple[int, int, float]] = deque(maxlen=256)
         self._store_exact()
 
@@ -410,8 +411,15 @@ class LazyAttention:
             np.multiply(np.abs(self._V[r]), -self._growth, out=B[k, d + 2:])
 
     def _incremental_cheaper(self, S: int) -> bool:
-        # per row: correction 2S·(d + 2d+2) flops against an exact row n·(d + 2d)
-        return 2 * S * (3 * self._d + 2) < 3 * self._n * self._d
+        return S <= self.max_correction_rows
+
+    @property
+    def max_correction_rows(self) -> int:
+        """Touched rows beyond which queries and flushes recompute instead of correcting.
+
+        A correction costs 2|S|·(3d+2) flops per row against n·3d for computing it afresh.
+        """
+        return (3 * self._n * self._d - 1) // (2 * (3 * self._d + 2))
 
     def _current_rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """Exact current cache rows ``(m, C)`` for the index array ``idx`` (copies).
@@ -627,7 +635,7 @@ class LazyAttention:
             t0 = time.perf_counter()
             _, C, _ = self._current_rows(idx)
             self._n_queries += count
-            self.query_log.append((len(self._rows), len(idx), time.perf_counter() - t0))
+            self.query_log.append((len(self._rows), count, time.perf_counter() - t0))
         return self._out(C)
 
     def _out(self, C: np.ndarray) -> np.ndarray:

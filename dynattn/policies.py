@@ -97,28 +97,34 @@ class OriginalAdaptive:
 
 
 class CostModel:
-    """Pick the threshold that minimises the measured cost per update (the default policy).
+    """Pick the flush threshold that minimises the measured cost per update (the default).
 
-    Model, per update action, for threshold k, r exact queries per update and ρ distinct
-    touched rows per pending update::
+    For a threshold k, with r exact query entries per update and ``rows(k)`` distinct rows
+    touched by k updates, the cost per update is modelled as ::
 
-        cost(k) ≈ (f0 + f1·ρk)/k  +  r·(q0 + q1·ρk/2)
-                = f0/k + f1·ρ + r·q0 + r·q1·ρ·k/2
+        cost(k) = (f0 + f1·min(rows(k), Smax)) / k  +  r·(q0 + q1·min(rows̄(k), Smax))
 
-    where ``f0 + f1·rows`` is a flush's cost and ``q0 + q1·S`` an exact query's cost with S
-    touched rows pending (on average ρk/2 over a flush cycle). Minimising gives the
-    square-root rule ``k* = sqrt(2·f0 / (r·q1·ρ))``: k* = 1 (eager) when queries dominate,
-    k* = ∞ (never flush; queries corrected on demand, and computed from scratch once that is
-    cheaper) when queries are rare. ``f0, f1`` are fitted to the engine's recorded flush times,
-    ``q0, q1`` to its recorded query times, ``r`` and ``ρ`` to the recent stream, so the
-    threshold follows the machine and the workload as they change.
+    * ``f0 + f1·rows`` is one flush (f0 holds the O(n·d) passes every flush makes over the
+      caches, f1 the O(n·d) GEMM work per touched row), fitted to the engine's flush log;
+    * ``q0 + q1·S`` is one query entry with S touched rows pending, fitted to its query log;
+    * ``rows(k) = H·(1 − e^(−k/H))`` is the expected number of distinct rows hit by k updates
+      spread over H equally likely rows; H is fitted to the flushes' (updates, rows) pairs, so
+      a hot spot (small H) is seen to coalesce and a uniform stream (H ≈ n) is not;
+      ``rows̄(k)`` is its average over a flush cycle (what a query sees);
+    * ``Smax = engine.max_correction_rows``: beyond it queries and flushes recompute instead,
+      so costs stop growing; ``k = ∞`` (never flush) costs ``r·(q0 + q1·Smax)`` per update.
+
+    The threshold is the best of k ∈ {1, 2, 4, …} ∪ {∞}: k = 1 is eager maintenance (queries
+    dominate), ∞ answers queries on demand (queries rare), and in between the square-root
+    trade-off ``k* ≈ sqrt(2·f0 / (r·q1·ρ))`` of flush overhead against query corrections.
+    r is measured over the last ``window`` updates, so the choice follows the stream.
 
     Parameters
     ----------
     initial : int, default 16
-        Threshold used until the first flush and query timings exist.
+        Threshold until a flush and a query have been timed.
     window : int, default 2048
-        Update actions over which the query rate r is measured.
+        Updates over which the query rate r is measured.
     max_threshold : float, default inf
         Upper bound on k (``inf`` allows the never-flush regime).
     """
@@ -126,7 +132,7 @@ class CostModel:
     def __init__(self, initial: int = 16, window: int = 2048, max_threshold: float = math.inf):
         if isinstance(initial, bool) or not isinstance(initial, numbers.Integral) or initial < 1:
             raise ValueError(f"initial={initial!r} must be an integer >= 1")
-        if not (isinstance(window, numbers.Integral) and window >= 1):
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
             raise ValueError(f"window={window!r} must be an integer >= 1")
         if not max_threshold >= 1:
             raise ValueError(f"max_threshold={max_threshold!r} must be >= 1")
@@ -134,9 +140,9 @@ class CostModel:
         self.window = int(window)
         self.max_threshold = max_threshold
         self.current: float = float(initial)
+        self.fitted: dict[str, float] = {}
         self._marks: deque[tuple[int, int]] = deque()
         self._next_refit = 0
-        self.fitted: dict[str, float] = {}
 
     def threshold(self, engine) -> float:
         u = engine.n_updates
@@ -144,8 +150,8 @@ class CostModel:
             self._marks.append((u, engine.n_queries))
             while len(self._marks) > 2 and u - self._marks[1][0] >= self.window:
                 self._marks.popleft()
-            self.current = self._optimum(engine)
-            # refitting costs a few small least-squares solves; every 32 updates is plenty
+            self.current = self._choose(engine)
+            # a refit costs a few small least-squares solves: every 32 updates is plenty
             self._next_refit = u + 32
         return self.current
 
@@ -153,50 +159,72 @@ class CostModel:
         self._next_refit = 0
 
     def query_rate(self) -> float:
-        """Exact queries per update action over the recent window."""
+        """Exact query entries per update over the recent window."""
         (u0, q0), (u1, q1) = self._marks[0], self._marks[-1]
         return (q1 - q0) / (u1 - u0) if u1 > u0 else 0.0
 
-    def _optimum(self, engine) -> float:
-        flushes = [e for e in engine.flush_log if e.kind == "incremental"][-64:]
-        queries = list(engine.query_log)
-        if not flushes or not queries:
-            # no query seen yet in a window: queries are rare, so flushing buys nothing
-            if len(self._marks) > 1 and not queries and self._span() >= self.window:
-                return self.max_threshold
-            return float(self.initial)
-        f0, _ = _fit_line([e.rows for e in flushes], [e.seconds for e in flushes])
-        q0, q1 = _fit_line([s for s, _, _ in queries], [t / max(m, 1) for _, m, t in queries])
-        rho = sum(e.rows for e in flushes) / max(1, sum(e.updates for e in flushes))
+    def _choose(self, engine) -> float:
         r = self.query_rate()
-        self.fitted = {"f0": f0, "q0": q0, "q1": q1, "rho": rho, "r": r}
-        if r <= 0 or q1 <= 0:
-            return self.max_threshold
-        k = math.sqrt(2.0 * f0 / (r * q1 * rho))
-        return float(min(self.max_threshold, max(1.0, k)))
-
-    def _span(self) -> int:
-        return self._marks[-1][0] - self._marks[0][0]
+        span = self._marks[-1][0] - self._marks[0][0]
+        queries = list(engine.query_log)
+        if r == 0 and span >= self.window:
+            return self.max_threshold  # no query for a whole window: flushing buys nothing
+        flushes = [e for e in engine.flush_log if e.kind == "incremental"][-64:]
+        if not flushes or not queries:
+            return float(min(self.initial, self.max_threshold))
+        f0, f1 = _fit_line([e.rows for e in flushes], [e.seconds for e in flushes])
+        q0, q1 = _fit_line([s for s, _, _ in queries], [t / c for _, c, t in queries])
+        H = _effective_rows([e.updates for e in flushes], [e.rows for e in flushes], engine.n)
+        smax = engine.max_correction_rows
+        self.fitted = {"f0": f0, "f1": f1, "q0": q0, "q1": q1, "H": H, "r": r}
+        best_k, best = math.inf, r * (q0 + q1 * smax)
+        k = 1
+        while k <= min(self.max_threshold, 64 * engine.n):
+            rows = H * -math.expm1(-k / H)
+            mean_rows = H - H * rows / k  # average of rows(p) over p < k
+            cost = (f0 + f1 * min(rows, smax)) / k + r * (q0 + q1 * min(mean_rows, smax))
+            if cost < best:
+                best_k, best = float(k), cost
+            k *= 2
+        self.fitted["cost"] = best
+        return min(best_k, self.max_threshold)
 
     def __repr__(self) -> str:
         return f"CostModel(current={self.current:.4g})"
 
 
 def _fit_line(x, y) -> tuple[float, float]:
-    """Least-squares ``y ≈ a + b·x`` with a, b ≥ 0; a through-origin slope when x is constant."""
+    """Least-squares ``y ≈ a + b·x`` with a, b ≥ 0; an even split when x does not vary."""
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
-    if len(x) >= 3 and np.ptp(x) > 0:
+    if len(x) >= 3 and np.ptp(x) > 0.1 * max(np.mean(x), 1.0):
         b, a = np.polyfit(x, y, 1)
         if a >= 0 and b >= 0:
             return float(a), float(b)
-        if b < 0:  # cost does not grow with rows in this range: all of it is overhead
+        if b < 0:  # no growth with x in this range: all of it is overhead
             return float(max(np.median(y), 0.0)), 0.0
         return 0.0, float(max(np.dot(x, y) / np.dot(x, x), 0.0))
-    # one size seen: split the cost evenly between overhead and per-row part
-    med_x = float(np.median(x)) if len(x) else 1.0
-    med_y = float(np.median(y)) if len(y) else 0.0
-    return 0.5 * med_y, 0.5 * med_y / max(med_x, 1.0)
+    mx, my = float(np.median(x)), float(np.median(y))
+    return 0.5 * my, 0.5 * my / max(mx, 1.0)
+
+
+def _effective_rows(updates, rows, n: int) -> float:
+    """H with ``Σ rows = Σ H·(1 − e^(−k/H))``: how many rows the updates effectively spread
+    over (occupancy model); at most a large multiple of n when no update ever repeated a row.
+    """
+    k = np.asarray(updates, dtype=float)
+    target = float(np.sum(rows))
+    hi = 64.0 * n
+    if target >= np.sum(hi * -np.expm1(-k / hi)):
+        return hi
+    lo = 1e-3
+    for _ in range(60):  # bisection in log space: rows(H) increases with H
+        mid = math.sqrt(lo * hi)
+        if np.sum(mid * -np.expm1(-k / mid)) < target:
+            lo = mid
+        else:
+            hi = mid
+    return math.sqrt(lo * hi)
 
 
 class ErrorBudget:
