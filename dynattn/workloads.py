@@ -320,6 +320,10 @@ def _no_values() -> np.ndarray:
     return np.zeros(0)
 
 
+def _no_row_values() -> np.ndarray:
+    return np.zeros((0, 0))
+
+
 @dataclass(frozen=True)
 class TickUpdates:
     """The updates of one tick.
@@ -327,8 +331,8 @@ class TickUpdates:
     Entry updates add ``*_deltas[t]`` to ``M[*_rows[t], *_cols[t]]`` (``M`` = K or V); row
     rewrites replace whole rows ``M[*_set_rows[t]] = *_set_values[t]``. Index arrays are int64
     and deltas float64, all of one length per matrix; ``*_set_values`` is float64 ``(m, d)``
-    with ``m = len(*_set_rows)`` (``None`` when no rows are rewritten). Rows within one rewrite
-    batch are distinct.
+    with ``m = len(*_set_rows)`` (the default, for no rewrites, is an empty ``(0, 0)`` array).
+    Rows within one rewrite batch are distinct.
     """
 
     k_rows: np.ndarray = field(default_factory=_no_rows)
@@ -338,9 +342,9 @@ class TickUpdates:
     v_cols: np.ndarray = field(default_factory=_no_rows)
     v_deltas: np.ndarray = field(default_factory=_no_values)
     k_set_rows: np.ndarray = field(default_factory=_no_rows)
-    k_set_values: np.ndarray | None = None
+    k_set_values: np.ndarray = field(default_factory=_no_row_values)
     v_set_rows: np.ndarray = field(default_factory=_no_rows)
-    v_set_values: np.ndarray | None = None
+    v_set_values: np.ndarray = field(default_factory=_no_row_values)
 
     @property
     def n_updates(self) -> int:
@@ -351,8 +355,9 @@ class TickUpdates:
     def apply(self, engine) -> list:
         """Apply the updates through the engine's batch methods, skipping empty parts.
 
-        Order: K entries, V entries, K rows, V rows. Works for any object with
-        ``update_k_many``, ``update_v_many``, ``set_k_rows`` and ``set_v_rows``.
+        Order: K entries, V entries, K rows, V rows, one call each (``update_k_many``,
+        ``update_v_many``, ``set_k_rows``, ``set_v_rows``); works for any object with those
+        methods.
 
         Returns
         -------
@@ -360,19 +365,36 @@ class TickUpdates:
             The non-``None`` results of those calls (the engine's ``FlushEvent`` objects),
             in order.
         """
-        calls = (
+        parts = (
             (engine.update_k_many, self.k_rows, self.k_cols, self.k_deltas),
             (engine.update_v_many, self.v_rows, self.v_cols, self.v_deltas),
             (engine.set_k_rows, self.k_set_rows, self.k_set_values),
             (engine.set_v_rows, self.v_set_rows, self.v_set_values),
         )
-        events = []
-        for method, rows, *rest in calls:
-            if rows.size:
-                event = method(rows, *rest)
-                if event is not None:
-                    events.append(event)
-        return events
+        results = (method(rows, *rest) for method, rows, *rest in parts if rows.size)
+        return [event for event in results if event is not None]
+
+    def apply_each(self, engine) -> list:
+        """Apply every update action by its own call, in the order of :meth:`apply`.
+
+        Uses ``update_k``, ``update_v``, ``set_k_row`` and ``set_v_row``. With the policy
+        ``Fixed(1)`` this is eager maintenance: the caches absorb each action before the next
+        one arrives, instead of a batch at a time. Adds O(1) Python overhead per action.
+
+        Returns
+        -------
+        list
+            The non-``None`` results (``FlushEvent`` objects), in order.
+        """
+        parts = (
+            (engine.update_k, (self.k_rows.tolist(), self.k_cols.tolist(), self.k_deltas.tolist())),
+            (engine.update_v, (self.v_rows.tolist(), self.v_cols.tolist(), self.v_deltas.tolist())),
+            (engine.set_k_row, (self.k_set_rows.tolist(), self.k_set_values)),
+            (engine.set_v_row, (self.v_set_rows.tolist(), self.v_set_values)),
+        )
+        results = (method(*args) for method, columns in parts
+                   for args in zip(*columns, strict=True))
+        return [event for event in results if event is not None]
 
 
 class UpdateStream:

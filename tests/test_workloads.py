@@ -297,7 +297,7 @@ class RecordingEngine:
 
     def _record(self, name):
         def method(rows, *rest):
-            assert len(rows) > 0, f"{name} called with an empty batch"
+            assert np.size(rows) > 0, f"{name} called with an empty batch"
             self.calls.append((name, rows, *rest))
             return f"event-{len(self.calls)}" if name == "update_v_many" else None
         return method
@@ -320,7 +320,7 @@ def test_stream_indices_in_bounds_and_reproducible(kind, n, d, per_tick, k_share
     assert upd.k_rows.shape == upd.k_cols.shape == upd.k_deltas.shape
     assert upd.v_rows.shape == upd.v_cols.shape == upd.v_deltas.shape
     for rows, values in ((upd.k_set_rows, upd.k_set_values), (upd.v_set_rows, upd.v_set_values)):
-        if values is not None:
+        if rows.size:
             assert values.shape == (rows.size, d)
         assert np.unique(rows).size == rows.size
     if kind not in ("bursts", "rows"):
@@ -415,6 +415,34 @@ def test_tick_updates_apply_uses_batch_methods_and_skips_empty():
     engine = RecordingEngine()
     assert TickUpdates().apply(engine) == [] and engine.calls == []
     assert TickUpdates().n_updates == 0
+
+
+def test_tick_updates_apply_each_makes_one_call_per_action():
+    engine = RecordingEngine()
+    upd = TickUpdates(k_rows=np.array([0, 2]), k_cols=np.array([1, 1]),
+                      k_deltas=np.array([0.5, -0.5]), v_set_rows=np.array([3, 1]),
+                      v_set_values=np.arange(6.0).reshape(2, 3))
+    upd.apply_each(engine)
+    assert [(c[0], c[1]) for c in engine.calls] == [
+        ("update_k", 0), ("update_k", 2), ("set_v_row", 3), ("set_v_row", 1)]
+    np.testing.assert_array_equal(engine.calls[3][2], [3.0, 4.0, 5.0])
+
+
+@pytest.mark.parametrize("kind", STREAMS)
+def test_apply_and_apply_each_reach_the_same_state(kind):
+    from dynattn.engine import LazyAttention
+
+    Q, K, V = make_qkv("gaussian", 12, 3, seed=0)
+    batched = LazyAttention(Q, K, V, policy=1000)
+    eager = LazyAttention(Q, K, V, policy=1)
+    stream = UpdateStream(kind, 12, 3, updates_per_tick=6, seed=4)
+    for t in range(5):
+        upd = stream.next_tick(t)
+        upd.apply(batched)
+        upd.apply_each(eager)
+    np.testing.assert_allclose(batched.K, eager.K, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(batched.V, eager.V, rtol=0, atol=1e-15)
+    assert eager.n_flushes == eager.n_updates == batched.n_updates
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [

@@ -1,0 +1,518 @@
+"""A tick-by-tick simulation comparing exact attention strategies on one workload.
+
+Every tick, an :class:`~dynattn.workloads.UpdateStream` produces a batch of K/V updates and a
+batch of query positions, and four exact strategies process the same work:
+
+* **lazy**: the :class:`~dynattn.engine.LazyAttention` engine under the configured flush policy;
+* **eager**: a second engine with ``Fixed(1)``, fed one update action per call, so its caches
+  absorb every action before the next arrives;
+* **on-demand**: :class:`~dynattn.strategies.OnDemand`, no caches, every queried row computed
+  from scratch;
+* **recompute**: the whole output recomputed after every update action. Not run: its cost is
+  ``4·n²·d`` flops per action and the measured seconds of one dense recompute
+  (:func:`~dynattn.strategies.dense_recompute_seconds`, timed once per rebuild).
+
+Seconds are wall time (``time.perf_counter``) around each strategy's real code path; flops are
+estimated from the shapes. Both are cumulative and land, with the lazy engine's state and the
+true error of its stale caches, in a fixed-size :class:`Timeline`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import param
+
+from .engine import LazyAttention
+from .policies import CostModel, ErrorBudget, Fixed, OriginalAdaptive
+from .strategies import OnDemand, dense_recompute_seconds
+from .workloads import PRESETS, STREAMS, UpdateStream, WorkloadError, load_npz, make_qkv
+
+__all__ = ["POLICIES", "SCALES", "TIMELINE_COLUMNS", "TIME_COLUMNS", "Simulation",
+           "SimulationConfig", "Timeline", "query_flops"]
+
+POLICIES = ("cost", "fixed", "adaptive", "error")
+SCALES = ("1/sqrt(d)", "1 (unscaled)")
+
+#: Columns of a tick record, in order. Costs are cumulative since the last rebuild.
+TIMELINE_COLUMNS = (
+    "tick", "updates", "pending", "touched_rows", "flushed", "flush_rows", "flush_seconds",
+    "flush_flops", "threshold", "rel_error", "max_abs_error",
+    "lazy_seconds", "eager_seconds", "ondemand_seconds", "recompute_seconds",
+    "lazy_flops", "eager_flops", "ondemand_flops", "recompute_flops",
+    "tick_seconds",
+)
+_INT_COLUMNS = frozenset(("tick", "updates", "pending", "touched_rows", "flushed", "flush_rows"))
+_COST_COLUMNS = TIMELINE_COLUMNS[11:19]
+#: Columns holding measured times: the only ones that differ between two identical runs
+#: (with the ``cost`` policy, flush decisions follow measured times, so more columns do).
+TIME_COLUMNS = ("flush_seconds", *(c for c in _COST_COLUMNS if c.endswith("seconds")),
+                "tick_seconds")
+
+# Parameters whose change rebuilds every strategy, and those applied from the next tick.
+_REBUILD_PARAMS = ("n", "d", "preset", "seed", "scale", "dtype")
+_STREAM_PARAMS = ("stream", "updates_per_tick", "k_share", "delta_scale")
+_POLICY_PARAMS = ("policy", "threshold", "tolerance")
+
+
+class SimulationConfig(param.Parameterized):
+    """Settings of a :class:`Simulation`.
+
+    ``n``, ``d``, ``preset``, ``seed``, ``scale`` and ``dtype`` rebuild the simulation when
+    changed; the rates, the stream kind and the policy settings apply from the next tick.
+    """
+
+    n = param.Integer(256, bounds=(2, 8192), doc="Rows of Q, K and V (sequence length).")
+    d = param.Integer(32, bounds=(1, 256), doc="Columns of Q, K and V (head dimension).")
+    preset = param.Selector(default="gaussian", objects=[*PRESETS, "file"],
+                            doc="Initial Q, K, V (see workloads.make_qkv); 'file' uses the "
+                                "arrays of the last Simulation.load_npz.")
+    stream = param.Selector(default="entries", objects=list(STREAMS),
+                            doc="Kind of update stream (see workloads.UpdateStream).")
+    policy = param.Selector(default="cost", objects=list(POLICIES),
+                            doc="Flush policy of the lazy engine: CostModel, Fixed(threshold), "
+                                "OriginalAdaptive or ErrorBudget(tolerance).")
+    threshold = param.Integer(10, bounds=(1, 2048),
+                              doc="Pending update actions that trigger a flush ('fixed').")
+    tolerance = param.Number(1e-3, bounds=(1e-8, 1.0),
+                             doc="Relative error allowed in the stale caches ('error').")
+    updates_per_tick = param.Integer(16, bounds=(1, 1024),
+                                     doc="Update actions per tick (the mean for 'bursts').")
+    k_share = param.Number(0.5, bounds=(0.0, 1.0),
+                           doc="Probability that an update goes to K rather than V.")
+    queries_per_tick = param.Integer(4, bounds=(0, 1024),
+                                     doc="Exact output entries queried per tick.")
+    delta_scale = param.Number(0.1, bounds=(0.0, 1e6), inclusive_bounds=(False, True),
+                               softbounds=(1e-3, 10.0),
+                               doc="Standard deviation of entry updates.")
+    scale = param.Selector(default=SCALES[0], objects=list(SCALES),
+                           doc="Logit scale: 1/sqrt(d), or 1 as in the original prototype.")
+    dtype = param.Selector(default="float64", objects=["float64", "float32"],
+                           doc="Working precision of every strategy.")
+    seed = param.Integer(0, bounds=(0, None), doc="Seed of the preset and the update stream.")
+    history = param.Integer(10_000, bounds=(1, None),
+                            doc="Ticks kept in the timeline (older ones are dropped).")
+
+
+def query_flops(n: int, d: int, touched: int, rows: int) -> float:
+    """Estimated flops of exact engine queries on ``rows`` distinct output rows.
+
+    Counted like :class:`~dynattn.engine.FlushEvent` flops, which for an incremental flush are
+    this per-row cost times n: with ``touched`` rows pending, a row's correction computes
+    logits against their new and old keys and adds their contributions,
+    ``2·(2·touched)·(d + 2d + 2)``, unless computing the row exactly, ``6·n·d``, is cheaper;
+    dividing by the denominator adds ``d``. (The engine does not report query flops itself;
+    a test keeps this in step with its flush count.)
+    """
+    per_row = min(4.0 * touched * (3 * d + 2), 6.0 * n * d) if touched else 0.0
+    return rows * (per_row + d)
+
+
+class Timeline:
+    """Fixed-size history of tick records (a ring buffer of preallocated columns).
+
+    Parameters
+    ----------
+    capacity : int
+        Records kept; appending to a full timeline drops the oldest.
+
+    Notes
+    -----
+    Memory ``O(capacity · len(columns))`` whatever the number of ticks; :meth:`append` is
+    O(columns). Readers (:meth:`as_dict`, :meth:`tail`) return oldest-first copies.
+    """
+
+    columns = TIMELINE_COLUMNS
+
+    def __init__(self, capacity: int = 10_000):
+        self._data = {}
+        self._capacity = 0
+        self._start = 0
+        self._size = 0
+        self.resize(capacity)
+
+    @property
+    def capacity(self) -> int:
+        """Maximum number of records kept."""
+        return self._capacity
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        return f"Timeline({self._size} of {self._capacity} records)"
+
+    def append(self, record: Mapping) -> None:
+        """Store one record; it must have a value for every column (extra keys are ignored)."""
+        missing = [c for c in self.columns if c not in record]
+        if missing:
+            raise KeyError(f"record lacks column(s) {', '.join(missing)}")
+        slot = (self._start + self._size) % self._capacity
+        for c in self.columns:
+            self._data[c][slot] = record[c]
+        if self._size < self._capacity:
+            self._size += 1
+        else:
+            self._start = (self._start + 1) % self._capacity
+
+    def _order(self, k: int) -> np.ndarray:
+        """Slots of the last ``k`` records, oldest first."""
+        return (self._start + self._size - k + np.arange(k)) % self._capacity
+
+    def tail(self, k: int) -> dict[str, np.ndarray]:
+        """The last ``min(k, len(self))`` records as ``{column: array}``, oldest first."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k={k!r} must be an integer >= 0")
+        idx = self._order(min(k, self._size))
+        return {c: self._data[c][idx] for c in self.columns}
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """All stored records as ``{column: array}`` (int64 or float64), oldest first."""
+        return self.tail(self._size)
+
+    def resize(self, capacity: int) -> None:
+        """Change the capacity, keeping the most recent records that fit."""
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity={capacity!r} must be an integer >= 1")
+        kept = self.tail(min(self._size, capacity)) if self._data else {}
+        self._data = {c: np.zeros(capacity, dtype=np.int64 if c in _INT_COLUMNS else np.float64)
+                      for c in self.columns}
+        self._size = len(kept[self.columns[0]]) if kept else 0
+        for c, values in kept.items():
+            self._data[c][:self._size] = values
+        self._capacity = capacity
+        self._start = 0
+
+    def to_csv(self, path_or_buf) -> None:
+        """Write a header and one line per record, oldest first.
+
+        Floats are written as Python's shortest round-trip representation, so
+        :meth:`read_csv` gives back the identical values. ``path_or_buf`` is a path or a text
+        file object.
+        """
+        data = self.as_dict()
+        rows = zip(*(data[c].tolist() for c in self.columns), strict=True)
+        if isinstance(path_or_buf, (str, os.PathLike)):
+            with open(path_or_buf, "w", newline="") as f:
+                _write_csv(f, self.columns, rows)
+        else:
+            _write_csv(path_or_buf, self.columns, rows)
+
+    @staticmethod
+    def read_csv(path_or_buf) -> dict[str, np.ndarray]:
+        """Read a file written by :meth:`to_csv` back into ``{column: array}``.
+
+        Known integer columns come back as int64, every other column as float64.
+        """
+        if isinstance(path_or_buf, (str, os.PathLike)):
+            with open(path_or_buf, newline="") as f:
+                return _read_csv(f, os.fspath(path_or_buf))
+        return _read_csv(path_or_buf, str(getattr(path_or_buf, "name", "<buffer>")))
+
+    def to_dataframe(self):
+        """The records as a ``pandas.DataFrame`` (needs pandas), oldest first."""
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError("Timeline.to_dataframe needs pandas; install it with "
+                              "`pip install pandas`, or use Timeline.as_dict()") from exc
+        return pd.DataFrame(self.as_dict(), columns=list(self.columns))
+
+
+def _write_csv(f, columns, rows) -> None:
+    writer = csv.writer(f, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+
+
+def _read_csv(f, name: str) -> dict[str, np.ndarray]:
+    reader = csv.reader(f)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise ValueError(f"{name}: empty file, expected a header line") from None
+    lines = list(reader)
+    bad = next((k for k, line in enumerate(lines) if len(line) != len(header)), None)
+    if bad is not None:
+        raise ValueError(f"{name}: line {bad + 2} has {len(lines[bad])} fields; "
+                         f"the header has {len(header)}")
+    columns = list(zip(*lines, strict=True)) if lines else [()] * len(header)
+    out = {}
+    for c, values in zip(header, columns, strict=True):
+        dtype = np.int64 if c in _INT_COLUMNS else np.float64
+        try:
+            out[c] = np.array(values, dtype=dtype)
+        except ValueError as exc:
+            raise ValueError(f"{name}: column {c!r} is not {np.dtype(dtype)} ({exc})") from None
+    return out
+
+
+_NO_ANSWERS = np.zeros(0)
+
+
+class Simulation:
+    """Drive the lazy engine and the baseline strategies with one reproducible workload.
+
+    Parameters
+    ----------
+    config : SimulationConfig, optional
+        Shared settings (watched: a dashboard may change them while the simulation runs).
+    **params
+        Overrides applied to ``config`` (or to a fresh one), e.g. ``n=512, policy="fixed"``.
+
+    Attributes
+    ----------
+    config : SimulationConfig
+    engine : LazyAttention
+        The lazy strategy under the configured policy.
+    eager : LazyAttention
+        The eager twin (``Fixed(1)``, one call per update action).
+    ondemand : OnDemand
+    tick : int
+        Ticks simulated since the last rebuild.
+    timeline : Timeline
+    last_answers : dict or None
+        The last tick's query positions (``rows``, ``cols``) and each strategy's exact answers
+        (``lazy``, ``eager``, ``ondemand``), all (queries_per_tick,) arrays.
+
+    Notes
+    -----
+    Changing ``n``, ``d``, ``preset``, ``seed``, ``scale`` or ``dtype`` rebuilds everything:
+    fresh strategies, stream and timeline, with the cost of a dense recompute timed again.
+    A rebuild costs two O(n²·d) engine constructions. If it fails, the exception propagates
+    and the simulation, including the changed parameters, stays as it was.
+
+    With the same configuration and seed, two simulations produce the same timeline except the
+    time columns (:data:`TIME_COLUMNS`) -- as long as the policy is not ``cost``, whose flush
+    decisions follow measured times.
+
+    Examples
+    --------
+    >>> sim = Simulation(n=64, d=8, policy="fixed", threshold=8, queries_per_tick=2)
+    >>> record = sim.step()
+    >>> record["tick"], record["updates"], len(sim.timeline)
+    (0, 16, 1)
+    >>> sim.run(3)["tick"]
+    3
+    """
+
+    def __init__(self, config: SimulationConfig | None = None, **params):
+        self.config = SimulationConfig() if config is None else config
+        self.config.param.update(**params)
+        self._file_qkv = None
+        self._muted = False
+        self._build(None)
+        watch = self.config.param.watch
+        watch(self._on_rebuild_param, list(_REBUILD_PARAMS))
+        watch(self._on_stream_param, list(_STREAM_PARAMS))
+        watch(self._on_policy_param, list(_POLICY_PARAMS))
+        watch(self._on_history_param, ["history"])
+
+    # ------------------------------------------------------------------ building
+    def _build(self, file_qkv) -> None:
+        """Create every strategy from the config, then swap them in (all or nothing)."""
+        cfg = self.config
+        if cfg.preset == "file":
+            if file_qkv is None:
+                raise ValueError("preset='file' needs arrays: call Simulation.load_npz first")
+            if file_qkv[0].shape != (cfg.n, cfg.d):
+                raise ValueError(f"preset 'file' fixes n and d to the file's shape "
+                                 f"{file_qkv[0].shape}; got n={cfg.n}, d={cfg.d} (choose a "
+                                 "generated preset to change them)")
+            qkv = file_qkv
+        else:
+            qkv = make_qkv(cfg.preset, cfg.n, cfg.d, seed=cfg.seed, dtype=cfg.dtype)
+        scale = 1.0 if cfg.scale == SCALES[1] else None
+        engine = LazyAttention(*qkv, scale=scale, dtype=cfg.dtype, policy=self._make_policy())
+        eager = LazyAttention(*qkv, scale=scale, dtype=cfg.dtype, policy=Fixed(1))
+        ondemand = OnDemand(*qkv, scale=scale, dtype=cfg.dtype)
+        recompute = dense_recompute_seconds(engine.Q, engine.K, engine.V, scale=engine.scale,
+                                            dtype=engine.dtype)
+        stream = self._make_stream()
+        timeline = Timeline(cfg.history)
+        # nothing above touched self: commit
+        self.engine, self.eager, self.ondemand, self._stream = engine, eager, ondemand, stream
+        self.timeline = timeline
+        self._recompute_seconds = recompute
+        self._totals = dict.fromkeys(_COST_COLUMNS, 0.0)
+        self._unrecorded = []
+        self.tick = 0
+        self.last_answers = None
+
+    def _make_policy(self):
+        cfg = self.config
+        if cfg.policy == "fixed":
+            return Fixed(cfg.threshold)
+        if cfg.policy == "adaptive":
+            return OriginalAdaptive()
+        if cfg.policy == "error":
+            return ErrorBudget(cfg.tolerance, seed=cfg.seed)
+        return CostModel()
+
+    def _make_stream(self) -> UpdateStream:
+        cfg = self.config
+        return UpdateStream(cfg.stream, cfg.n, cfg.d, updates_per_tick=cfg.updates_per_tick,
+                            k_share=cfg.k_share, delta_scale=cfg.delta_scale, seed=cfg.seed)
+
+    def _set_quietly(self, values: dict) -> None:
+        """Set config values without triggering this simulation's own watchers (other
+        watchers, e.g. a dashboard's widgets, still see the change)."""
+        self._muted = True
+        try:
+            self.config.param.update(**values)
+        finally:
+            self._muted = False
+
+    def _rebuild_or_revert(self, old: dict, file_qkv) -> None:
+        try:
+            self._build(file_qkv)
+        except BaseException:
+            self._set_quietly(old)
+            raise
+
+    def _on_rebuild_param(self, *events) -> None:
+        if not self._muted:
+            self._rebuild_or_revert({e.name: e.old for e in events}, self._file_qkv)
+
+    def _on_stream_param(self, *events) -> None:
+        if not self._muted:
+            self._stream = self._make_stream()
+
+    def _on_policy_param(self, *events) -> None:
+        changed = {e.name for e in events}
+        active = self.config.policy
+        if self._muted or not ("policy" in changed or (active == "fixed" and "threshold" in changed)
+                               or (active == "error" and "tolerance" in changed)):
+            return
+        self.engine.policy = self._make_policy()
+
+    def _on_history_param(self, *events) -> None:
+        if not self._muted:
+            self.timeline.resize(self.config.history)
+
+    def reset(self) -> None:
+        """Start again from tick 0 with fresh strategies and an empty timeline."""
+        self._build(self._file_qkv)
+
+    def load_npz(self, path_or_bytes) -> None:
+        """Rebuild on a user's ``.npz`` file with arrays Q, K, V (see ``workloads.load_npz``).
+
+        Sets ``preset='file'`` and ``n``, ``d`` to the file's shape. On any failure it raises
+        (:class:`~dynattn.workloads.WorkloadError` for a bad file) and keeps the previous
+        state and settings.
+        """
+        qkv = load_npz(path_or_bytes, dtype=self.config.dtype)
+        shape = dict(zip(("n", "d"), qkv[0].shape, strict=True))
+        for name, value in shape.items():
+            low, high = self.config.param[name].bounds
+            if not low <= value <= high:
+                raise WorkloadError(f"the file's Q, K, V have {name}={value}; the simulation "
+                                    f"needs {low} <= {name} <= {high}")
+        old = {k: getattr(self.config, k) for k in ("preset", "n", "d")}
+        self._set_quietly({"preset": "file", **shape})
+        self._rebuild_or_revert(old, qkv)
+        self._file_qkv = qkv
+
+    # ------------------------------------------------------------------ running
+    @property
+    def qkv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Current ``(Q, K, V)`` of the lazy engine (read-only views, each (n, d))."""
+        return self.engine.Q, self.engine.K, self.engine.V
+
+    def flush_now(self):
+        """Flush the lazy engine now; its cost counts as lazy work and the flush appears in the
+        next tick's record. Returns the ``FlushEvent`` (None if nothing was pending)."""
+        event = self.engine.flush()
+        if event is not None:
+            self._totals["lazy_seconds"] += event.seconds
+            self._unrecorded.append(event)
+        return event
+
+    def step(self) -> dict:
+        """Simulate one tick and return its record (also appended to the timeline).
+
+        Cost: the strategies' work (lazy: the updates, its flushes and O(q·|S|·d) queries;
+        eager: one O(n·d) flush per update action; on-demand: O(q·n·d) queries), plus the
+        lazy engine's exact error, O(n·|S|·d), and a dense-recompute estimate in O(1).
+        """
+        t_start = time.perf_counter()
+        cfg, engine = self.config, self.engine
+        n, d = engine.n, engine.d
+        updates = self._stream.next_tick(self.tick)
+        rows, cols = self._stream.queries(self.tick, cfg.queries_per_tick)
+        distinct = int(np.unique(rows).size)
+
+        t0 = time.perf_counter()
+        events = updates.apply(engine)
+        touched = engine.touched_rows
+        lazy = _answer(engine, rows, cols)
+        t1 = time.perf_counter()
+        eager_events = updates.apply_each(self.eager)
+        eager_touched = self.eager.touched_rows
+        eager = _answer(self.eager, rows, cols)
+        t2 = time.perf_counter()
+        updates.apply(self.ondemand)
+        ondemand = _answer(self.ondemand, rows, cols)
+        t3 = time.perf_counter()
+
+        events = self._unrecorded + events
+        self._unrecorded = []
+        totals = self._totals
+        totals["lazy_seconds"] += t1 - t0
+        totals["eager_seconds"] += t2 - t1
+        totals["ondemand_seconds"] += t3 - t2
+        totals["recompute_seconds"] += updates.n_updates * self._recompute_seconds
+        totals["lazy_flops"] += (sum(e.flops for e in events)
+                                 + query_flops(n, d, touched, distinct))
+        totals["eager_flops"] += (sum(e.flops for e in eager_events)
+                                  + query_flops(n, d, eager_touched, distinct))
+        totals["ondemand_flops"] += 4.0 * n * d * distinct
+        totals["recompute_flops"] += 4.0 * n * n * d * updates.n_updates
+
+        error = engine.approximation_error()
+        record = {
+            "tick": self.tick, "updates": updates.n_updates, "pending": engine.pending,
+            "touched_rows": engine.touched_rows, "flushed": int(bool(events)),
+            "flush_rows": sum(e.rows for e in events),
+            "flush_seconds": sum(e.seconds for e in events),
+            "flush_flops": sum(e.flops for e in events),
+            "threshold": engine.threshold, "rel_error": error.relative,
+            "max_abs_error": error.max_abs, **totals,
+        }
+        record["tick_seconds"] = time.perf_counter() - t_start
+        self.timeline.append(record)
+        self.last_answers = {"rows": rows, "cols": cols, "lazy": lazy, "eager": eager,
+                             "ondemand": ondemand}
+        self.tick += 1
+        return record
+
+    def run(self, ticks: int, progress: bool = False) -> dict | None:
+        """Simulate ``ticks`` ticks; returns the last record (None for 0 ticks).
+
+        ``progress=True`` shows a tqdm progress bar on stderr.
+        """
+        if isinstance(ticks, bool) or not isinstance(ticks, int) or ticks < 0:
+            raise ValueError(f"ticks={ticks!r} must be an integer >= 0")
+        steps = range(ticks)
+        if progress:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc="simulate", unit="tick")
+        record = None
+        for _ in steps:
+            record = self.step()
+        return record
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        return (f"Simulation(n={cfg.n}, d={cfg.d}, preset={cfg.preset!r}, "
+                f"stream={cfg.stream!r}, policy={cfg.policy!r}, tick={self.tick})")
+
+
+def _answer(strategy, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Exact answers of ``strategy`` at the query positions (none asked: an empty array)."""
+    return strategy.query_many(rows, cols) if rows.size else _NO_ANSWERS
