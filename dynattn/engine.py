@@ -353,6 +353,8 @@ class LazyAttention:
                 slot[r] = k
             self._rows.extend(new)
             self._pack = None
+        elif touched is self._tk and self._pack is not None and not self._tk.issuperset(rows):
+            self._pack = None  # a value-only row now has a new key: it changes role
         touched.update(rows.tolist())
 
     def _after_update(self, rows, count: int) -> FlushEvent | None:
@@ -378,37 +380,63 @@ class LazyAttention:
     def _get_pack(self):
         """Touched rows packed for one product: logits ``Q[I] @ Kp.T``, contributions ``@ B``.
 
-        ``Kp`` (2|S|, d) stacks new then old keys, pre-multiplied by the scale. ``B``
-        (2|S|, 2d+2) holds, for new rows, ``[v, 1, −g, −g|v|]`` and, for old rows,
-        ``[−v, −1, 1+g, (1+g)|v|]`` (g the growth bound), so one product adds new
-        contributions, removes old ones and moves the guards.
+        Returns ``(nk, Kp, B, pos)``. ``Kp`` (P, d) holds, pre-multiplied by the scale, the
+        new keys of the nk rows whose key changed, then their old keys, then the keys of rows
+        whose value alone changed (their logits did not move, so one column serves both
+        states). ``B`` (P, 2d+2) holds the matching contributions to ``[N | s | guards]``:
+        new ``[v, 1, −g, −g|v|]``, old ``[−v, −1, 1+g, (1+g)|v|]``, value-only
+        ``[v − v_old, 0, 0, (1+g)|v_old| − g|v|]`` (g the growth bound), so one product adds
+        new contributions, removes old ones and moves the guards. ``pos`` maps a row to its
+        first position.
         """
         if self._pack is None:
-            S, d = len(self._rows), self._d
+            S = len(self._rows)
             rows = np.array(self._rows, dtype=np.int64)
-            Kp = np.concatenate([self._K[rows], self._old_k[:S]])
+            keyed = np.fromiter((r in self._tk for r in self._rows), dtype=bool, count=S)
+            slots = np.arange(S)
+            kr, vr, ks, vs = rows[keyed], rows[~keyed], slots[keyed], slots[~keyed]
+            nk = len(kr)
+            Kp = np.concatenate([self._K[kr], self._old_k[ks], self._K[vr]])
             Kp *= self._dtype.type(self._scale)
-            g = self._growth
-            B = np.empty((2 * S, 2 * d + 2), dtype=self._dtype)
-            new_v, old_v = self._V[rows], self._old_v[:S]
-            B[:S, :d] = new_v
-            B[:S, d:d + 2] = (1, -g)
-            np.multiply(np.abs(new_v), -g, out=B[:S, d + 2:])
-            np.negative(old_v, out=B[S:, :d])
-            B[S:, d:d + 2] = (-1, 1 + g)
-            np.multiply(np.abs(old_v), 1 + g, out=B[S:, d + 2:])
-            self._pack = (rows, Kp, B)
+            B = np.empty((len(Kp), 2 * self._d + 2), dtype=self._dtype)
+            self._fill_new(B[:nk], self._V[kr])
+            self._fill_old(B[nk:2 * nk], self._old_v[ks])
+            self._fill_changed(B[2 * nk:], self._V[vr], self._old_v[vs])
+            pos = dict(zip(kr.tolist(), range(nk), strict=True))
+            pos.update(zip(vr.tolist(), range(2 * nk, len(Kp)), strict=True))
+            self._pack = (nk, Kp, B, pos)
         return self._pack
 
+    def _fill_new(self, out: np.ndarray, v: np.ndarray) -> None:
+        d, g = self._d, self._growth
+        out[:, :d] = v
+        out[:, d:d + 2] = (1, -g)
+        np.multiply(np.abs(v), -g, out=out[:, d + 2:])
+
+    def _fill_old(self, out: np.ndarray, v: np.ndarray) -> None:
+        d, g = self._d, self._growth
+        np.negative(v, out=out[:, :d])
+        out[:, d:d + 2] = (-1, 1 + g)
+        np.multiply(np.abs(v), 1 + g, out=out[:, d + 2:])
+
+    def _fill_changed(self, out: np.ndarray, v: np.ndarray, v_old: np.ndarray) -> None:
+        d, g = self._d, self._growth
+        np.subtract(v, v_old, out=out[:, :d])
+        out[:, d:d + 2] = 0  # the key did not move: s is untouched, nothing cancels in it
+        np.multiply(np.abs(v_old), 1 + g, out=out[:, d + 2:])
+        out[:, d + 2:] -= g * np.abs(v)
+
     def _refresh_pack(self, rows) -> None:
-        """Patch the new-row half of the pack for rows already queued (no reallocation)."""
-        d = self._d
-        _, Kp, B = self._pack
+        """Patch the pack for rows it already holds in the same role (no reallocation)."""
+        nk, Kp, B, pos = self._pack
         for r in set(rows):
-            k = self._slot[r]
-            np.multiply(self._K[r], self._scale, out=Kp[k])
-            B[k, :d] = self._V[r]
-            np.multiply(np.abs(self._V[r]), -self._growth, out=B[k, d + 2:])
+            p = pos[r]
+            if p < nk:
+                np.multiply(self._K[r], self._scale, out=Kp[p])
+                self._fill_new(B[p:p + 1], self._V[r:r + 1])
+            else:
+                k = self._slot[r]
+                self._fill_changed(B[p:p + 1], self._V[r:r + 1], self._old_v[k:k + 1])
 
     def _incremental_cheaper(self, S: int) -> bool:
         return S <= self.max_correction_rows
@@ -447,12 +475,10 @@ class LazyAttention:
         the rows that lost precision (see :meth:`_lost_precision`). With ``workspace`` the
         temporaries live in reused buffers (the flush's hot loop).
         """
-        S = len(self._rows)
-        _, Kp, B = self._get_pack()
-        b = len(m)
-        L = self._buffer("logits", (b, 2 * S)) if workspace else None
+        nk, Kp, B, _ = self._get_pack()
+        L = self._buffer("logits", (len(m), len(Kp))) if workspace else None
         L = np.matmul(self._Q[rows], Kp.T, out=L)
-        m_new = np.maximum(m, L[:, :S].max(axis=1))
+        m_new = np.maximum(m, L[:, :nk].max(axis=1)) if nk else m.copy()
         L -= m_new[:, None]
         np.exp(L, out=L)
         C *= np.exp(m - m_new)[:, None]
@@ -545,7 +571,7 @@ class LazyAttention:
                     rows = np.arange(blk.start, blk.stop)[bad]
                     self._m[rows], self._C[rows] = self._exact(rows)
                     repaired += len(rows)
-            flops = 2.0 * n * 2 * S * (3 * d + 2) + 6.0 * repaired * n * d
+            flops = 2.0 * n * len(self._get_pack()[1]) * (3 * d + 2) + 6.0 * repaired * n * d
             kind = "incremental"
         else:
             self._store_exact()
@@ -596,10 +622,10 @@ class LazyAttention:
             return self._C[i]
         t0 = time.perf_counter()
         if self._incremental_cheaper(S):
-            _, Kp, B = self._get_pack()
+            nk, Kp, B, _ = self._get_pack()
             L = Kp @ self._Q[i]
             m_old = self._m[i]
-            m = max(m_old, L[:S].max())
+            m = max(m_old, L[:nk].max()) if nk else m_old
             L -= m
             np.exp(L, out=L)
             row = L @ B

@@ -405,3 +405,18 @@ def test_bad_input_names_argument_and_changes_nothing(call, exc, match):
 def test_bad_construction(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         LazyAttention(*args, **kwargs)
+
+
+def test_row_changing_role_between_queries():
+    # a value-only row (one logit column) later gets a new key (two columns): the packed
+    # corrections must follow, including when queries built the pack in between
+    eng = make(n=10, d=3, policy=10**6)
+    orc = Oracle(eng)
+    for kind, i, j, delta in [("v", 4, 1, 0.7), ("k", 4, 0, 1.3), ("v", 4, 2, -0.4),
+                              ("k", 6, 1, 0.5), ("v", 6, 0, 2.0), ("k", 4, 2, -0.9)]:
+        (eng.update_k if kind == "k" else eng.update_v)(i, j, delta)
+        (orc.K if kind == "k" else orc.V)[i, j] += delta
+        exact, nat = orc.output(), orc.natural_scale()
+        assert_close_natural(eng.query_row(i), exact[i], nat[i], 1e-12, f"{kind} {i}")
+        assert_close_natural(eng.query_many([0, 9], [j, j]), exact[[0, 9], j],
+                             nat[[0, 9], j], 1e-12, "many")
