@@ -98,17 +98,24 @@ class SimulationConfig(param.Parameterized):
                             doc="Ticks kept in the timeline (older ones are dropped).")
 
 
-def query_flops(n: int, d: int, touched: int, rows: int) -> float:
-    """Estimated flops of exact engine queries on ``rows`` distinct output rows.
+def query_flops(engine: LazyAttention, rows: int) -> float:
+    """Estimated flops of exact queries on ``rows`` distinct output rows of ``engine`` now.
 
-    Counted like :class:`~dynattn.engine.FlushEvent` flops, which for an incremental flush are
-    this per-row cost times n: with ``touched`` rows pending, a row's correction computes
-    logits against their new and old keys and adds their contributions,
-    ``2·(2·touched)·(d + 2d + 2)``, unless computing the row exactly, ``6·n·d``, is cheaper;
-    dividing by the denominator adds ``d``. (The engine does not report query flops itself;
-    a test keeps this in step with its flush count.)
+    Counted like the engine's :class:`~dynattn.engine.FlushEvent` flops, which for an
+    incremental flush are this per-row cost times n. Each pending row whose key moved brings
+    two columns (new and old key), a row whose value alone changed one; a row's correction
+    computes the logits of those columns and adds their contributions, ``2·c·(3d + 2)`` flops
+    for c columns, unless more than ``engine.max_correction_rows`` rows are pending and the
+    row is computed afresh, ``6·n·d``. Dividing by the denominator adds ``d``. Reads only
+    public state; a test keeps it in step with the engine's flush count.
     """
-    per_row = min(4.0 * touched * (3 * d + 2), 6.0 * n * d) if touched else 0.0
+    n, d, touched = engine.n, engine.d, engine.touched_rows
+    if touched == 0:
+        per_row = 0.0
+    elif touched <= engine.max_correction_rows:
+        per_row = 2.0 * (touched + len(engine.touched_k)) * (3 * d + 2)
+    else:
+        per_row = 6.0 * n * d
     return rows * (per_row + d)
 
 
@@ -446,30 +453,29 @@ class Simulation:
         rows, cols = self._stream.queries(self.tick, cfg.queries_per_tick)
         distinct = int(np.unique(rows).size)
 
-        t0 = time.perf_counter()
-        events = updates.apply(engine)
-        touched = engine.touched_rows
-        lazy = _answer(engine, rows, cols)
-        t1 = time.perf_counter()
-        eager_events = updates.apply_each(self.eager)
-        eager_touched = self.eager.touched_rows
-        eager = _answer(self.eager, rows, cols)
-        t2 = time.perf_counter()
-        updates.apply(self.ondemand)
-        ondemand = _answer(self.ondemand, rows, cols)
-        t3 = time.perf_counter()
+        # Each strategy is timed around its own calls only; the flop estimates between them
+        # read the state after the updates and before the queries.
+        events, apply_seconds = _timed(updates.apply, engine)
+        lazy_query_flops = query_flops(engine, distinct)
+        lazy, query_seconds = _timed(_answer, engine, rows, cols)
+        lazy_seconds = apply_seconds + query_seconds
+        eager_events, apply_seconds = _timed(updates.apply_each, self.eager)
+        eager_query_flops = query_flops(self.eager, distinct)
+        eager, query_seconds = _timed(_answer, self.eager, rows, cols)
+        eager_seconds = apply_seconds + query_seconds
+        _, apply_seconds = _timed(updates.apply, self.ondemand)
+        ondemand, query_seconds = _timed(_answer, self.ondemand, rows, cols)
+        ondemand_seconds = apply_seconds + query_seconds
 
         events = self._unrecorded + events
         self._unrecorded = []
         totals = self._totals
-        totals["lazy_seconds"] += t1 - t0
-        totals["eager_seconds"] += t2 - t1
-        totals["ondemand_seconds"] += t3 - t2
+        totals["lazy_seconds"] += lazy_seconds
+        totals["eager_seconds"] += eager_seconds
+        totals["ondemand_seconds"] += ondemand_seconds
         totals["recompute_seconds"] += updates.n_updates * self._recompute_seconds
-        totals["lazy_flops"] += (sum(e.flops for e in events)
-                                 + query_flops(n, d, touched, distinct))
-        totals["eager_flops"] += (sum(e.flops for e in eager_events)
-                                  + query_flops(n, d, eager_touched, distinct))
+        totals["lazy_flops"] += sum(e.flops for e in events) + lazy_query_flops
+        totals["eager_flops"] += sum(e.flops for e in eager_events) + eager_query_flops
         totals["ondemand_flops"] += 4.0 * n * d * distinct
         totals["recompute_flops"] += 4.0 * n * n * d * updates.n_updates
 
@@ -511,6 +517,13 @@ class Simulation:
         cfg = self.config
         return (f"Simulation(n={cfg.n}, d={cfg.d}, preset={cfg.preset!r}, "
                 f"stream={cfg.stream!r}, policy={cfg.policy!r}, tick={self.tick})")
+
+
+def _timed(func, *args):
+    """``(func(*args), wall seconds it took)``."""
+    t0 = time.perf_counter()
+    result = func(*args)
+    return result, time.perf_counter() - t0
 
 
 def _answer(strategy, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

@@ -149,18 +149,21 @@ def test_step_record_and_cumulative_costs():
     assert data["ondemand_flops"][-1] <= 4.0 * n * d * 3 * 12
 
 
-def test_query_flops_matches_the_engines_flush_count():
+@pytest.mark.parametrize("k_share", [0.0, 0.5, 1.0])
+def test_query_flops_matches_the_engines_flush_count(k_share):
     n, d = 64, 5
-    assert query_flops(n, d, 0, 7) == 7 * d  # nothing pending: cached rows
-    sim = Simulation(n=n, d=d, policy="fixed", threshold=1000, updates_per_tick=3)
-    for touched in (1, 4, 40):  # 40 rows: an exact recompute is cheaper
-        while sim.engine.touched_rows < touched:
+    sim = Simulation(n=n, d=d, policy="fixed", threshold=1000, updates_per_tick=3,
+                     k_share=k_share)
+    assert query_flops(sim.engine, 7) == 7 * d  # nothing pending: cached rows
+    limit = sim.engine.max_correction_rows
+    for target in (1, 4, limit + 1):  # beyond the limit rows are computed afresh
+        while sim.engine.touched_rows < target:
             sim.step()
-        touched = sim.engine.touched_rows
+        estimate = query_flops(sim.engine, n)
         event = sim.flush_now()
         assert event.repaired == 0
         # a flush does the work of a query on every row, without the final division
-        assert query_flops(n, d, touched, n) - n * d == event.flops
+        assert estimate - n * d == event.flops
 
 
 @pytest.mark.parametrize("stream", STREAMS)
