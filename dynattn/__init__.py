@@ -10,6 +10,9 @@ from .compat import EnhancedDynamicAttention, adaptive_threshold
 from .engine import ErrorReport, FlushEvent, LazyAttention
 from .policies import CostModel, ErrorBudget, Fixed, OriginalAdaptive, as_policy
 from .reference import dense_attention, dense_weights
+from .simulation import Simulation, SimulationConfig, Timeline
+from .strategies import OnDemand
+from .workloads import PRESETS, STREAMS, UpdateStream, WorkloadError, load_npz, make_qkv
 
 __version__ = "0.1.0"
 
@@ -21,9 +24,19 @@ __all__ = [
     "Fixed",
     "FlushEvent",
     "LazyAttention",
+    "OnDemand",
     "OriginalAdaptive",
+    "PRESETS",
+    "STREAMS",
+    "Simulation",
+    "SimulationConfig",
+    "Timeline",
+    "UpdateStream",
+    "WorkloadError",
     "adaptive_threshold",
     "as_policy",
     "dense_attention",
     "dense_weights",
+    "load_npz",
+    "make_qkv",
 ]

@@ -151,15 +151,21 @@ class LazyAttention:
         scale = V_.check_scalar("scale", scale, dt)
         if scale == 0:
             raise ValueError("scale=0 makes every row uniform; use a nonzero scale")
-        self._policy = as_policy(policy)
+        self._adopt(Qa, Ka, Va, scale, as_policy(policy))
+        self._store_exact()
+
+    def _adopt(self, Q, K, V, scale: float, policy) -> None:
+        """Take owned, validated arrays; caches allocated, queue empty, counters zero."""
+        n, d = Q.shape
+        dt = Q.dtype
+        self._policy = policy
         self._dtype = dt
         self._n, self._d = n, d
         self._scale = scale
         self._growth = _GROWTH[dt]
-        self._Q = Qa
-        self._K, self._V = Ka, Va
+        self._Q, self._K, self._V = Q, K, V
         self._views = {}
-        for name, arr in (("Q", Qa), ("K", Ka), ("V", Va)):
+        for name, arr in (("Q", Q), ("K", K), ("V", V)):
             view = arr.view()
             view.flags.writeable = False  # users read K and V; only update methods write them
             self._views[name] = view
@@ -174,7 +180,21 @@ class LazyAttention:
         self.flush_log: deque[FlushEvent] = deque(maxlen=1000)
         # (touched rows, entries answered, seconds) of recent exact queries, for cost models
         self.query_log: deque[tuple[int, int, float]] = deque(maxlen=256)
-        self._store_exact()
+
+    def copy(self, policy=None) -> LazyAttention:
+        """An independent engine in the same state (arrays, caches, pending queue, counters),
+        with its own ``policy`` (None: CostModel) and empty logs. O(n·d), no rebuild."""
+        new = object.__new__(type(self))
+        new._adopt(self._Q.copy(), self._K.copy(), self._V.copy(), self._scale,
+                   as_policy(policy))
+        new._C[...] = self._C
+        new._m[...] = self._m
+        new._pending, new._n_updates = self._pending, self._n_updates
+        new._n_queries, new._n_flushes = self._n_queries, self._n_flushes
+        new._slot, new._rows = dict(self._slot), list(self._rows)
+        new._tk, new._tv = set(self._tk), set(self._tv)
+        new._old_k, new._old_v = self._old_k.copy(), self._old_v.copy()
+        return new
 
     # ------------------------------------------------------------------ properties
     n = property(lambda self: self._n, doc="Number of rows (queries, keys, values).")
@@ -441,6 +461,19 @@ class LazyAttention:
     def _incremental_cheaper(self, S: int) -> bool:
         return S <= self.max_correction_rows
 
+    def correction_flops(self) -> float:
+        """Flops to bring one cache row up to date now (logits and contributions of the
+        packed touched rows, or a fresh row past :attr:`max_correction_rows`)."""
+        if not self._rows:
+            return 0.0
+        if not self._incremental_cheaper(len(self._rows)):
+            return 6.0 * self._n * self._d
+        return 2.0 * len(self._get_pack()[1]) * (3 * self._d + 2)
+
+    def query_flops(self, rows: int = 1) -> float:
+        """Estimated flops of exact queries on ``rows`` distinct output rows now."""
+        return rows * (self.correction_flops() + self._d)
+
     @property
     def max_correction_rows(self) -> int:
         """Touched rows beyond which queries and flushes recompute instead of correcting.
@@ -571,7 +604,7 @@ class LazyAttention:
                     rows = np.arange(blk.start, blk.stop)[bad]
                     self._m[rows], self._C[rows] = self._exact(rows)
                     repaired += len(rows)
-            flops = 2.0 * n * len(self._get_pack()[1]) * (3 * d + 2) + 6.0 * repaired * n * d
+            flops = n * self.correction_flops() + 6.0 * repaired * n * d
             kind = "incremental"
         else:
             self._store_exact()

@@ -420,3 +420,17 @@ def test_row_changing_role_between_queries():
         assert_close_natural(eng.query_row(i), exact[i], nat[i], 1e-12, f"{kind} {i}")
         assert_close_natural(eng.query_many([0, 9], [j, j]), exact[[0, 9], j],
                              nat[[0, 9], j], 1e-12, "many")
+
+
+def test_copy_is_independent_and_equal():
+    eng = make(n=20, d=3, policy=10**6)
+    eng.update_k(3, 1, 0.5)
+    eng.update_v(8, 2, -1.0)
+    twin = eng.copy(policy=Fixed(1))
+    assert isinstance(twin.policy, Fixed) and twin.pending == 2 and twin.touched_k == {3}
+    np.testing.assert_array_equal(twin.output(), eng.output())
+    np.testing.assert_array_equal(twin.output(stale=True), eng.output(stale=True))
+    twin.update_k(0, 0, 1.0)  # flushes the twin only
+    assert twin.pending == 0 and eng.pending == 2 and eng.K[0, 0] != twin.K[0, 0]
+    orc = Oracle(eng)
+    assert_close_natural(eng.output(), orc.output(), orc.natural_scale(), 1e-12, "original")

@@ -14,7 +14,6 @@ from dynattn.simulation import (
     Simulation,
     SimulationConfig,
     Timeline,
-    query_flops,
 )
 from dynattn.workloads import PRESETS, STREAMS, WorkloadError, make_qkv
 
@@ -154,12 +153,12 @@ def test_query_flops_matches_the_engines_flush_count(k_share):
     n, d = 64, 5
     sim = Simulation(n=n, d=d, policy="fixed", threshold=1000, updates_per_tick=3,
                      k_share=k_share)
-    assert query_flops(sim.engine, 7) == 7 * d  # nothing pending: cached rows
+    assert sim.engine.query_flops(7) == 7 * d  # nothing pending: cached rows
     limit = sim.engine.max_correction_rows
     for target in (1, 4, limit + 1):  # beyond the limit rows are computed afresh
         while sim.engine.touched_rows < target:
             sim.step()
-        estimate = query_flops(sim.engine, n)
+        estimate = sim.engine.query_flops(n)
         event = sim.flush_now()
         assert event.repaired == 0
         # a flush does the work of a query on every row, without the final division
