@@ -506,17 +506,21 @@ class LazyAttention:
         ``C ← e^(m − m')·C + exp(Q[rows] Kpᵀ − m') B`` with ``m'`` the rescaled stabiliser:
         new contributions in, old ones out, guards moved, all in two matrix products. Returns
         the rows that lost precision (see :meth:`_lost_precision`). With ``workspace`` the
-        temporaries live in reused buffers (the flush's hot loop).
+        temporaries live in reused buffers (the flush's hot loop). ``m`` and ``C`` must be
+        writable arrays (copies, or views of the caches when flushing).
         """
         nk, Kp, B, _ = self._get_pack()
         L = self._buffer("logits", (len(m), len(Kp))) if workspace else None
         L = np.matmul(self._Q[rows], Kp.T, out=L)
-        m_new = np.maximum(m, L[:, :nk].max(axis=1)) if nk else m.copy()
-        L -= m_new[:, None]
+        if nk:
+            top = L[:, :nk].max(axis=1)
+            grew = np.flatnonzero(top > m)
+            if len(grew):  # online softmax: rescale only the rows whose maximum moved
+                C[grew] *= np.exp(m[grew] - top[grew])[:, None]
+                m[grew] = top[grew]
+        L -= m[:, None]
         np.exp(L, out=L)
-        C *= np.exp(m - m_new)[:, None]
         C += np.matmul(L, B, out=self._buffer("product", C.shape) if workspace else None)
-        m[...] = m_new
         return self._lost_precision(C)
 
     def _buffer(self, name: str, shape: tuple[int, int]) -> np.ndarray:
