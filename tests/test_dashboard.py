@@ -1,0 +1,344 @@
+"""Dashboard behaviour without a browser: widgets in, simulation state and plot data out."""
+
+import io
+import math
+import statistics
+
+import numpy as np
+import panel as pn
+import pytest
+from bokeh.document import Document
+
+from dynattn.dashboard import (
+    MAX_SIDE,
+    SERIES,
+    Dashboard,
+    Window,
+    block_max,
+    block_mean,
+    plan_window,
+)
+from dynattn.simulation import TIMELINE_COLUMNS, Simulation
+
+
+def make_dashboard(**sim_params) -> Dashboard:
+    params = {"n": 64, "d": 8, "seed": 1, **sim_params}
+    return Dashboard(Simulation(**params))
+
+
+def images(dash: Dashboard) -> dict:
+    """The current HoloViews image of each heatmap."""
+    return {role: dmap[()] for role, dmap in dash.heatmaps.items()}
+
+
+def release(slider, value) -> None:
+    """What the browser sends when a slider is dragged to ``value`` and let go."""
+    slider._process_events({"value": value, "value_throttled": value})
+
+
+def npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------ pure helpers
+
+
+def test_block_reductions_match_reshape_definition():
+    a = np.random.default_rng(0).normal(size=(12, 20))
+    blocks = a.reshape(4, 3, 5, 4)
+    np.testing.assert_allclose(block_mean(a, 3, 4), blocks.mean(axis=(1, 3)))
+    np.testing.assert_array_equal(block_max(a, 3, 4), blocks.max(axis=(1, 3)))
+    np.testing.assert_array_equal(block_max(a, 1, 1), a)
+
+
+@pytest.mark.parametrize("n", [2, 7, 511, 512, 513, 1000, 1023, 8192])
+@pytest.mark.parametrize("side", [16, 128, 1024, 8192])
+def test_plan_window_fits_and_never_exceeds_max_side(n, side):
+    win = plan_window(n, n, side, side, r0=n, c0=-5)
+    h, w = win.shape
+    assert 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE
+    assert win.rows % win.fr == 0 and win.cols % win.fc == 0
+    assert 0 <= win.r0 and win.r0 + win.rows <= n
+    assert win.c0 == 0 and win.cols <= n
+    # at most one block of rows is dropped to make the side a multiple of the block
+    assert min(side, n) - win.rows < win.fr
+
+
+def test_window_bounds_centre_entries_on_their_indices():
+    win = Window(r0=10, rows=4, fr=1, c0=3, cols=2, fc=1)
+    assert win.bounds == (2.5, 9.5, 4.5, 13.5)
+    assert "every value" in win.describe("queries", "keys")
+    assert "blocks of 2×2" in plan_window(1024, 1024, 1024, 1024).describe("q", "k")
+
+
+# ------------------------------------------------------------------------ the dashboard
+
+
+def test_panel_layout_renders_outside_a_server():
+    dash = make_dashboard()
+    root = pn.panel(dash).get_root(Document())  # what a notebook does with the Viewer
+    assert root is not None
+    assert dash.template() is not None
+    # no server session: nothing registered in Panel's global session hooks
+    assert dash._on_session_destroyed not in pn.state._on_session_destroyed
+
+
+def test_heatmap_shapes_follow_n_window_and_view():
+    dash = make_dashboard()
+    imgs = images(dash)
+    assert imgs["lazy"].kdims == ["key", "query"]
+    assert [v.name for v in imgs["lazy"].vdims] == ["lazy", "exact", "diff"]
+    assert [v.name for v in imgs["diff"].vdims] == ["diff", "lazy", "exact"]
+    for img in imgs.values():
+        assert img.dimension_values(2, flat=False).shape == (64, 64)
+
+    dash.form.n = 300
+    assert dash.sim.engine.n == 300
+    assert images(dash)["exact"].dimension_values(2, flat=False).shape == (128, 128)
+    dash.window = 512
+    assert images(dash)["exact"].dimension_values(2, flat=False).shape == (300, 300)
+
+    dash.view = "output"
+    img = images(dash)["lazy"]
+    assert img.kdims == ["feature", "query"]
+    assert img.dimension_values(2, flat=False).shape == (300, 8)
+
+
+def test_large_window_is_block_reduced_to_max_side():
+    dash = make_dashboard(n=1100, d=4)
+    dash.window = 2048
+    img = images(dash)["diff"]
+    assert img.dimension_values(2, flat=False).shape == (366, 366)  # blocks of 3
+    assert "blocks of 3×3" in dash.last_frame.heat["window"]
+    # the image spans the matrix coordinates of the rows it covers
+    assert img.bounds.lbrt() == (-0.5, -0.5, 1097.5, 1097.5)
+
+
+def test_lazy_and_exact_share_one_colour_range_and_lazy_matches_the_engine():
+    dash = make_dashboard(policy="fixed", threshold=2048)
+    dash.step(5)
+    imgs = images(dash)
+    lazy_range = imgs["lazy"].vdims[0].range
+    assert lazy_range == imgs["exact"].vdims[0].range
+    eng = dash.sim.engine
+    expected = eng.weights(slice(0, 64), slice(0, 64), stale=True)
+    # HoloViews returns images with y ascending, here the query index: the matrix itself
+    np.testing.assert_allclose(imgs["lazy"].dimension_values(2, flat=False), expected,
+                               rtol=1e-6)
+
+
+def test_difference_is_zero_right_after_a_flush_and_regrows():
+    dash = make_dashboard(policy="fixed", threshold=2048, k_share=1.0)
+    dash.step(6)
+    assert dash.sim.engine.pending > 0
+    assert dash.last_frame.heat["dmax"] > 0
+    dash.flush_button.clicks += 1
+    assert dash.sim.engine.pending == 0
+    diff = images(dash)["diff"]
+    assert np.all(diff.dimension_values("diff") == 0)
+    assert dash.last_frame.heat["dmax"] == 0
+    dash.step_button.clicks += 1
+    assert dash.last_frame.heat["dmax"] > 0
+
+
+def test_series_buffer_is_bounded_and_holds_tick_records():
+    dash = Dashboard(Simulation(n=32, d=4, policy="fixed", threshold=20), points=25)
+    dash.ticks_per_frame = 10
+    for _ in range(4):
+        dash.step()
+    data = dash.series.data
+    assert list(data.columns) == list(SERIES)
+    assert len(data) == 25
+    assert data["tick"].tolist() == list(range(15, 40))
+    assert data["flushed"].sum() > 0  # threshold 20 at 16 updates/tick: flush marks exist
+    # the plots built from the buffer carry the same ticks, including the flush marks
+    overlay = dash._error_pane.object[()]
+    assert len(overlay.VLines.I) == int(data["flushed"].sum())
+
+
+def test_reset_clears_series_and_restarts_ticks():
+    dash = make_dashboard()
+    dash.step(3)
+    dash.reset_button.clicks += 1
+    assert dash.sim.tick == 0
+    assert len(dash.series.data) == 0
+    assert not dash.alert.visible
+
+
+def test_policy_selects_which_control_is_shown():
+    dash = make_dashboard()
+    shown = {}
+    for policy in ("fixed", "error", "adaptive", "cost"):
+        dash.form.policy = policy
+        shown[policy] = (dash.controls["threshold"].visible, dash.controls["tolerance"].visible)
+        assert dash.sim.config.policy == policy
+    assert shown == {"fixed": (True, False), "error": (False, True),
+                     "adaptive": (False, False), "cost": (False, False)}
+    dash.form.policy = "error"
+    dash.controls["tolerance"].value = 1e-6
+    assert dash.sim.config.tolerance == 1e-6
+
+
+def test_controls_at_their_ends_keep_working():
+    dash = make_dashboard()
+    dash.form.param.update(policy="fixed")
+    dash.controls["threshold"].value = 1
+    dash.controls["updates_per_tick"].value = 1024
+    dash.controls["queries_per_tick"].value = 1024
+    release(dash.controls["n"], 2)
+    release(dash.controls["d"], 1)
+    dash.step(2)
+    assert (dash.sim.engine.n, dash.sim.engine.d) == (2, 1)
+    assert dash.sim.engine.pending == 0  # threshold 1: every update flushes
+    assert images(dash)["lazy"].dimension_values(2, flat=False).shape == (2, 2)
+    assert dash.row_slider.disabled and dash.col_slider.disabled
+    dash.view = "output"
+    assert images(dash)["lazy"].dimension_values(2, flat=False).shape == (2, 1)
+    assert not dash.alert.visible
+
+
+def test_n_slider_applies_only_when_released():
+    dash = make_dashboard()
+    dash.controls["n"]._process_events({"value": 100})  # dragging
+    assert dash.sim.engine.n == 64
+    release(dash.controls["n"], 100)
+    assert dash.sim.engine.n == 100
+
+
+def test_changing_n_while_playing_explains_and_keeps_playing():
+    dash = make_dashboard()
+    dash.play_toggle.value = True
+    assert dash.playing and dash._callback.running
+    dash.step(2)
+    release(dash.controls["n"], 40)
+    assert dash.playing and dash._callback.running
+    assert dash.sim.engine.n == 40 and dash.sim.tick == 0
+    assert dash.alert.visible and dash.alert.alert_type == "info"
+    assert "n = 40" in dash.alert.object
+    assert images(dash)["lazy"].dimension_values(2, flat=False).shape == (40, 40)
+    dash.play_toggle.value = False
+    assert not dash._callback.running
+
+
+def test_buttons_in_any_order():
+    dash = make_dashboard()
+    for button in ("flush", "reset", "flush", "step", "step", "reset", "step", "flush"):
+        getattr(dash, f"{button}_button").clicks += 1
+        assert not dash.alert.visible, dash.alert.object
+    dash.play_toggle.value = True
+    dash.reset_button.clicks += 1
+    dash.flush_button.clicks += 1
+    dash.play_toggle.value = False
+    dash.play_toggle.value = False
+    assert dash.sim.tick == 0
+    assert not dash.alert.visible
+
+
+def test_bad_npz_shows_a_message_and_keeps_the_previous_state():
+    dash = make_dashboard()
+    dash.step(2)
+    before = (dash.sim.engine.n, dash.sim.tick)
+    dash.file_input.filename = "notes.npz"
+    dash.file_input.value = b"this is not a zip archive"
+    assert dash.alert.visible and dash.alert.alert_type == "danger"
+    assert "notes.npz" in dash.alert.object
+    assert (dash.sim.engine.n, dash.sim.tick) == before
+    dash.file_input.value = npz_bytes(Q=np.ones((5, 2)), K=np.ones((5, 3)), V=np.ones((5, 2)))
+    assert "same shape" in dash.alert.object
+    dash.step(1)  # still usable
+    assert dash.sim.tick == before[1] + 1
+
+
+def test_good_npz_rebuilds_and_updates_the_controls():
+    rng = np.random.default_rng(3)
+    Q, K, V = rng.normal(size=(3, 10, 4))
+    dash = make_dashboard()
+    dash.file_input.filename = "mine.npz"
+    dash.file_input.value = npz_bytes(Q=Q, K=K, V=V)
+    assert dash.alert.alert_type == "success"
+    assert (dash.sim.engine.n, dash.sim.engine.d) == (10, 4)
+    assert (dash.form.n, dash.form.d, dash.form.preset) == (10, 4, "file")
+    np.testing.assert_array_equal(dash.sim.engine.K, K)
+    assert images(dash)["exact"].dimension_values(2, flat=False).shape == (10, 10)
+    # n is fixed by the file: changing it is refused with a message, the file stays in use
+    release(dash.controls["n"], 20)
+    assert dash.alert.alert_type == "danger"
+    assert dash.sim.engine.n == 10 and dash.form.n == 10
+
+
+def test_rejected_setting_restores_the_control():
+    dash = make_dashboard()
+    dash.controls["preset"].value = "file"  # no file loaded yet
+    assert dash.alert.visible and "load_npz" in dash.alert.object
+    assert dash.form.preset == dash.sim.config.preset == "gaussian"
+    assert dash.controls["preset"].value == "gaussian"
+
+
+def test_a_failing_tick_pauses_and_explains(monkeypatch):
+    dash = make_dashboard()
+    dash.playing = True
+
+    def broken():
+        raise FloatingPointError("overflow in exp")
+
+    monkeypatch.setattr(dash.sim, "step", broken)
+    dash._on_frame()
+    assert not dash.playing and not dash._callback.running
+    assert "overflow in exp" in dash.alert.object
+
+
+def test_window_sliders_follow_n():
+    dash = make_dashboard(n=300)
+    assert dash.param.row0.bounds == (0, 300 - 128)
+    assert (dash.row_slider.start, dash.row_slider.end) == (0, 172)
+    dash.row_slider.value = 172
+    assert images(dash)["lazy"].bounds.lbrt()[1] == pytest.approx(171.5)
+    dash.form.n = 200  # the window start moves back so that the window still fits
+    assert dash.row0 == 72 and dash.row_slider.end == 72
+    dash.form.n = 100
+    assert dash.row0 == 0 and dash.row_slider.disabled
+
+
+def test_speedups_and_counters_are_shown():
+    dash = make_dashboard()
+    dash.step(3)
+    stats = dash.last_frame.stats
+    assert stats["ticks"] == 3 and stats["updates"] == 48
+    for key, number in dash.speedups.items():
+        assert number.value == pytest.approx(stats["speedup"][key], abs=0.01)
+    html = dash._counters.object
+    for label in ("ticks", "pending", "flushes", "threshold", "last flush", "tick time"):
+        assert label in html
+
+
+def test_csv_download_is_the_timeline():
+    dash = make_dashboard()
+    dash.step(4)
+    text = dash.download.callback().read()
+    lines = text.strip().splitlines()
+    assert lines[0].split(",") == list(TIMELINE_COLUMNS)
+    assert len(lines) == 5
+
+
+def test_log_and_unit_toggles_rebuild_only_their_plot():
+    dash = make_dashboard(policy="fixed", threshold=16)  # a flush every tick: error 0
+    dash.step(3)
+    heat = dash._heat_pane.object
+    dash.log_error = False
+    dash.cost_unit = "flops"
+    assert dash._heat_pane.object is heat
+    cost = dash._cost_pane.object[()]
+    assert cost.values()[0].vdims[0].label == "cumulative flops"
+    errors = dash._error_pane.object[()]
+    assert errors.values()[0].range("error")[0] == 0  # linear axis: exact ticks show as 0
+
+
+def test_advance_meets_the_tick_budget():
+    """One tick of model work plus plot data at n=1024, d=64, 16 updates: under 50 ms."""
+    dash = Dashboard(Simulation(n=1024, d=64, updates_per_tick=16))
+    dash.advance(3)  # warm up caches and the cost model
+    times = [dash.advance(1).seconds for _ in range(15)]
+    assert statistics.median(times) < 0.050, times
+    assert not math.isnan(dash.last_frame.stats["tick_ms"])
