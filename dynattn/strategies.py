@@ -1,12 +1,22 @@
 """Baseline exact strategies the lazy engine is compared against.
 
-* :class:`OnDemand` keeps no caches at all: an update only writes K or V, and every query
-  computes its output row from scratch.
-* :func:`dense_recompute_seconds` measures what recomputing the whole output after every update
-  would cost, without paying for it at every update.
+All of them answer exact queries of ``O = softmax(scale · Q Kᵀ) V`` under updates to K and V
+and share one small interface: ``update_k(i, j, delta)``, ``update_v(i, j, delta)``,
+``set_k_row(i, row)``, ``set_v_row(i, row)``, ``query(i, j)``, ``query_row(i)`` and
+``query_many(rows, cols)`` (the same names as :class:`~dynattn.engine.LazyAttention`), so one
+update/query stream can drive every strategy.
 
-The third baseline, eager maintenance, is :class:`~dynattn.engine.LazyAttention` itself with
-the policy ``Fixed(1)`` and one call per update action.
+* :class:`OnDemand` keeps no caches: an update only writes K or V (O(1)), and every query
+  computes its output row from scratch (O(n·d)).
+* :class:`EagerDense` stores the n×n matrix ``Ã`` of stabilised exponentials: a K update
+  recomputes one column of Ã (O(n·d)), a V entry update costs O(n), a query O(1).
+  Memory O(n²): see :func:`eager_dense_nbytes` before building one.
+* :class:`Recompute` rebuilds the whole output after every update (O(n²·d)); a query is O(1).
+* :func:`dense_recompute_seconds` measures what one such rebuild costs without paying for it at
+  every update.
+
+Eager maintenance with O(n·d) memory is :class:`~dynattn.engine.LazyAttention` itself with the
+policy ``Fixed(1)``: every update is absorbed into the caches at once.
 """
 
 from __future__ import annotations
@@ -19,28 +29,23 @@ import numpy as np
 from . import _validate as V_
 from .reference import dense_attention
 
-__all__ = ["OnDemand", "dense_recompute_seconds"]
+__all__ = ["EagerDense", "OnDemand", "Recompute", "dense_recompute_seconds",
+           "eager_dense_nbytes"]
+
+# g of the precision guards (the engine's bound, for the same error budget): the mass removed
+# from a row may reach g times the mass left before the row is recomputed exactly.
+_GROWTH = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): 64.0}
+
+# Elements per temporary block in the O(n²·d) builds: bounds temporaries to a few MB.
+_BLOCK_ELEMENTS = 1 << 20
 
 
-class OnDemand:
-    """Exact attention answered on demand: O(1) updates, O(n·d) per queried row.
+class _Baseline:
+    """Inputs, validation and the shared update/query entry points of the baselines.
 
-    Has the update methods of :class:`~dynattn.engine.LazyAttention` that
-    :meth:`dynattn.workloads.TickUpdates.apply` uses, so the same workload drives both.
-
-    Parameters
-    ----------
-    Q, K, V : array_like, shape (n, d)
-        Copied.
-    scale : float, optional
-        Logit scale, default ``1/sqrt(d)``.
-    dtype : {None, float32, float64}
-        Working precision; ``None``: float32 if all inputs are float32, else float64.
-
-    Notes
-    -----
-    Memory O(n·d). An entry update costs O(1) and a row rewrite O(d); a query of u distinct rows
-    costs ``4·u·n·d`` flops (logits, then weights times V) in one matrix product per step.
+    Subclasses implement ``_k_changed(i, old_row)``, ``_v_changed(i, old_row)`` (called after
+    the row of K or V has been written) and ``_rows(idx) -> (len(idx), d)`` exact output rows;
+    they may override ``_v_entry_changed`` and ``query`` with cheaper special cases.
     """
 
     def __init__(self, Q, K, V, *, scale=None, dtype=None):
@@ -62,6 +67,129 @@ class OnDemand:
     def V(self) -> np.ndarray:
         """Current values (n, d), read-only view."""
         return _read_only(self._V)
+
+    # ------------------------------------------------------------------ updates
+    def update_k(self, i, j, delta) -> None:
+        """Add ``delta`` to ``K[i, j]``."""
+        i, j, delta = self._check_entry(i, j, delta)
+        old = self._K[i].copy()
+        self._K[i, j] += delta
+        self._k_changed(i, old)
+
+    def update_v(self, i, j, delta) -> None:
+        """Add ``delta`` to ``V[i, j]``."""
+        i, j, delta = self._check_entry(i, j, delta)
+        old = self._V[i, j]
+        self._V[i, j] += delta
+        self._v_entry_changed(i, j, old)
+
+    def set_k_row(self, i, row) -> None:
+        """Replace ``K[i]`` by ``row`` (shape (d,))."""
+        i, row = self._check_row(i, row)
+        old = self._K[i].copy()
+        self._K[i] = row
+        self._k_changed(i, old)
+
+    def set_v_row(self, i, row) -> None:
+        """Replace ``V[i]`` by ``row`` (shape (d,))."""
+        i, row = self._check_row(i, row)
+        old = self._V[i].copy()
+        self._V[i] = row
+        self._v_changed(i, old)
+
+    def _check_entry(self, i, j, delta) -> tuple[int, int, float]:
+        return (V_.check_index("i", i, self.n), V_.check_index("j", j, self.d),
+                V_.check_scalar("delta", delta, self.dtype))
+
+    def _check_row(self, i, row) -> tuple[int, np.ndarray]:
+        return (V_.check_index("i", i, self.n),
+                V_.as_vector("row", row, self.d, self.dtype))
+
+    def _k_changed(self, i: int, old_row: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _v_changed(self, i: int, old_row: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _v_entry_changed(self, i: int, j: int, old: float) -> None:
+        old_row = self._V[i].copy()
+        old_row[j] = old
+        self._v_changed(i, old_row)
+
+    # ------------------------------------------------------------------ queries
+    def query(self, i, j) -> float:
+        """Exact output entry ``O[i, j]``."""
+        j = V_.check_index("j", j, self.d)
+        return float(self.query_row(i)[j])
+
+    def query_row(self, i) -> np.ndarray:
+        """Exact output row ``O[i]`` (shape (d,))."""
+        i = V_.check_index("i", i, self.n)
+        return self._rows(np.array([i]))[0]
+
+    def query_rows(self, rows) -> np.ndarray:
+        """Exact output rows ``O[rows]`` (shape (len(rows), d)); ``rows`` may repeat."""
+        return self._rows(V_.as_indices("rows", rows, self.n))
+
+    def query_many(self, rows, cols) -> np.ndarray:
+        """Exact output entries ``O[rows[k], cols[k]]`` (shape (m,)); each distinct row is
+        computed once."""
+        r = V_.as_indices("rows", rows, self.n)
+        c = V_.as_indices("cols", cols, self.d)
+        if len(c) != len(r):
+            raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
+        distinct, inverse = np.unique(r, return_inverse=True)
+        return self._rows(distinct)[inverse, c]
+
+    def _rows(self, idx: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(n={self.n}, d={self.d}, dtype={self.dtype}, "
+                f"scale={self.scale:.4g})")
+
+
+class OnDemand(_Baseline):
+    """Exact attention answered on demand: O(1) updates, O(n·d) per queried row.
+
+    Besides the shared interface it has the batch update methods of
+    :class:`~dynattn.engine.LazyAttention` that :meth:`dynattn.workloads.TickUpdates.apply`
+    uses, so the same workload drives both.
+
+    Parameters
+    ----------
+    Q, K, V : array_like, shape (n, d)
+        Copied.
+    scale : float, optional
+        Logit scale, default ``1/sqrt(d)``.
+    dtype : {None, float32, float64}
+        Working precision; ``None``: float32 if all inputs are float32, else float64.
+
+    Notes
+    -----
+    Memory O(n·d). An entry update costs O(1) and a row rewrite O(d); a query of u distinct rows
+    costs ``4·u·n·d`` flops (logits, then weights times V), stabilised by the row maximum.
+    """
+
+    def update_k(self, i, j, delta) -> None:
+        """Add ``delta`` to ``K[i, j]``; O(1)."""
+        i, j, delta = self._check_entry(i, j, delta)
+        self._K[i, j] += delta
+
+    def update_v(self, i, j, delta) -> None:
+        """Add ``delta`` to ``V[i, j]``; O(1)."""
+        i, j, delta = self._check_entry(i, j, delta)
+        self._V[i, j] += delta
+
+    def set_k_row(self, i, row) -> None:
+        """Replace ``K[i]`` by ``row`` (shape (d,)); O(d)."""
+        i, row = self._check_row(i, row)
+        self._K[i] = row
+
+    def set_v_row(self, i, row) -> None:
+        """Replace ``V[i]`` by ``row`` (shape (d,)); O(d)."""
+        i, row = self._check_row(i, row)
+        self._V[i] = row
 
     def update_k_many(self, rows, cols, deltas) -> None:
         """Add ``deltas`` to ``K[rows, cols]`` (repeats accumulate); O(m)."""
@@ -90,31 +218,217 @@ class OnDemand:
         r = V_.as_indices("rows", rows, self.n)
         target[r] = V_.as_matrix("values", values, self.dtype, shape=(len(r), self.d))
 
-    def query_rows(self, rows) -> np.ndarray:
-        """Output rows ``O[rows]`` (shape (u, d)) from scratch: ``4·u·n·d`` flops.
+    def query(self, i, j) -> float:
+        """Exact ``O[i, j]`` from scratch: ``2·n·d + 4·n`` flops (one logit row, one column of
+        V), with vector operations only."""
+        i = V_.check_index("i", i, self.n)
+        j = V_.check_index("j", j, self.d)
+        a = self._K @ (self._Q[i] * self.dtype.type(self.scale))
+        a -= a.max()  # largest exponent 0: no overflow
+        np.exp(a, out=a)
+        return float(a @ self._V[:, j] / a.sum())
 
-        ``rows`` is any 1-D integer index array (repeats are computed again).
-        """
-        idx = V_.as_indices("rows", rows, self.n)
+    def _rows(self, idx: np.ndarray) -> np.ndarray:
         logits = (self._Q[idx] * self.dtype.type(self.scale)) @ self._K.T
-        logits -= logits.max(axis=1, keepdims=True)  # largest exponent 0: no overflow
+        logits -= logits.max(axis=1, keepdims=True)
         np.exp(logits, out=logits)
         out = logits @ self._V
         out /= logits.sum(axis=1, keepdims=True)
         return out
 
-    def query_many(self, rows, cols) -> np.ndarray:
-        """Output entries ``O[rows[k], cols[k]]`` (shape (m,)); each distinct row computed once,
-        ``4·u·n·d`` flops for u distinct rows."""
-        r = V_.as_indices("rows", rows, self.n)
-        c = V_.as_indices("cols", cols, self.d)
-        if len(c) != len(r):
-            raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
-        distinct, inverse = np.unique(r, return_inverse=True)
-        return self.query_rows(distinct)[inverse, c]
 
-    def __repr__(self) -> str:
-        return f"OnDemand(n={self.n}, d={self.d}, dtype={self.dtype}, scale={self.scale:.4g})"
+def eager_dense_nbytes(n: int, d: int, dtype=np.float64) -> int:
+    """Bytes an :class:`EagerDense` of this shape holds (the n×n matrix dominates)."""
+    item = np.dtype(dtype).itemsize
+    return item * (n * n + n * (3 * d + 2) + 3 * n * d + n)
+
+
+class EagerDense(_Baseline):
+    """Eager maintenance with the n×n matrix of exponentials stored: O(1) queries.
+
+    Stores ``Ã[i, j] = exp(scale·q_i·k_j − m_i)`` (as its transpose, so the column of one key is
+    contiguous), the row stabilisers ``m`` and per row the numerator ``N_i = Σ_j Ã_ij v_j`` and
+    denominator ``s_i = Σ_j Ã_ij``, with the engine's precision guards (the mass that removals
+    took out, compared with ``g`` times what is left; see
+    :class:`~dynattn.engine.LazyAttention`). Every update is applied at once.
+
+    Parameters
+    ----------
+    Q, K, V : array_like, shape (n, d)
+        Copied.
+    scale : float, optional
+        Logit scale, default ``1/sqrt(d)``.
+    dtype : {None, float32, float64}
+        Working precision; ``None``: float32 if all inputs are float32, else float64.
+
+    Notes
+    -----
+    Build O(n²·d). A K update (entry or row) recomputes column j of Ã and moves its old and new
+    contributions in and out of N, s and the guards: O(n·d). A V entry update changes one column
+    of N and of the guards: O(n). A V row rewrite is O(n·d). A query is O(1). A row whose guard
+    fails, or whose new logit exceeds its stabiliser, is recomputed exactly in O(n·d).
+    Memory :func:`eager_dense_nbytes` (``n²`` elements: 2 GiB at n = 16,384 in float64).
+    """
+
+    def __init__(self, Q, K, V, *, scale=None, dtype=None):
+        super().__init__(Q, K, V, scale=scale, dtype=dtype)
+        n, d = self.n, self.d
+        self._g = _GROWTH[self.dtype]
+        self._Qs = self._Q * self.dtype.type(self.scale)
+        self._At = np.empty((n, n), dtype=self.dtype)  # At[j, i] = Ã[i, j]
+        self._m = np.empty(n, dtype=self.dtype)
+        # cache columns as in the engine: N (d) | s | guard of s | guard of N (d)
+        self._C = np.empty((n, 2 * d + 2), dtype=self.dtype)
+        # reused per update: a fresh n×(2d+2) temporary would be page-faulted every time
+        self._work = np.empty_like(self._C)
+        self._pair = np.empty((n, 2), dtype=self.dtype)
+        self._build()
+
+    def _build(self) -> None:
+        """Ã, m and the caches from scratch, O(n²·d), writing Ã one key block at a time.
+
+        The row stabilisers come first (one pass over the logits by query blocks), so that each
+        block of keys can then be written contiguously into the transposed store; writing
+        query blocks into it instead is a strided transpose that costs several times more.
+        """
+        n = self.n
+        step = max(1, _BLOCK_ELEMENTS // n)
+        for a in range(0, n, step):
+            self._m[a:a + step] = (self._Qs[a:a + step] @ self._K.T).max(axis=1)
+        for a in range(0, n, step):
+            block = self._At[a:a + step]
+            np.matmul(self._K[a:a + step], self._Qs.T, out=block)
+            block -= self._m
+            np.exp(block, out=block)
+        np.matmul(self._At.T, self._weights(), out=self._C)
+
+    def _weights(self) -> np.ndarray:
+        """``[V, 1, −g, −g|V|]`` (n, 2d+2): ``Ã @`` this is N | s | guard of s | guard of N."""
+        d, g = self.d, self._g
+        W = np.empty((self.n, 2 * d + 2), dtype=self.dtype)
+        W[:, :d] = self._V
+        W[:, d:d + 2] = (1.0, -g)
+        np.multiply(np.abs(self._V), -g, out=W[:, d + 2:])
+        return W
+
+    def _contributions(self, new_v: np.ndarray, old_v: np.ndarray) -> np.ndarray:
+        """Rows ``[v, 1, −g, −g|v|]`` (new value in) and ``[−v, −1, 1+g, (1+g)|v|]`` (old
+        value out): weights times these rows move N, s and both guards."""
+        d, g = self.d, self._g
+        B = np.empty((2, 2 * d + 2), dtype=self.dtype)
+        B[0, :d], B[0, d:d + 2], B[0, d + 2:] = new_v, (1.0, -g), -g * np.abs(new_v)
+        B[1, :d], B[1, d:d + 2], B[1, d + 2:] = -old_v, (-1.0, 1.0 + g), (1.0 + g) * np.abs(old_v)
+        return B
+
+    def _k_changed(self, i: int, old_row: np.ndarray) -> None:
+        a_new = self._Qs @ self._K[i]
+        a_new -= self._m
+        above = a_new > 0  # the new logit exceeds the row's stabiliser: recompute those rows
+        np.minimum(a_new, 0, out=a_new)
+        np.exp(a_new, out=a_new)
+        self._pair[:, 0] = a_new
+        self._pair[:, 1] = self._At[i]
+        self._At[i] = a_new
+        v = self._V[i]
+        np.matmul(self._pair, self._contributions(v, v), out=self._work)
+        self._C += self._work
+        self._repair(self._lost_precision(self._C) | above)
+
+    def _v_changed(self, i: int, old_row: np.ndarray) -> None:
+        # s keeps its value; N moves by a·(new − old) and the guard of N by the mass of the
+        # old value removed, less g times the change of the natural scale Σ ã|v|
+        d, g = self.d, self._g
+        new_row = self._V[i]
+        b = np.zeros((1, 2 * d + 2), dtype=self.dtype)
+        b[0, :d] = new_row - old_row
+        b[0, d + 2:] = (1.0 + g) * np.abs(old_row) - g * np.abs(new_row)
+        np.matmul(self._At[i][:, None], b, out=self._work)
+        self._C += self._work
+        self._repair(self._lost_precision(self._C))
+
+    def _v_entry_changed(self, i: int, j: int, old: float) -> None:
+        d, g = self.d, self._g
+        new = float(self._V[i, j])
+        a = self._At[i]
+        self._C[:, j] += a * (new - old)
+        guard = self._C[:, d + 2 + j]
+        guard += a * ((1.0 + g) * abs(old) - g * abs(new))
+        self._repair(guard > 0)
+
+    def _lost_precision(self, C: np.ndarray) -> np.ndarray:
+        """Rows whose guards say the subtraction may have cancelled digits (or not finite)."""
+        d = self.d
+        bad = ~(C[:, d] > 0) | ~(C[:, d + 1] <= 0)  # negated comparisons also catch NaN
+        bad |= (C[:, d + 2:] > 0).any(axis=1)
+        return bad
+
+    def _repair(self, bad: np.ndarray) -> None:
+        if bad.any():
+            self._exact_rows(np.flatnonzero(bad))
+
+    def _exact_rows(self, idx: np.ndarray) -> None:
+        """Recompute rows ``idx`` of Ã, m and the caches from scratch: O(len(idx)·n·d)."""
+        W = self._weights()
+        step = max(1, _BLOCK_ELEMENTS // self.n)
+        for a in range(0, len(idx), step):
+            rows = idx[a:a + step]
+            L = self._Qs[rows] @ self._K.T
+            m = L.max(axis=1)
+            L -= m[:, None]
+            np.exp(L, out=L)
+            self._m[rows] = m
+            for k, r in enumerate(rows.tolist()):  # fancy indexing of columns is far slower
+                self._At[:, r] = L[k]
+            self._C[rows] = L @ W
+
+    def query(self, i, j) -> float:
+        """Exact ``O[i, j]`` from the caches: O(1)."""
+        i = V_.check_index("i", i, self.n)
+        j = V_.check_index("j", j, self.d)
+        return float(self._C[i, j] / self._C[i, self.d])
+
+    def _rows(self, idx: np.ndarray) -> np.ndarray:
+        C = self._C[idx]
+        return C[:, :self.d] / C[:, self.d, None]
+
+
+class Recompute(_Baseline):
+    """Recompute the whole output after every update: O(n²·d) per update, O(1) per query.
+
+    Uses :func:`~dynattn.reference.dense_attention` (row blocks, no n×n array).
+
+    Parameters
+    ----------
+    Q, K, V : array_like, shape (n, d)
+        Copied.
+    scale : float, optional
+        Logit scale, default ``1/sqrt(d)``.
+    dtype : {None, float32, float64}
+        Working precision; ``None``: float32 if all inputs are float32, else float64.
+    """
+
+    def __init__(self, Q, K, V, *, scale=None, dtype=None):
+        super().__init__(Q, K, V, scale=scale, dtype=dtype)
+        self._recompute()
+
+    def _recompute(self) -> None:
+        self._O = dense_attention(self._Q, self._K, self._V, self.scale, dtype=self.dtype)
+
+    def _k_changed(self, i: int, old_row: np.ndarray) -> None:
+        self._recompute()
+
+    def _v_changed(self, i: int, old_row: np.ndarray) -> None:
+        self._recompute()
+
+    def _v_entry_changed(self, i: int, j: int, old: float) -> None:
+        self._recompute()
+
+    def query(self, i, j) -> float:
+        """Exact ``O[i, j]``: O(1)."""
+        return float(self._O[V_.check_index("i", i, self.n), V_.check_index("j", j, self.d)])
+
+    def _rows(self, idx: np.ndarray) -> np.ndarray:
+        return self._O[idx].copy()
 
 
 def _read_only(arr: np.ndarray) -> np.ndarray:
