@@ -11,10 +11,10 @@ a notebook cell). Each *frame* runs a few simulation ticks and then renders once
   the browser receives one batch of changes per frame and no plot is ever rebuilt per tick.
 
 The heatmaps compare the *lazy* view (what the caches say, as of the last flush) with the
-*exact*
-attention, for the weights ``P = softmax(scale·QKᵀ)`` or the output ``O = PV``. Windows larger
-than :data:`MAX_SIDE` are shown as block averages (the difference as block maxima, so no error
-is averaged away), and no frame carries more than ``MAX_SIDE²`` values per image.
+*exact* attention, for the weights ``P = softmax(scale·QKᵀ)`` or the output ``O = PV``.
+Windows larger than :data:`MAX_SIDE` are shown as block averages (the difference as block
+maxima, so no error is averaged away): no frame carries more than ``MAX_SIDE²`` values per
+image.
 
 Run it with ``panel serve app.py`` or show ``Dashboard()`` in a notebook after
 ``pn.extension()``.
@@ -43,6 +43,8 @@ __all__ = ["MAX_SIDE", "Dashboard", "Frame", "Window", "block_max", "block_mean"
 
 #: Largest side (in values) of an image sent to the browser; larger windows are block-reduced.
 MAX_SIDE = 512
+#: Seconds of model work per frame above which playing pauses itself.
+SLOW_FRAME = 2.0
 #: Window sides offered for the heatmaps (clipped to n).
 WINDOWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 #: Error-budget tolerances offered by the tolerance slider (a log scale in discrete steps).
@@ -235,8 +237,20 @@ def weights_window(engine, win: Window, chunk: int = 1 << 20) -> dict[str, np.nd
 
 
 def output_window(engine, win: Window) -> dict[str, np.ndarray]:
-    """Lazy and exact output rows in a window (all ``d`` columns); same contract as
-    :func:`weights_window`. Cost O(n · |S| · d) for the exact output."""
+    """Lazy and exact output rows in a window, block-reduced, and their difference.
+
+    Parameters
+    ----------
+    engine : LazyAttention
+    win : Window
+        Rows of the window; its columns are all ``d`` features.
+
+    Returns
+    -------
+    dict
+        As :func:`weights_window`. Cost O(n · |S| · d): the engine forms the whole exact
+        output (without counting it as user queries).
+    """
     rows = slice(win.r0, win.r0 + win.rows)
     lazy = engine.output(stale=True)[rows]
     exact = engine.output()[rows]
@@ -253,11 +267,22 @@ def output_window(engine, win: Window) -> dict[str, np.ndarray]:
 
 
 def heat_image(data: dict, role: str) -> hv.Image:
-    """The heatmap of one ``role`` ("lazy", "exact" or "diff") from a frame's heat payload.
+    """The heatmap of one ``role`` from a frame's heat payload.
 
-    The image carries all three values so that hovering any heatmap shows lazy, exact and
-    their difference. Its colour range comes from the payload: ``clim`` (shared by lazy and
-    exact, so equal colours mean equal values) or ``dlim`` for the difference.
+    Parameters
+    ----------
+    data : dict
+        A :attr:`Frame.heat` payload.
+    role : {"lazy", "exact", "diff"}
+        Which value is coloured; the image also carries the other two, so that hovering any
+        heatmap shows lazy, exact and their difference.
+
+    Returns
+    -------
+    holoviews.Image
+        Key dimensions ``key``/``feature`` (x) and ``query`` (y) in matrix coordinates. The
+        colour range comes from the payload: ``clim``, shared by lazy and exact so that
+        equal colours mean equal values, or ``dlim`` for the difference.
     """
     names = _ROLES[role]
     vdims = [hv.Dimension(name, label=_VALUE_LABELS[name]) for name in names]
@@ -277,31 +302,74 @@ def _positive(values: pd.Series) -> np.ndarray:
 
 
 def error_plot(data: pd.DataFrame, log: bool) -> hv.Overlay:
-    """Relative Frobenius error and max abs error of the lazy output over ticks, with every
-    flush marked by a vertical line."""
-    curves = []
-    for col, label in (("rel_error", "relative (Frobenius)"), ("max_abs_error", "max abs")):
+    """Error of the lazy (stale) output over ticks, every flush marked by a vertical line.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        Tick records with the columns :data:`SERIES`.
+    log : bool
+        For a log axis: errors of 0 (exact ticks) become NaN, gaps in the curves.
+
+    Returns
+    -------
+    holoviews.Overlay
+        Curves of ``rel_error`` (relative Frobenius) and ``max_abs_error``, and ``VLines``.
+    """
+    layers = []
+    for col, label, color in (("rel_error", "relative (Frobenius)", "#1f77b4"),
+                              ("max_abs_error", "max abs", "#d62728")):
         values = _positive(data[col]) if log else data[col].to_numpy(dtype=float)
-        curves.append(hv.Curve((data["tick"].to_numpy(), values), "tick",
-                               hv.Dimension("error", label="error"), label=label))
+        points = (data["tick"].to_numpy(), values)
+        error = hv.Dimension("error", label="error")
+        # Markers too: on a log axis a nonzero tick between two exact ones has no line.
+        layers += [hv.Curve(points, "tick", error, label=label).opts(color=color,
+                                                                     backend="bokeh"),
+                   hv.Scatter(points, "tick", error, label=label).opts(color=color, size=3,
+                                                                       backend="bokeh")]
     flushes = hv.VLines(data.loc[data["flushed"] > 0, "tick"].to_numpy(), kdims=["tick"])
-    return hv.Overlay([*curves, flushes.opts(color="#888888", alpha=0.35, line_width=1)])
+    flushes = flushes.opts(color="#888888", alpha=0.35, line_width=1, backend="bokeh")
+    return hv.Overlay([*layers, flushes])
 
 
 def pending_plot(data: pd.DataFrame) -> hv.Overlay:
-    """Pending update count (a sawtooth: it grows each tick and drops to 0 at a flush) and a
-    spike per flush whose height is the number of rows that flush recomputed."""
+    """Pending updates and flushes over ticks.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        Tick records with the columns :data:`SERIES`.
+
+    Returns
+    -------
+    holoviews.Overlay
+        The pending count (a sawtooth: it grows each tick and drops at a flush) and one spike
+        per flushing tick, as tall as the number of rows recomputed.
+    """
     flushed = data.loc[data["flushed"] > 0]
     pending = hv.Curve(data, "tick", hv.Dimension("pending", label="count"),
-                       label="pending").opts(interpolation="steps-post")
+                       label="pending").opts(interpolation="steps-post", backend="bokeh")
     spikes = hv.Spikes(flushed, "tick", hv.Dimension("flush_rows", label="count"),
                        label="flush (rows)")
     return pending * spikes
 
 
 def cost_plot(data: pd.DataFrame, unit: str, log: bool) -> hv.NdOverlay:
-    """Cumulative cost of the four strategies over ticks, in ``unit`` ("seconds" or
-    "flops")."""
+    """Cumulative cost of the four strategies over ticks.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        Tick records with the columns :data:`SERIES`.
+    unit : {"seconds", "flops"}
+    log : bool
+        For a log axis: zero costs become NaN.
+
+    Returns
+    -------
+    holoviews.NdOverlay
+        One curve per strategy (:data:`STRATEGIES`), keyed by ``strategy``.
+    """
     tick = data["tick"].to_numpy()
     curves = {}
     for key, label in STRATEGIES.items():
@@ -349,8 +417,9 @@ class Dashboard(pn.viewable.Viewer):
     Parameters
     ----------
     simulation : Simulation, optional
-        The simulation to drive; a new one (default settings) if omitted. Every browser
-        session builds its own Dashboard, hence its own simulation.
+        The simulation to drive; if omitted, a new one with default settings except the
+        ``local`` preset (banded attention). Every browser session builds its own Dashboard,
+        hence its own simulation.
     points : int
         Ticks kept in the browser-side time series (older points scroll out).
     **params
@@ -392,13 +461,16 @@ class Dashboard(pn.viewable.Viewer):
 
     def __init__(self, simulation: Simulation | None = None, points: int = 2000, **params):
         super().__init__(**params)
-        self.sim = simulation if simulation is not None else Simulation()
+        # Banded ("local") attention shows at a glance that a changed key changes a column
+        # of P only where queries attend to it.
+        self.sim = simulation if simulation is not None else Simulation(preset="local")
         values = self.sim.config.param.values()
         self.form = SimulationConfig(**{k: values[k] for k in SIM_CONTROLS})
         self._syncing = False
         self._blas = ThreadpoolController()
         self._clim: tuple[float, float] | None = None  # refitted when the view changes
         self.last_frame: Frame | None = None
+        self._render_ms: float | None = None
         self._series = hv.streams.Buffer(pd.DataFrame({c: np.zeros(0) for c in SERIES}),
                                          length=points, index=False)
         self._heat_pipe: hv.streams.Pipe | None = None
@@ -443,6 +515,7 @@ class Dashboard(pn.viewable.Viewer):
 
     def render(self, frame: Frame) -> None:
         """Push a prepared frame to the plots and counters, in one batch of browser updates."""
+        t0 = time.perf_counter()
         doc = pn.state.curdoc
         # Every HoloViews plot update freezes the Bokeh document and, on unfreezing, walks the
         # whole model graph again; one outer freeze makes that one walk per frame, not six.
@@ -453,6 +526,8 @@ class Dashboard(pn.viewable.Viewer):
             self._heat_pipe.send(frame.heat)
             self._window_text.object = frame.heat["window"]
             self._show_stats(frame.stats)
+        # shown with the next frame: the Python side of rendering (HoloViews and Bokeh)
+        self._render_ms = 1e3 * (time.perf_counter() - t0)
 
     def step(self, ticks: int | None = None) -> Frame:
         """Advance and render one frame; returns it."""
@@ -512,7 +587,7 @@ class Dashboard(pn.viewable.Viewer):
         tail = sim.timeline.tail(1)
         cost = {s: float(tail[f"{s}_seconds"][0]) if len(tail["tick"]) else 0.0
                 for s in STRATEGIES}
-        speedup = {s: cost[s] / cost["lazy"] if cost["lazy"] > 0 else 0.0
+        speedup = {s: cost[s] / cost["lazy"] if cost["lazy"] > 0 else None
                    for s in ("eager", "ondemand", "recompute")}
         return {
             "ticks": sim.tick, "updates": eng.n_updates, "pending": eng.pending,
@@ -522,6 +597,7 @@ class Dashboard(pn.viewable.Viewer):
             {"rows": last.rows, "seconds": last.seconds, "flops": last.flops, "kind": last.kind},
             "speedup": speedup,
             "tick_ms": 1e3 * seconds / max(ticks, 1) if ticks else None,
+            "render_ms": self._render_ms,
         }
 
     # ------------------------------------------------------------------ widgets & layout
@@ -608,9 +684,9 @@ class Dashboard(pn.viewable.Viewer):
     def _error_dmap(self) -> hv.DynamicMap:
         return hv.DynamicMap(functools.partial(error_plot, log=self.log_error),
                              streams=[self._series]).opts(
-            {"Curve": {"tools": ["hover"]},
+            {"Scatter": {"tools": ["hover"]},
              "Overlay": {"logy": self.log_error, **_SERIES_OPTS,
-                         "title": "Error of the lazy output (lines: flushes)"}},
+                         "title": "Lazy output error (grey = flush)"}},
             backend="bokeh")
 
     def _cost_dmap(self) -> hv.DynamicMap:
@@ -679,13 +755,15 @@ class Dashboard(pn.viewable.Viewer):
         self._clim = None
         frame = self.advance(0)
         self._heat_pipe = hv.streams.Pipe(data=frame.heat)
-        hover = [("query i", "$y{0}"),
-                 ("key j" if self.view == "weights" else "feature c", "$x{0}"),
-                 ("lazy", "@{lazy}{%.5g}"), ("exact", "@{exact}{%.5g}"),
-                 ("|lazy − exact|", "@{diff}{%.3g}")]
-        formatters = {f: "printf" for f in ("@image", "@{lazy}", "@{exact}", "@{diff}")}
+        col_label = "key j" if self.view == "weights" else "feature c"
         for role in ("lazy", "exact", "diff"):
             cmap = _CMAPS["diff" if role == "diff" else self.view]
+            # Bokeh names an image's own (coloured) value "image"; the others keep their names.
+            fields = {name: "@image" if name == role else f"@{{{name}}}" for name in _ROLES}
+            hover = [("query i", "$y{0}"), (col_label, "$x{0}"),
+                     ("lazy", fields["lazy"] + "{%.5g}"), ("exact", fields["exact"] + "{%.5g}"),
+                     ("|lazy − exact|", fields["diff"] + "{%.3g}")]
+            formatters = {field: "printf" for field in fields.values()}
             dmap = hv.DynamicMap(functools.partial(heat_image, role=role),
                                  streams=[self._heat_pipe])
             # Equal plot sizes with a colour bar each give equal image frames; lazy and exact
@@ -705,10 +783,16 @@ class Dashboard(pn.viewable.Viewer):
         if self._orphaned():
             return
         try:
-            self.step()
+            frame = self.step()
         except Exception as exc:  # keep the page alive whatever the simulation raises
             self.playing = False
             self._say(f"Stopped: a tick failed ({type(exc).__name__}: {exc}).")
+            return
+        if frame.seconds > SLOW_FRAME:
+            # The server answers clicks only between frames: never let them queue for long.
+            self.playing = False
+            self._say(f"Paused: one frame took {frame.seconds:.1f} s with these settings. "
+                      "Use “Step one tick”, or lower n, d or the updates per tick.", "warning")
 
     def _on_play(self, event=None) -> None:
         if self.playing:
@@ -864,7 +948,10 @@ class Dashboard(pn.viewable.Viewer):
     def _show_stats(self, stats: dict) -> None:
         self._counters.object = _counters_html(stats)
         for key, number in self.speedups.items():
-            number.value = round(stats["speedup"][key], 2)
+            ratio = stats["speedup"][key]
+            # before the first tick there is no ratio: show a dash rather than a red 0.0×
+            number.param.update(value=0.0 if ratio is None else round(ratio, 2),
+                                format="–" if ratio is None else "{value:.1f}×")
 
     def _timeline_csv(self) -> io.StringIO:
         buf = io.StringIO()
@@ -893,26 +980,36 @@ def _fit_clim(exact: np.ndarray, view: str) -> tuple[float, float]:
 
 
 def _fmt_threshold(value: float) -> str:
-    return "∞ (no flush due)" if math.isinf(value) else f"{value:,.0f}"
+    return "∞" if math.isinf(value) else f"{value:,.0f}"
+
+
+def _fmt_flops(flops: float) -> str:
+    """``1.25e6`` -> ``"1.2 Mflop"``."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if flops >= factor:
+            return f"{flops / factor:.1f} {prefix}flop"
+    return f"{flops:.0f} flop"
 
 
 def _counters_html(s: dict) -> str:
     """The counter strip: small label above a large number, in a grid."""
     last = s["last_flush"]
     last_text = ("none yet" if last is None else
-                 f"{1e3 * last['seconds']:.2f} ms · {last['flops']:.3g} flop · "
-                 f"{last['rows']} rows")
+                 f"{1e3 * last['seconds']:.2f} ms · {last['rows']} rows · "
+                 f"{_fmt_flops(last['flops'])}")
     tick_text = "–" if s["tick_ms"] is None else f"{s['tick_ms']:.1f} ms"
+    render_text = "–" if s["render_ms"] is None else f"{s['render_ms']:.0f} ms"
     cells = [("ticks", f"{s['ticks']:,}"), ("updates", f"{s['updates']:,}"),
-             ("pending", f"{s['pending']:,}"), ("flushes", f"{s['flushes']:,}"),
+             ("pending updates", f"{s['pending']:,}"),
+             ("touched rows |S|", f"{s['touched_rows']:,}"), ("flushes", f"{s['flushes']:,}"),
              ("threshold", _fmt_threshold(s["threshold"])), ("last flush", last_text),
-             ("tick time (model + view)", tick_text)]
+             ("tick: model + plot data", tick_text), ("frame render", render_text)]
     body = "".join(
         f"<div><div style='font-size:11px;color:#666'>{label}</div>"
-        f"<div style='font-size:17px;font-weight:600'>{value}</div></div>"
+        f"<div style='font-size:16px;font-weight:600;white-space:nowrap'>{value}</div></div>"
         for label, value in cells)
-    return ("<div style='display:grid;grid-template-columns:repeat(4,auto);"
-            f"column-gap:18px;row-gap:4px'>{body}</div>")
+    return ("<div style='display:grid;grid-template-columns:repeat(5,max-content);"
+            f"column-gap:16px;row-gap:2px'>{body}</div>")
 
 
 def _explanation() -> pn.pane.Markdown:
@@ -944,8 +1041,8 @@ what the caches hold, the answer you would get if you skipped the correction.
   colours mean equal values.
 * **Difference |lazy − exact|** — where the caches are stale. It has its own colour range
   (white = no difference) and goes **blank at every flush**, then fills in again as new
-  updates queue up. Rows touched by K updates change in a whole column of P (every query
-  sees that key); V updates change no weights at all, only the output.
+  updates queue up. A K update changes one key, hence a whole **column** of P (every query
+  sees that key); a V update changes no weight at all, only the output O.
 * Switch between the **attention weights P** (n×n; you see a window of it) and the
   **output O = PV** (n×d). A window wider than 512 is shown in blocks: lazy and exact
   are block averages, the difference is the block maximum. Hover any heatmap to read the
@@ -961,14 +1058,16 @@ what the caches hold, the answer you would get if you skipped the correction.
   flush (a sawtooth); each red spike is one flush, as tall as the number of rows it
   recomputed.
 * **Cumulative cost** — wall-clock seconds (or floating-point operations) spent so far by
-  four ways of keeping the answers exact on the same workload: this **lazy** engine,
-  **eager** maintenance (apply every update to the caches at once), **on demand** (no
-  caches: compute each queried row from scratch) and **full recompute** of O after each
-  tick. The big numbers above are the current ratios *other strategy / lazy*: above 1
-  (green) the lazy engine is ahead, below 1 (red) it is behind. Lazy wins when updates
-  arrive in batches between queries; it loses when every update is immediately followed by
-  a query, which is why the default **cost** policy measures both and picks its threshold
-  itself.
+  four ways of keeping the answers exact on the same workload: this **lazy** engine;
+  **eager** maintenance (an engine that flushes after every single update); **on demand**
+  (no caches at all: each queried output row is computed from scratch in O(n·d)); and a
+  **full recompute** of O after every update (not run: each update is charged the measured
+  time of one dense recompute). The big numbers above are the current ratios
+  *other strategy / lazy*: above 1 (green) the lazy engine is ahead, below 1 (red) it is
+  behind. Lazy wins when updates arrive in batches between queries; it loses to on-demand
+  answering when queries are rare and to eager maintenance when every update is
+  immediately followed by a query, which is why the default **cost** policy measures both
+  and picks its threshold itself.
 
 ## The controls
 

@@ -2,12 +2,14 @@
 
 import io
 import math
+import re
 import statistics
 
 import numpy as np
 import panel as pn
 import pytest
 from bokeh.document import Document
+from bokeh.models import GlyphRenderer, HoverTool, Image, Plot
 
 from dynattn.dashboard import (
     MAX_SIDE,
@@ -104,6 +106,27 @@ def test_heatmap_shapes_follow_n_window_and_view():
     img = images(dash)["lazy"]
     assert img.kdims == ["feature", "query"]
     assert img.dimension_values(2, flat=False).shape == (300, 8)
+
+
+@pytest.mark.parametrize("view", ["weights", "output"])
+def test_heatmap_hover_names_only_existing_columns(view):
+    dash = make_dashboard()
+    dash.view = view
+    root = pn.panel(dash).get_root(Document())
+    plots = [p for p in root.select({"type": Plot})
+             if any(isinstance(r.glyph, Image) for r in p.renderers)]
+    assert len(plots) == 3
+    for plot in plots:
+        image = next(r for r in plot.renderers if isinstance(r, GlyphRenderer))
+        columns = set(image.data_source.data)
+        (hover,) = [t for t in plot.tools if isinstance(t, HoverTool)]
+        labels = [label for label, _ in hover.tooltips]
+        assert labels[2:] == ["lazy", "exact", "|lazy − exact|"]
+        for _, spec in hover.tooltips:
+            for field in re.findall(r"@\{?(\w+)", spec):
+                assert field in columns, (field, columns)
+            for field in re.findall(r"@\{?\w+\}?", spec):
+                assert hover.formatters.get(field) == "printf"
 
 
 def test_large_window_is_block_reduced_to_max_side():
@@ -289,6 +312,15 @@ def test_a_failing_tick_pauses_and_explains(monkeypatch):
     assert "overflow in exp" in dash.alert.object
 
 
+def test_a_slow_frame_pauses_playing(monkeypatch):
+    dash = make_dashboard()
+    dash.playing = True
+    monkeypatch.setattr("dynattn.dashboard.SLOW_FRAME", -1.0)  # every frame is "slow"
+    dash._on_frame()
+    assert dash.sim.tick == 1 and not dash.playing
+    assert dash.alert.alert_type == "warning" and "Paused" in dash.alert.object
+
+
 def test_window_sliders_follow_n():
     dash = make_dashboard(n=300)
     assert dash.param.row0.bounds == (0, 300 - 128)
@@ -303,13 +335,15 @@ def test_window_sliders_follow_n():
 
 def test_speedups_and_counters_are_shown():
     dash = make_dashboard()
+    assert all(number.format == "–" for number in dash.speedups.values())  # no tick yet
     dash.step(3)
     stats = dash.last_frame.stats
     assert stats["ticks"] == 3 and stats["updates"] == 48
     for key, number in dash.speedups.items():
         assert number.value == pytest.approx(stats["speedup"][key], abs=0.01)
     html = dash._counters.object
-    for label in ("ticks", "pending", "flushes", "threshold", "last flush", "tick time"):
+    for label in ("ticks", "pending", "touched rows", "flushes", "threshold", "last flush",
+                  "tick: model + plot data", "frame render"):
         assert label in html
 
 

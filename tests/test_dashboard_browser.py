@@ -213,8 +213,7 @@ def test_closed_sessions_stop_and_free_their_memory(app_server):
 
     with chromium() as (page, errors):
         browser = page.context.browser
-        for _ in range(2):  # warm up caches, imports and Bokeh's static resources
-            open_play_close(browser)
+        open_play_close(browser)  # warm up caches, imports and Bokeh's static resources
         first = len(dashboards)
         gc.collect()
         rss_before = process.memory_info().rss
