@@ -37,7 +37,7 @@ import panel as pn
 import param
 from threadpoolctl import ThreadpoolController
 
-from .simulation import Simulation, SimulationConfig
+from .simulation import REBUILD_PARAMS, Simulation, SimulationConfig
 
 __all__ = ["MAX_SIDE", "Dashboard", "Frame", "Window", "block_max", "block_mean", "plan_window"]
 
@@ -55,8 +55,6 @@ STRATEGIES = {"lazy": "lazy", "eager": "eager", "ondemand": "on demand",
 #: Tick-record columns kept in the browser-side time series.
 SERIES = ("tick", "rel_error", "max_abs_error", "pending", "flushed", "flush_rows",
           *(f"{s}_{unit}" for unit in ("seconds", "flops") for s in STRATEGIES))
-#: Simulation settings that rebuild Q, K, V and the engine (the timeline restarts).
-REBUILDING = ("n", "d", "preset", "seed", "scale", "dtype")
 #: Simulation settings shown as controls, in the order of the sidebar.
 SIM_CONTROLS = ("policy", "threshold", "tolerance", "updates_per_tick", "queries_per_tick",
                 "stream", "preset", "n", "d", "scale", "seed", "k_share", "delta_scale", "dtype")
@@ -853,7 +851,7 @@ class Dashboard(pn.viewable.Viewer):
             self._say(f"Could not apply {shown}: {exc}. The previous settings are kept.")
             return
         self._clear_alert()
-        if changes.keys() & set(REBUILDING):
+        if changes.keys() & set(REBUILD_PARAMS):
             self._restart_view()
             if self.playing:
                 self._say(f"Rebuilt Q, K, V for n = {self.sim.engine.n}, "

@@ -655,10 +655,12 @@ class LazyAttention:
         because a single query is dominated by per-call overhead, not flops.
         """
         S = len(self._rows)
-        if stale or S == 0:
+        if stale:
             return self._C[i]
         t0 = time.perf_counter()
-        if self._incremental_cheaper(S):
+        if S == 0:
+            row = self._C[i]
+        elif self._incremental_cheaper(S):
             nk, Kp, B, _ = self._get_pack()
             L = Kp @ self._Q[i]
             m_old = self._m[i]
@@ -708,7 +710,7 @@ class LazyAttention:
     def output(self, stale: bool = False) -> np.ndarray:
         """The whole output O (shape (n, d)): exact in O(n·|S|·d), or the cached view."""
         d = self._d
-        if stale:
+        if stale or not self._rows:  # nothing pending: the caches are exact
             return self._out(self._C)
         out = np.empty((self._n, d), dtype=self._dtype)
         for blk in self._blocks(2 * len(self._rows) + 1):

@@ -194,16 +194,18 @@ class CostModel:
 
 
 def _fit_line(x, y) -> tuple[float, float]:
-    """Least-squares ``y ≈ a + b·x`` with a, b ≥ 0; an even split when x does not vary."""
+    """Robust ``y ≈ a + b·x`` with a, b ≥ 0: a line through the medians of the lower and upper
+    halves in x, so a few timings inflated by a busy machine do not move it; an even split
+    between a and b when x does not vary."""
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
-    if len(x) >= 3 and np.ptp(x) > 0.1 * max(np.mean(x), 1.0):
-        b, a = np.polyfit(x, y, 1)
-        if a >= 0 and b >= 0:
-            return float(a), float(b)
-        if b < 0:  # no growth with x in this range: all of it is overhead
-            return float(max(np.median(y), 0.0)), 0.0
-        return 0.0, float(max(np.dot(x, y) / np.dot(x, x), 0.0))
+    if len(x) >= 4 and np.ptp(x) > 0.1 * max(np.mean(x), 1.0):
+        order = np.argsort(x, kind="stable")
+        lo, hi = order[:len(x) // 2], order[len(x) // 2:]
+        dx = np.median(x[hi]) - np.median(x[lo])
+        b = max(0.0, (np.median(y[hi]) - np.median(y[lo])) / dx) if dx > 0 else 0.0
+        a = max(0.0, float(np.median(y - b * x)))
+        return a, float(b)
     mx, my = float(np.median(x)), float(np.median(y))
     return 0.5 * my, 0.5 * my / max(mx, 1.0)
 

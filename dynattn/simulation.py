@@ -33,7 +33,7 @@ from .strategies import OnDemand, dense_recompute_seconds
 from .workloads import PRESETS, STREAMS, UpdateStream, WorkloadError, load_npz, make_qkv
 
 __all__ = ["POLICIES", "SCALES", "TIMELINE_COLUMNS", "TIME_COLUMNS", "Simulation",
-           "SimulationConfig", "Timeline"]
+           "REBUILD_PARAMS", "SimulationConfig", "Timeline"]
 
 POLICIES = ("cost", "fixed", "adaptive", "error")
 SCALES = ("1/sqrt(d)", "1 (unscaled)")
@@ -53,8 +53,8 @@ _COST_COLUMNS = TIMELINE_COLUMNS[11:19]
 TIME_COLUMNS = ("flush_seconds", *(c for c in _COST_COLUMNS if c.endswith("seconds")),
                 "tick_seconds")
 
-# Parameters whose change rebuilds every strategy, and those applied from the next tick.
-_REBUILD_PARAMS = ("n", "d", "preset", "seed", "scale", "dtype")
+#: Parameters whose change rebuilds every strategy (and restarts the timeline).
+REBUILD_PARAMS = ("n", "d", "preset", "seed", "scale", "dtype")
 _STREAM_PARAMS = ("stream", "updates_per_tick", "k_share", "delta_scale")
 _POLICY_PARAMS = ("policy", "threshold", "tolerance")
 
@@ -293,7 +293,7 @@ class Simulation:
         self._muted = False
         self._build(None)
         watch = self.config.param.watch
-        watch(self._on_rebuild_param, list(_REBUILD_PARAMS))
+        watch(self._on_rebuild_param, list(REBUILD_PARAMS))
         watch(self._on_stream_param, list(_STREAM_PARAMS))
         watch(self._on_policy_param, list(_POLICY_PARAMS))
         watch(self._on_history_param, ["history"])

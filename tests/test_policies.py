@@ -1,0 +1,148 @@
+"""Flush policies. The cost model is checked in a synthetic world whose costs are known
+exactly (no wall-clock timing), against the best fixed threshold found by a sweep."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from dynattn import CostModel, ErrorBudget, Fixed, LazyAttention, OriginalAdaptive
+from dynattn.policies import adaptive_threshold, as_policy
+
+
+@dataclass
+class Event:
+    updates: int
+    rows: int
+    seconds: float
+    kind: str = "incremental"
+
+
+class World:
+    """An engine stand-in with the engine's public surface and known costs: a flush costs
+    f0 + f1·rows, a query q0 + q1·S; updates hit rows drawn from ``hot`` of n rows."""
+
+    def __init__(self, policy, n=4096, hot=None, f0=2e-4, f1=2e-5, q0=5e-6, q1=2e-7,
+                 r=1.0, seed=0):
+        self.policy, self.n, self.d = policy, n, 64
+        self.hot = hot or n
+        self.f0, self.f1, self.q0, self.q1, self.r = f0, f1, q0, q1, r
+        self.rng = np.random.default_rng(seed)
+        self.n_updates = self.n_queries = 0
+        self.pending, self.rows = 0, set()
+        self.flush_log, self.query_log = deque(maxlen=1000), deque(maxlen=256)
+        self.max_correction_rows = n // 2
+        self.cost = 0.0
+        self._credit = 0.0
+
+    def update(self):
+        self.rows.add(int(self.rng.integers(self.hot)))
+        self.pending += 1
+        self.n_updates += 1
+        if self.pending >= self.policy.threshold(self):
+            rows = min(len(self.rows), self.max_correction_rows)
+            event = Event(self.pending, len(self.rows), self.f0 + self.f1 * rows)
+            self.cost += event.seconds
+            self.flush_log.append(event)
+            self.pending, self.rows = 0, set()
+            on_flush = getattr(self.policy, "on_flush", None)
+            if on_flush:
+                on_flush(event)
+        self._credit += self.r
+        while self._credit >= 1:
+            self._credit -= 1
+            S = len(self.rows)
+            t = self.q0 + self.q1 * min(S, self.max_correction_rows)
+            self.cost += t
+            self.n_queries += 1
+            self.query_log.append((S, 1, t))
+
+    def run(self, updates):
+        for _ in range(updates):
+            self.update()
+        return self.cost / updates
+
+
+WORLDS = {
+    "uniform, a query per update": {},
+    "hot spot, a query per update": {"hot": 40},
+    "uniform, rare queries": {"r": 0.01},
+}
+
+
+@pytest.mark.parametrize("world", sorted(WORLDS))
+def test_cost_model_within_2x_of_best_fixed_threshold(world):
+    kw = WORLDS[world]
+    sweep = {k: World(Fixed(k), **kw).run(6000) for k in (1, 2, 4, 8, 16, 32, 64, 128, 256,
+                                                          512, 1024, 2048, 10**9)}
+    best_k = min(sweep, key=sweep.get)
+    model = CostModel()
+    World(model, **kw).run(6000)
+    chosen = model.current
+    cost_chosen = World(Fixed(int(min(chosen, 10**9))), **kw).run(6000)
+    assert cost_chosen <= 1.25 * sweep[best_k], (world, chosen, best_k, sweep)
+    if best_k < 10**9:
+        assert best_k / 2 <= chosen <= 2 * best_k or cost_chosen <= 1.05 * sweep[best_k]
+
+
+def test_cost_model_regimes():
+    eager = CostModel()
+    World(eager, f0=1e-3, f1=1e-6, q1=1e-4, r=20).run(3000)
+    assert eager.current <= 2
+    never = CostModel(window=256)
+    World(never, r=0.0).run(1000)
+    assert never.current == math.inf
+    hot, uniform = CostModel(), CostModel()
+    World(hot, hot=40).run(6000)
+    World(uniform).run(6000)
+    assert hot.current > uniform.current  # coalescing makes waiting cheaper
+
+
+def test_cost_model_learns_from_queries_right_after_flushes():
+    # queries always land just after a flush: they still teach the model their cost
+    eng = LazyAttention(*np.random.default_rng(0).random((3, 64, 4)), policy=CostModel(4))
+    for k in range(400):
+        eng.update_k(k % 64, 0, 0.01)
+        if eng.pending == 0:
+            eng.query(0, 0)
+    assert len(eng.query_log) > 0 and eng.policy.fitted
+
+
+def test_original_adaptive_rule():
+    assert adaptive_threshold(0, 50_000) == 10
+    assert adaptive_threshold(10, 50_000) == 46
+    assert adaptive_threshold(50, 50_000) == 100
+    policy = OriginalAdaptive()
+    eng = LazyAttention(*np.random.default_rng(1).random((3, 1000, 50)), scale=1.0,
+                        policy=policy)
+    thresholds = []
+    for step in range(60):
+        eng.update_k_many([(step % 1000, 0, 0.1)] * 10)
+        thresholds.append(policy.current)
+    assert thresholds[0] == 46 and max(thresholds) == 100  # it moves, then caps
+    assert list(policy.history)[-1] == eng.last_flush.updates > 0
+
+
+def test_error_budget_tracks_true_error():
+    rng = np.random.default_rng(2)
+    policy = ErrorBudget(1e-3)
+    eng = LazyAttention(*rng.random((3, 50, 8)), policy=policy)
+    for _ in range(300):
+        eng.update_v(int(rng.integers(50)), int(rng.integers(8)), float(rng.normal()))
+        assert eng.approximation_error().relative <= 1e-3
+    assert eng.n_flushes > 5
+
+
+@pytest.mark.parametrize(("bad", "match"), [
+    (lambda: Fixed(0), "k=0"), (lambda: Fixed(2.5), "k=2.5"),
+    (lambda: CostModel(initial=0), "initial=0"), (lambda: CostModel(window=0), "window=0"),
+    (lambda: ErrorBudget(0), "tolerance=0"), (lambda: ErrorBudget(0.1, sample=0), "sample"),
+    (lambda: OriginalAdaptive(func=3), "func=3"), (lambda: as_policy("x"), "policy='x'"),
+])
+def test_bad_policy_arguments(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        bad()
