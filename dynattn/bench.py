@@ -1248,8 +1248,10 @@ def run_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    t0 = time.perf_counter()
+
     def log(msg):
-        print(msg, flush=True)
+        print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
 
     res = collect(plan, log)
     if not args.no_plots:

@@ -39,6 +39,14 @@ _GROWTH = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): 64.0}
 # Elements per temporary block in the O(n²·d) builds: bounds temporaries to a few MB.
 _BLOCK_ELEMENTS = 1 << 20
 
+# How far (in logits) an entry of Ã may rise above its row's stabiliser: e^64 (float64) and
+# e^16 (float32) times n stay far below overflow, and recomputing a row whenever a logit beat
+# its maximum would cost O(n·d) on most K updates.
+_HEADROOM = {np.dtype(np.float64): 64.0, np.dtype(np.float32): 16.0}
+
+# Rows per block of EagerDense's rank-2 cache updates (about 2 MB of float64 at d = 64).
+_UPDATE_ROWS = 2048
+
 
 class _Baseline:
     """Inputs, validation and the shared update/query entry points of the baselines.
@@ -240,7 +248,7 @@ class OnDemand(_Baseline):
 def eager_dense_nbytes(n: int, d: int, dtype=np.float64) -> int:
     """Bytes an :class:`EagerDense` of this shape holds (the n×n matrix dominates)."""
     item = np.dtype(dtype).itemsize
-    return item * (n * n + n * (3 * d + 2) + 3 * n * d + n)
+    return item * (n * n + n * (2 * d + 2) + 4 * n * d + 3 * n + min(n, _UPDATE_ROWS) * (2 * d + 2))
 
 
 class EagerDense(_Baseline):
@@ -266,7 +274,8 @@ class EagerDense(_Baseline):
     Build O(n²·d). A K update (entry or row) recomputes column j of Ã and moves its old and new
     contributions in and out of N, s and the guards: O(n·d). A V entry update changes one column
     of N and of the guards: O(n). A V row rewrite is O(n·d). A query is O(1). A row whose guard
-    fails, or whose new logit exceeds its stabiliser, is recomputed exactly in O(n·d).
+    fails, or whose new logit exceeds its stabiliser by more than e^64 (float64; e^16 in
+    float32), is recomputed exactly in O(n·d).
     Memory :func:`eager_dense_nbytes` (``n²`` elements: 2 GiB at n = 16,384 in float64).
     """
 
@@ -279,9 +288,10 @@ class EagerDense(_Baseline):
         self._m = np.empty(n, dtype=self.dtype)
         # cache columns as in the engine: N (d) | s | guard of s | guard of N (d)
         self._C = np.empty((n, 2 * d + 2), dtype=self.dtype)
-        # reused per update: a fresh n×(2d+2) temporary would be page-faulted every time
-        self._work = np.empty_like(self._C)
         self._pair = np.empty((n, 2), dtype=self.dtype)
+        # rank-2 updates of the caches run over row blocks through this small buffer: one
+        # n×(2d+2) temporary would push the caches out of the last-level cache every update
+        self._block = np.empty((min(n, _UPDATE_ROWS), 2 * d + 2), dtype=self.dtype)
         self._build()
 
     def _build(self) -> None:
@@ -323,16 +333,18 @@ class EagerDense(_Baseline):
     def _k_changed(self, i: int, old_row: np.ndarray) -> None:
         a_new = self._Qs @ self._K[i]
         a_new -= self._m
-        above = a_new > 0  # the new logit exceeds the row's stabiliser: recompute those rows
-        np.minimum(a_new, 0, out=a_new)
+        # A new logit may exceed its row's stabiliser by the headroom before that row is
+        # recomputed (re-stabilised); below it the exponentials stay far from overflow.
+        headroom = _HEADROOM[self.dtype]
+        above = a_new > headroom
+        np.minimum(a_new, headroom, out=a_new)
         np.exp(a_new, out=a_new)
         self._pair[:, 0] = a_new
         self._pair[:, 1] = self._At[i]
         self._At[i] = a_new
         v = self._V[i]
-        np.matmul(self._pair, self._contributions(v, v), out=self._work)
-        self._C += self._work
-        self._repair(self._lost_precision(self._C) | above)
+        bad = self._add_product(self._pair, self._contributions(v, v))
+        self._repair(above if bad is None else bad | above)
 
     def _v_changed(self, i: int, old_row: np.ndarray) -> None:
         # s keeps its value; N moves by a·(new − old) and the guard of N by the mass of the
@@ -342,9 +354,7 @@ class EagerDense(_Baseline):
         b = np.zeros((1, 2 * d + 2), dtype=self.dtype)
         b[0, :d] = new_row - old_row
         b[0, d + 2:] = (1.0 + g) * np.abs(old_row) - g * np.abs(new_row)
-        np.matmul(self._At[i][:, None], b, out=self._work)
-        self._C += self._work
-        self._repair(self._lost_precision(self._C))
+        self._repair(self._add_product(self._At[i][:, None], b))
 
     def _v_entry_changed(self, i: int, j: int, old: float) -> None:
         d, g = self.d, self._g
@@ -355,15 +365,29 @@ class EagerDense(_Baseline):
         guard += a * ((1.0 + g) * abs(old) - g * abs(new))
         self._repair(guard > 0)
 
-    def _lost_precision(self, C: np.ndarray) -> np.ndarray:
+    def _add_product(self, A: np.ndarray, B: np.ndarray) -> np.ndarray | None:
+        """``C += A @ B`` (A (n, k), B (k, 2d+2)) one row block at a time, checking each block's
+        guards while it is in cache. Returns the rows that lost precision, or None."""
+        step, d = len(self._block), self.d
+        flagged = False
+        for a in range(0, self.n, step):
+            C = self._C[a:a + step]
+            out = self._block[:len(C)]
+            np.matmul(A[a:a + step], B, out=out)
+            C += out
+            # s > 0 and every guard <= 0 in two reductions; NaN fails both comparisons
+            flagged |= not (C[:, d].min() > 0 and C[:, d + 1:].max() <= 0)
+        return self._lost_precision() if flagged else None
+
+    def _lost_precision(self) -> np.ndarray:
         """Rows whose guards say the subtraction may have cancelled digits (or not finite)."""
-        d = self.d
-        bad = ~(C[:, d] > 0) | ~(C[:, d + 1] <= 0)  # negated comparisons also catch NaN
-        bad |= (C[:, d + 2:] > 0).any(axis=1)
+        C, d = self._C, self.d
+        bad = ~(C[:, d] > 0) | ~(C[:, d + 1] <= 0)
+        bad |= ~(C[:, d + 2:] <= 0).all(axis=1)
         return bad
 
-    def _repair(self, bad: np.ndarray) -> None:
-        if bad.any():
+    def _repair(self, bad: np.ndarray | None) -> None:
+        if bad is not None and bad.any():
             self._exact_rows(np.flatnonzero(bad))
 
     def _exact_rows(self, idx: np.ndarray) -> None:
