@@ -11,6 +11,7 @@ import numbers
 import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_LIMIT = {dt: float(np.finfo(dt).max) for dt in SUPPORTED_DTYPES}
 
 
 def resolve_dtype(dtype, *arrays) -> np.dtype:
@@ -75,6 +76,9 @@ def check_index(name: str, value, bound: int) -> int:
 
 def check_scalar(name: str, value, dtype: np.dtype) -> float:
     """A finite real scalar that stays finite in ``dtype``."""
+    limit = _LIMIT.get(dtype, 0.0)
+    if type(value) is float and -limit <= value <= limit:  # the common case, cheaply
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}={value!r} must be a real number")
     if not np.isfinite(dtype.type(value)):

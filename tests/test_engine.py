@@ -364,11 +364,13 @@ BAD_CALLS = [
     (lambda e: e.update_v_many([(1, 2, float("inf"))]), ValueError, r"updates\[0\]\[2\]"),
     (lambda e: e.update_k_many([1.0, 2.0], [0, 1], [1.0, 1.0]), TypeError, "rows"),
     (lambda e: e.update_k_many([1, 2], [0, 1]), TypeError, "needs rows, cols and deltas"),
-    (lambda e: e.set_k_row(0, np.ones(5)), ValueError, "values has shape"),
-    (lambda e: e.set_v_row(0, [1, 2, 3, 4, 5, np.inf]), ValueError, "values must be finite"),
+    (lambda e: e.set_k_row(0, np.ones(5)), ValueError, "row has shape"),
+    (lambda e: e.set_v_row(0, [1, 2, 3, 4, 5, np.inf]), ValueError, "row must be finite"),
+    (lambda e: e.set_k_rows([0], np.ones((1, 5))), ValueError, "values has shape"),
     (lambda e: e.set_k_rows([1, 1], np.ones((2, 6))), ValueError, "repeats"),
     (lambda e: e.set_v_rows([1, 99], np.ones((2, 6))), IndexError, "rows"),
-    (lambda e: e.set_k_row(0, ["a"] * 6), TypeError, "values has dtype"),
+    (lambda e: e.set_k_row(0, ["a"] * 6), TypeError, "row has dtype"),
+    (lambda e: e.set_v_rows([2], [["a"] * 6]), TypeError, "values has dtype"),
     (lambda e: e.query(0, 6), IndexError, "j=6"),
     (lambda e: e.query_many([0, 1], [0]), ValueError, "cols has 1"),
     (lambda e: e.weight(0, 40), IndexError, "j=40"),
@@ -383,6 +385,24 @@ def test_bad_input_names_argument_and_changes_nothing(call, exc, match):
     snap = snapshot(eng)
     with pytest.raises(exc, match=match):
         call(eng)
+    assert_unchanged(eng, snap)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("call", [
+    lambda e, big: e.update_k(1, 2, big),
+    lambda e, big: e.update_v(1, 2, -big),
+    lambda e, big: e.update_k_many([0, 1, 1], [0, 2, 2], [1.0, big / 2, big / 2]),
+    lambda e, big: e.update_v_many([(1, 2, -big)]),
+])
+def test_an_update_that_would_overflow_changes_nothing(call, dtype):
+    eng = make(policy=3, dtype=dtype)
+    big = float(np.finfo(dtype).max)
+    eng.update_k(1, 2, 0.75 * big)
+    eng.update_v(1, 2, -0.75 * big)
+    snap = snapshot(eng)
+    with pytest.raises(ValueError, match=r"\[1, 2\] = .*not finite"):
+        call(eng, 0.5 * big)
     assert_unchanged(eng, snap)
 
 

@@ -154,8 +154,7 @@ def test_query_flops_matches_the_engines_flush_count(k_share):
     sim = Simulation(n=n, d=d, policy="fixed", threshold=1000, updates_per_tick=3,
                      k_share=k_share)
     assert sim.engine.query_flops(7) == 7 * d  # nothing pending: cached rows
-    limit = sim.engine.max_correction_rows
-    for target in (1, 4, limit + 1):  # beyond the limit rows are computed afresh
+    for target in (1, 4, sim.engine.max_query_rows):
         while sim.engine.touched_rows < target:
             sim.step()
         estimate = sim.engine.query_flops(n)
@@ -163,6 +162,10 @@ def test_query_flops_matches_the_engines_flush_count(k_share):
         assert event.repaired == 0
         # a flush does the work of a query on every row, without the final division
         assert estimate - n * d == event.flops
+    while sim.engine.touched_rows <= sim.engine.max_query_rows:
+        sim.step()
+    # beyond the limit query rows are computed afresh: two products of n·d each
+    assert sim.engine.query_flops(n) == n * (4 * n * d + d)
 
 
 @pytest.mark.parametrize("stream", STREAMS)
