@@ -96,13 +96,16 @@ class OriginalAdaptive:
         return f"OriginalAdaptive(current={self.current})"
 
 
+_MIN_PERIOD = 32  # updates between two refits of the cost model, at the least
+
+
 class CostModel:
     """Pick the flush threshold that minimises the measured cost per update (the default).
 
     For a threshold k, with r exact query entries per update and ``rows(k)`` distinct rows
     touched by k updates, the cost per update is modelled as ::
 
-        cost(k) = (f0 + f1·min(rows(k), Smax)) / k  +  r·(q0 + q1·min(rows̄(k), Smax))
+        cost(k) = (f0 + f1·min(rows(k), Fmax)) / k  +  r·(q0 + q1·min(rows̄(k), Smax))
 
     * ``f0 + f1·rows`` is one flush (f0 holds the O(n·d) passes every flush makes over the
       caches, f1 the O(n·d) GEMM work per touched row), fitted to the engine's flush log;
@@ -111,18 +114,22 @@ class CostModel:
       spread over H equally likely rows; H is fitted to the flushes' (updates, rows) pairs, so
       a hot spot (small H) is seen to coalesce and a uniform stream (H ≈ n) is not;
       ``rows̄(k)`` is its average over a flush cycle (what a query sees);
-    * ``Smax = engine.max_correction_rows``: beyond it queries and flushes recompute instead,
-      so costs stop growing; ``k = ∞`` (never flush) costs ``r·(q0 + q1·Smax)`` per update.
+    * ``Fmax = engine.max_correction_rows`` and ``Smax = engine.max_query_rows``: beyond them
+      flushes and queries recompute instead, so their costs stop growing; ``k = ∞`` (never
+      flush) costs ``r·(q0 + q1·Smax)`` per update.
 
     The threshold is the best of k ∈ {1, 2, 4, …} ∪ {∞}: k = 1 is eager maintenance (queries
     dominate), ∞ answers queries on demand (queries rare), and in between the square-root
     trade-off ``k* ≈ sqrt(2·f0 / (r·q1·ρ))`` of flush overhead against query corrections.
-    r is measured over the last ``window`` updates, so the choice follows the stream.
+    r is measured over the last ``window`` updates, so the choice follows the stream; with no
+    query in that window the policy does not flush at all. The model is refitted every 32
+    updates, and less often (up to every ``window/2``) while its choice stays the same.
 
     Parameters
     ----------
     initial : int, default 16
-        Threshold until a flush and a query have been timed.
+        Threshold until the query rate is measured (32 updates) and, when queries arrive,
+        until a flush and a query have been timed.
     window : int, default 2048
         Updates over which the query rate r is measured.
     max_threshold : float, default inf
@@ -142,7 +149,8 @@ class CostModel:
         self.current: float = float(initial)
         self.fitted: dict[str, float] = {}
         self._marks: deque[tuple[int, int]] = deque()
-        self._next_refit = 0
+        self._refit_at = self._next_refit = 0
+        self._period = _MIN_PERIOD
 
     def threshold(self, engine) -> float:
         u = engine.n_updates
@@ -150,13 +158,21 @@ class CostModel:
             self._marks.append((u, engine.n_queries))
             while len(self._marks) > 2 and u - self._marks[1][0] >= self.window:
                 self._marks.popleft()
-            self.current = self._choose(engine)
-            # a refit costs a few small least-squares solves: every 32 updates is plenty
-            self._next_refit = u + 32
+            choice = self._choose(engine)
+            # a refit costs ~0.1 ms, as much as dozens of updates: refit less often while the
+            # choice holds, soon again once it moves
+            if choice == self.current:
+                self._period = min(2 * self._period, max(_MIN_PERIOD, self.window // 2))
+            else:
+                self._period = _MIN_PERIOD
+            self.current = choice
+            self._refit_at, self._next_refit = u, u + self._period
         return self.current
 
     def on_flush(self, event) -> None:
-        self._next_refit = 0
+        # a flush brings a new timing: take it into account soon (not after every flush,
+        # which would be every update when eager)
+        self._next_refit = min(self._next_refit, self._refit_at + _MIN_PERIOD)
 
     def query_rate(self) -> float:
         """Exact query entries per update over the recent window."""
@@ -164,25 +180,31 @@ class CostModel:
         return (q1 - q0) / (u1 - u0) if u1 > u0 else 0.0
 
     def _choose(self, engine) -> float:
+        if len(self._marks) < 2:  # the query rate is not measured yet
+            return float(min(self.initial, self.max_threshold))
         r = self.query_rate()
-        span = self._marks[-1][0] - self._marks[0][0]
         queries = list(engine.query_log)
-        if r == 0 and span >= self.window:
-            return self.max_threshold  # no query for a whole window: flushing buys nothing
+        if r == 0:
+            # no query lately: a flush buys nothing now, and deferring it costs nothing later
+            # (a deferred flush is never dearer than the flushes it replaces: past
+            # max_correction_rows it becomes a rebuild, which is cheaper by that definition)
+            return self.max_threshold
         flushes = [e for e in engine.flush_log if e.kind == "incremental"][-64:]
         if not flushes or not queries:
             return float(min(self.initial, self.max_threshold))
-        f0, f1 = _fit_line([e.rows for e in flushes], [e.seconds for e in flushes])
-        q0, q1 = _fit_line([s for s, _, _ in queries], [t / c for _, c, t in queries])
+        f0, f1 = _fit_line([e.rows for e in flushes], [e.seconds for e in flushes],
+                           self.fitted.get("f1"))
+        q0, q1 = _fit_line([s for s, _, _ in queries], [t / c for _, c, t in queries],
+                           self.fitted.get("q1"))
         H = _effective_rows([e.updates for e in flushes], [e.rows for e in flushes], engine.n)
-        smax = engine.max_correction_rows
+        fmax, smax = engine.max_correction_rows, engine.max_query_rows
         self.fitted = {"f0": f0, "f1": f1, "q0": q0, "q1": q1, "H": H, "r": r}
         best_k, best = math.inf, r * (q0 + q1 * smax)
         k = 1
         while k <= min(self.max_threshold, 64 * engine.n):
             rows = H * -math.expm1(-k / H)
             mean_rows = H - H * rows / k  # average of rows(p) over p < k
-            cost = (f0 + f1 * min(rows, smax)) / k + r * (q0 + q1 * min(mean_rows, smax))
+            cost = (f0 + f1 * min(rows, fmax)) / k + r * (q0 + q1 * min(mean_rows, smax))
             if cost < best:
                 best_k, best = float(k), cost
             k *= 2
@@ -193,10 +215,11 @@ class CostModel:
         return f"CostModel(current={self.current:.4g})"
 
 
-def _fit_line(x, y) -> tuple[float, float]:
+def _fit_line(x, y, slope=None) -> tuple[float, float]:
     """Robust ``y ≈ a + b·x`` with a, b ≥ 0: a line through the medians of the lower and upper
-    halves in x, so a few timings inflated by a busy machine do not move it; an even split
-    between a and b when x does not vary."""
+    halves in x, so a few timings inflated by a busy machine do not move it. When x does not
+    vary the slope cannot be seen: the previous ``slope`` is kept if there is one (an eager
+    engine only ever queries with nothing pending), else a and b split the cost evenly."""
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
     if len(x) >= 4 and np.ptp(x) > 0.1 * max(np.mean(x), 1.0):
@@ -207,6 +230,8 @@ def _fit_line(x, y) -> tuple[float, float]:
         a = max(0.0, float(np.median(y - b * x)))
         return a, float(b)
     mx, my = float(np.median(x)), float(np.median(y))
+    if slope is not None:
+        return max(0.0, my - slope * mx), slope
     return 0.5 * my, 0.5 * my / max(mx, 1.0)
 
 

@@ -36,6 +36,7 @@ class World:
         self.pending, self.rows = 0, set()
         self.flush_log, self.query_log = deque(maxlen=1000), deque(maxlen=256)
         self.max_correction_rows = n // 2
+        self.max_query_rows = n // 3
         self.cost = 0.0
         self._credit = 0.0
 
@@ -56,7 +57,7 @@ class World:
         while self._credit >= 1:
             self._credit -= 1
             S = len(self.rows)
-            t = self.q0 + self.q1 * min(S, self.max_correction_rows)
+            t = self.q0 + self.q1 * min(S, self.max_query_rows)
             self.cost += t
             self.n_queries += 1
             self.query_log.append((S, 1, t))
