@@ -586,10 +586,12 @@ class LazyAttention:
     def max_query_rows(self) -> int:
         """Touched rows beyond which exact queries compute their rows directly, O(n·d).
 
-        A query row is memory-bound: correcting it reads the ~2|S| packed entries of 3d+2
-        numbers, computing it afresh reads K and V, 2n·d numbers.
+        A query is memory-bound: correcting a row reads the ~2|S| packed entries of 3d+2
+        numbers, computing an entry afresh reads K and a column of V, about n·d numbers
+        (measured at n=16,384, d=64: 80 µs against 220 µs at |S|=1,000, 344 against 223 at
+        |S|=4,000).
         """
-        return (self._n * self._d) // (3 * self._d + 2)
+        return (self._n * self._d) // (2 * (3 * self._d + 2))
 
     def _current_rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """Exact current cache rows ``(m, C)`` for the index array ``idx`` (copies).
