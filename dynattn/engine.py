@@ -174,6 +174,9 @@ class LazyAttention:
     2
     """
 
+    # packing one touched row costs about as much as 64 rows of a fresh query (d = 64)
+    _pack_row_cost = 64
+
     def __init__(self, Q, K, V, *, scale=None, dtype=None, policy=None):
         dt = V_.resolve_dtype(dtype, Q, K, V)
         Qa = V_.as_matrix("Q", Q, dt)
@@ -450,7 +453,10 @@ class LazyAttention:
         self._n_updates += count
         pack = self._pack
         if pack.slots:  # rows already packed get their entries refreshed at the next use
-            pack.dirty.update(self._slot[r] for r in rows)
+            for r in rows:
+                k = self._slot[r]
+                if k < pack.slots:
+                    pack.dirty.add(k)
         if self._pending >= self._policy.threshold(self):
             return self.flush()
         return None
@@ -756,10 +762,19 @@ class LazyAttention:
         """Output entry ``O[i, j]``; exact in O(|S|·d), or the cached value if ``stale``."""
         i = V_.check_index("i", i, self._n)
         j = V_.check_index("j", j, self._d)
-        if not stale and len(self._rows) > self.max_query_rows:
+        if not stale and self._single_direct():
             return self._direct_entry(i, j)
         row = self._row(i, stale)
         return float(row[j] / row[self._d])
+
+    def _single_direct(self) -> bool:
+        """Whether one exact query row is cheaper computed afresh than corrected: past
+        :attr:`max_query_rows`, or when the pack has many rows to catch up on first (packing
+        a row costs about as much as ``_pack_row_cost`` rows of a fresh computation)."""
+        S = len(self._rows)
+        pack = self._pack
+        return (S > self.max_query_rows
+                or self._pack_row_cost * (len(pack.dirty) + S - pack.slots) > self._n)
 
     def _direct_entry(self, i: int, j: int) -> float:
         """``O[i, j]`` from scratch, reading one column of V: 2n·d + 4n flops."""
@@ -790,7 +805,7 @@ class LazyAttention:
         t0 = time.perf_counter()
         if S == 0:
             row = self._C[i]
-        elif S <= self.max_query_rows:
+        elif not self._single_direct():
             Kp, B, newpos = self._get_pack()
             L = Kp @ self._Q[i]
             m_old = self._m[i]

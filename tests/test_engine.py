@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tracemalloc
 
@@ -63,6 +64,17 @@ def scenarios(draw, hard=False):
     return Q, K, V, scale, policy, ops
 
 
+@contextlib.contextmanager
+def correcting_single_queries(eng):
+    """Single queries take the correction path whenever |S| allows it: at test sizes (n < 64)
+    the engine would otherwise compute them afresh after almost every update."""
+    eng._pack_row_cost = 0
+    try:
+        yield
+    finally:
+        del eng._pack_row_cost
+
+
 def run_against_oracle(scenario, tol, dtype=np.float64):
     Q, K, V, scale, policy, ops = scenario
     eng = LazyAttention(Q, K, V, scale=scale, dtype=dtype, policy=policy)
@@ -105,9 +117,13 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
                 s = orc.natural_scale(stale)
                 assert_close_natural(eng.query(i, j, stale=stale), o[i, j], s[i, j], tol,
                                      f"query stale={stale}")
+            with correcting_single_queries(eng):
+                assert_close_natural(eng.query(i, j), exact[i, j], nat[i, j], tol, "query")
         elif kind == "query_row":
             i = op[1]
             assert_close_natural(eng.query_row(i), exact[i], nat[i], tol, "query_row")
+            with correcting_single_queries(eng):
+                assert_close_natural(eng.query_row(i), exact[i], nat[i], tol, "query_row")
             assert_close_natural(eng.query_row(i, stale=True), orc.output(True)[i],
                                  orc.natural_scale(True)[i], tol, "stale query_row")
         elif kind == "query_many":
@@ -236,9 +252,10 @@ def test_large_logits_never_overflow(magnitude):
     assert np.abs(orc.Q @ orc.K.T).max() > magnitude / 4  # the logits really were large
 
 
-def test_cancellation_dominant_key_changed_stays_exact():
+@pytest.mark.parametrize("correct_single", [False, True])
+def test_cancellation_dominant_key_changed_stays_exact(correct_single):
     # row 0 puts all its mass on key 0 (logit 500 against about 0); then key 0 goes away
-    n, d = 6, 2
+    n, d = 64, 2  # big enough for a single query to be corrected rather than recomputed
     Q = np.zeros((n, d))
     Q[0] = [10.0, 0.0]
     K = np.full((n, d), 0.01)
@@ -248,7 +265,9 @@ def test_cancellation_dominant_key_changed_stays_exact():
     assert eng.weight(0, 0) == pytest.approx(1.0)
     eng.update_k(0, 0, -50.0)  # logit 500 -> 0: the remaining mass is e^-500 of what was there
     want = dense_attention(Q, eng.K, eng.V, 1.0)
-    assert_close_natural(eng.query_row(0), want[0], (np.abs(V)).mean(0), 1e-13, "query")
+    with correcting_single_queries(eng) if correct_single else contextlib.nullcontext():
+        assert_close_natural(eng.query_row(0), want[0], (np.abs(V)).mean(0), 1e-13, "row")
+        assert_close_natural(eng.query(0, 1), want[0, 1], np.abs(V[:, 1]).mean(), 1e-13, "entry")
     event = eng.flush()
     assert event.repaired >= 1  # the row was recomputed, not subtracted
     assert_close_natural(eng.output(stale=True), want, np.abs(V).max(), 1e-13, "after flush")
