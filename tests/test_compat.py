@@ -77,6 +77,10 @@ def test_demo_matches_dense_recomputation():
     # the fixed rule records real counts: the threshold moves from 10 to its cap
     assert report["threshold"] == 100
     assert 0 < report["flushes"] < 200
+    # the default policy's run gives the same answers, with (almost) no flush: no query came
+    dense = report["dense_O_0_0"], report["dense_O_500_25"]
+    assert report["default_policy_answers"] == pytest.approx(dense, rel=1e-12, abs=1e-12)
+    assert report["default_policy_flushes"] <= 2
 
 
 def test_demo_command_line():
