@@ -954,8 +954,9 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(res: dict) -> str:
-    """The results as markdown: targets, then one table per item."""
+def render_markdown(res: dict, summary: bool = False) -> str:
+    """The results as markdown: targets, then one table per item (with ``summary``, items 1–3
+    are left to a link to ``benchmarks/results/results.md``)."""
     m = res["meta"]
     mach = m["machine"]
     blas = "; ".join(f"{p['internal_api']} {p['version']}, {p['num_threads']} threads"
@@ -971,7 +972,12 @@ def render_markdown(res: dict) -> str:
                [[t["target"], t["measured"] + (f" — {t['detail']}" if t["detail"] else ""),
                  t["required"], f"**{t['status']}**"] for t in res["targets"]]),
     ]
-    if res["updates"]:
+    if summary:
+        parts.append("Every table (cost per update for each strategy, query latency, flush "
+                     "efficiency) and the plots: [benchmarks/results/](benchmarks/results/"
+                     "results.md); how they are measured: [benchmarks/README.md]"
+                     "(benchmarks/README.md).")
+    if res["updates"] and not summary:
         parts.append("### 1. Cost per (update + its share of queries)")
         parts.append("q = exact queries per update. Best = best strategy in hindsight; cost "
                      "model = the default policy, with its ratio to the best. Recompute is "
@@ -988,7 +994,7 @@ def render_markdown(res: dict) -> str:
         parts.append(_table(["n", "dtype", "stream", "q", "best", "cost model"] + cols, rows))
         parts.append("Per update and per query separately (q-independent strategies: one run; "
                      "cost model: its run at q = 0.01) are in the JSON.")
-    if res["queries"]:
+    if res["queries"] and not summary:
         parts.append("### 2. Exact query latency with k touched rows pending (median)")
         rows = [[f"{q['n']:,}", q["dtype"], q["pending"], _us(q["single_s"]),
                  f"{q['batch1000_s'] * 1e3:.2f} ms", _us(q["row_s"])] for q in res["queries"]]
@@ -999,7 +1005,7 @@ def render_markdown(res: dict) -> str:
                 for b in res["query_baselines"] for label, v in b.items()
                 if isinstance(v, dict)]
         parts.append(_table(["n", "dtype", "baseline", "single entry", "batch of 1,000"], base))
-    if res["flush"]:
+    if res["flush"] and not summary:
         parts.append("### 3. Flush efficiency")
         peaks = ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in res["gemm_peak"].items())
         side = m["plan"]["gemm_size"]
@@ -1173,6 +1179,17 @@ def _plot_queries(res, hv, static):
     return hv.Layout(panels).cols(2)
 
 
+def _strategy_axis(plot, element) -> None:
+    """Slanted strategy names under each group of bars; the q of each bar is in its colour."""
+    axis = plot.state.xaxis[0]
+    axis.group_label_orientation = 0.9
+    axis.major_label_text_font_size = "0pt"
+    axis.separator_line_alpha = 0
+    for legend in plot.state.legend:  # one row, above the bars (the y axis reaches 10^8)
+        legend.title = "queries per update"
+        legend.orientation = "horizontal"
+
+
 def _plot_strategies(res, hv, static):
     rows = [r for r in res["updates"] if r["dtype"] == res["meta"]["plan"]["dtypes"][0]]
     if not rows:
@@ -1188,8 +1205,9 @@ def _plot_strategies(res, hv, static):
             data.sort(key=lambda t: (order.index(t[0]), -float(t[1])))
             panels.append(hv.Bars(data, ["strategy", "q"], "µs per update+share").opts(
                 title=f"n={n:,} {rows[0]['dtype']} {STREAM_LABELS[stream]}", logy=True,
-                width=560, height=300, xrotation=60, multi_level=False,
-                color=hv.dim("q").categorize({f"{k:g}": v for k, v in _RATE_COLORS.items()}),
+                width=560, height=300, xrotation=60, xlabel="strategy",
+                color="q", cmap={f"{k:g}": v for k, v in _RATE_COLORS.items()},
+                show_legend=not panels, legend_position="top_left", hooks=[_strategy_axis],
                 toolbar=None if static else "right", fontsize={"title": 9, "xticks": 7}))
     return hv.Layout(panels).cols(3).opts(
         title="Strategies compared: cost per (update + share of q queries per update)")
@@ -1217,6 +1235,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the HTML plots only (PNG needs a headless Chromium)")
     p.add_argument("--strict", action="store_true",
                    help="exit with status 1 when a target is missed")
+    p.add_argument("--readme", default="README.md",
+                   help="a full run rewrites the results between the '<!-- bench:start -->' "
+                        "and '<!-- bench:end -->' lines of this file ('' for none)")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -1240,6 +1261,8 @@ def run_bench(args: argparse.Namespace) -> int:
     (out / f"results{suffix}.md").write_text(md, encoding="utf-8")
     (out / f"bench{suffix}.json").write_text(json.dumps(_finite(res), indent=1),
                                              encoding="utf-8")
+    if mode == "full" and args.readme:
+        log(update_readme(Path(args.readme), res))
     print()
     print(md)
     misses = [t for t in res["targets"] if t["status"] == "MISS"]
@@ -1247,6 +1270,25 @@ def run_bench(args: argparse.Namespace) -> int:
           f"{len(misses)} MISS, {sum(t['status'] == 'SKIP' for t in res['targets'])} SKIP; "
           f"wrote {out / f'bench{suffix}.json'}")
     return 1 if (args.strict and misses) else 0
+
+
+README_MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
+
+
+def update_readme(path: Path, res: dict) -> str:
+    """Replace the text between :data:`README_MARKERS` in ``path`` by the summary of ``res``
+    (:func:`render_markdown` with ``summary``); returns what was done, for the log."""
+    start, end = README_MARKERS
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return f"{path} not found: no README updated"
+    a, b = text.find(start), text.find(end)
+    if a < 0 or b < a:
+        return f"{path} has no {start} … {end} markers: not updated"
+    body = render_markdown(res, summary=True)
+    path.write_text(f"{text[:a + len(start)]}\n{body}{text[b:]}", encoding="utf-8")
+    return f"updated the results in {path}"
 
 
 def _finite(obj):

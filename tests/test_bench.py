@@ -82,3 +82,20 @@ def test_rows_stream_yields_row_rewrites_in_the_working_dtype():
     actions = src.take(40)
     assert len(actions) == 40 and {code for code, _ in actions} <= {2, 3}
     assert all(args[1].dtype == np.float32 and args[1].shape == (4,) for _, args in actions)
+
+
+def test_readme_results_are_replaced_between_the_markers(tiny_run, tmp_path):
+    out, res = tiny_run
+    readme = tmp_path / "README.md"
+    start, end = bench.README_MARKERS
+    readme.write_text(f"# Title\n\n## Benchmark results\n\n{start}\nOLD RESULTS\n{end}\n\nAfter.\n")
+    assert "updated" in bench.update_readme(readme, res)
+    text = readme.read_text()
+    assert "OLD RESULTS" not in text and text.startswith("# Title")
+    assert text.endswith(f"{end}\n\nAfter.\n")
+    assert "### Targets" in text and "### 4. Original demo" in text
+    assert "### 1. Cost per" not in text  # the long tables stay in benchmarks/results
+    assert bench.update_readme(readme, res) and readme.read_text() == text  # idempotent
+    readme.write_text("no markers\n")
+    assert "not updated" in bench.update_readme(readme, res)
+    assert readme.read_text() == "no markers\n"
