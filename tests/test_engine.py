@@ -285,6 +285,21 @@ def test_value_up_by_1e8_and_back_stays_exact():
     assert eng.last_flush.repaired > 0
 
 
+def test_single_entry_query_repairs_a_cancelled_column():
+    # the caches hold V[7, 1] = 1e8 (flushed); taking it back out while pending cancels ~8
+    # digits of N[:, 1] only: an entry query of that column must notice and recompute
+    eng = make(n=64, d=3, seed=4, policy=10**6)
+    eng.update_v(7, 1, 1e8)
+    eng.flush()
+    eng.update_v(7, 1, -1e8)
+    want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
+    nat = dense_attention(eng.Q, eng.K, np.abs(eng.V), eng.scale)
+    with correcting_single_queries(eng):
+        for i in (0, 7, 33):
+            for j in range(3):
+                assert_close_natural(eng.query(i, j), want[i, j], nat[i, j], 1e-12, f"{i},{j}")
+
+
 def test_long_run_drift_stays_within_1e_10_of_rebuild():
     rng = np.random.default_rng(5)
     n, d = 48, 8
