@@ -108,7 +108,9 @@ class _Pack:
     did not move): ``[v − v_old, 0, 0, (1+g)|v_old| − g|v|]`` (g the growth bound). So one
     product adds new contributions, removes old ones and moves the guards. Entries are
     appended as rows are touched, in any order; ``newpos`` lists the new-key entries (the only
-    logits that can exceed a row's stabiliser).
+    logits that can exceed a row's stabiliser). When a value-only row's key changes too, its
+    entry is zeroed (a dead entry: its old key keeps the exponential finite) and the row is
+    appended again with a new and an old entry, so P ≤ 3|S|.
     """
 
     def __init__(self, d: int, dtype: np.dtype):
@@ -123,6 +125,7 @@ class _Pack:
         self.requeue: list[int] = []           # packed slots to append again (role change)
 
     def reserve(self, size: int) -> None:
+        """Capacity for ``size`` entries, doubling (appends are amortised O(d))."""
         if size > len(self.Kp):
             cap = max(2 * len(self.Kp), size, 16)
             for name in ("Kp", "B"):
