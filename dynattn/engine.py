@@ -107,10 +107,11 @@ class _Pack:
     ``[−v_old, −1, 1+g, (1+g)|v_old|]``; a row whose value alone changed has one (its logit
     did not move): ``[v − v_old, 0, 0, (1+g)|v_old| − g|v|]`` (g the growth bound). So one
     product adds new contributions, removes old ones and moves the guards. Entries are
-    appended as rows are touched, in any order; ``newpos`` lists the new-key entries (the only
-    logits that can exceed a row's stabiliser). When a value-only row's key changes too, its
+    appended as rows are touched, in any order. When a value-only row's key changes too, its
     entry is zeroed (a dead entry: its old key keeps the exponential finite) and the row is
-    appended again with a new and an old entry, so P ≤ 3|S|.
+    appended again with a new and an old entry, so P ≤ 3|S|. ``newpos`` lists the new-key
+    entries (the only logits that can exceed a row's stabiliser) and ``new`` selects them: a
+    slice while they are contiguous (a view, no copy of the logits), else ``newpos``, or None.
     """
 
     def __init__(self, d: int, dtype: np.dtype):
@@ -121,6 +122,7 @@ class _Pack:
         self.entry: list[int] = []             # per slot: its new-key or value-only entry
         self.keyed: list[bool] = []            # per slot: packed as a row whose key changed
         self.newpos = np.empty(0, dtype=np.int64)
+        self.new: slice | np.ndarray | None = None
         self.dirty: set[int] = set()           # packed slots updated since
         self.requeue: list[int] = []           # packed slots to append again (role change)
 
@@ -477,7 +479,7 @@ class LazyAttention:
 
     # ------------------------------------------------------------------ the correction
     def _get_pack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The touched rows packed for one product (see :class:`_Pack`): ``(Kp, B, newpos)``.
+        """The touched rows packed for one product (see :class:`_Pack`): ``(Kp, B, new)``.
 
         Kept up to date incrementally: rows touched since the last use are appended, rows
         updated again are patched in place, so a query after a few new updates costs
@@ -490,7 +492,7 @@ class LazyAttention:
             slots = list(range(pack.slots, len(self._rows))) + pack.requeue
             pack.requeue = []
             self._append(pack, slots)
-        return pack.Kp[:pack.size], pack.B[:pack.size], pack.newpos
+        return pack.Kp[:pack.size], pack.B[:pack.size], pack.new
 
     def _append(self, pack: _Pack, slots: list[int]) -> None:
         """Pack entries for ``slots`` (new to the pack, or re-queued after a role change)."""
@@ -517,7 +519,10 @@ class LazyAttention:
             pack.entry[k], pack.keyed[k] = e, True
         for k, e in zip(vs.tolist(), range(p + 2 * nk, p + 2 * nk + nv), strict=True):
             pack.entry[k], pack.keyed[k] = e, False
-        pack.newpos = np.concatenate([pack.newpos, newpos]) if nk else pack.newpos
+        if nk:
+            pos = pack.newpos = np.concatenate([pack.newpos, newpos])
+            contiguous = pos[-1] - pos[0] + 1 == len(pos)
+            pack.new = slice(int(pos[0]), int(pos[-1]) + 1) if contiguous else pos
         pack.size = p + 2 * nk + nv
         pack.slots = max(pack.slots, len(self._rows))
 
@@ -631,11 +636,11 @@ class LazyAttention:
         temporaries live in reused buffers (the flush's hot loop). ``m`` and ``C`` must be
         writable arrays (copies, or views of the caches when flushing).
         """
-        Kp, B, newpos = self._get_pack()
+        Kp, B, new = self._get_pack()
         L = self._buffer("logits", (len(m), len(Kp))) if workspace else None
         L = np.matmul(self._Q[rows], Kp.T, out=L)
-        if len(newpos):
-            top = L[:, newpos].max(axis=1)
+        if new is not None:
+            top = L[:, new].max(axis=1)
             grew = np.flatnonzero(top > m)
             if len(grew):  # online softmax: rescale only the rows whose maximum moved
                 C[grew] *= np.exp(m[grew] - top[grew])[:, None]
@@ -812,10 +817,10 @@ class LazyAttention:
         if S == 0:
             row = self._C[i]
         elif not self._single_direct():
-            Kp, B, newpos = self._get_pack()
+            Kp, B, new = self._get_pack()
             L = Kp @ self._Q[i]
             m_old = self._m[i]
-            m = max(m_old, L[newpos].max()) if len(newpos) else m_old
+            m = max(m_old, L[new].max()) if new is not None else m_old
             L -= m
             np.exp(L, out=L)
             row = L @ B
