@@ -123,7 +123,7 @@ class _Pack:
         self.keyed: list[bool] = []            # per slot: packed as a row whose key changed
         self.newpos = np.empty(0, dtype=np.int64)
         self.new: slice | np.ndarray | None = None
-        self.dirty: set[int] = set()           # packed slots updated since
+        self.dirty: set[int] = set()           # packed slots (< slots) updated since
         self.requeue: list[int] = []           # packed slots to append again (role change)
 
     def reserve(self, size: int) -> None:
@@ -478,7 +478,7 @@ class LazyAttention:
         self._pack = _Pack(self._d, self._dtype)
 
     # ------------------------------------------------------------------ the correction
-    def _get_pack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _get_pack(self) -> tuple[np.ndarray, np.ndarray, slice | np.ndarray | None]:
         """The touched rows packed for one product (see :class:`_Pack`): ``(Kp, B, new)``.
 
         Kept up to date incrementally: rows touched since the last use are appended, rows
@@ -531,15 +531,12 @@ class LazyAttention:
         gets its value-only entry zeroed and is re-queued with a new and an old entry)."""
         new_e, new_r, chg_e, chg_s = [], [], [], []
         for k in pack.dirty:
-            if k >= pack.slots:
-                continue
             e, r = pack.entry[k], self._rows[k]
             if pack.keyed[k]:
                 new_e.append(e)
                 new_r.append(r)
             elif r in self._tk:
                 pack.B[e] = 0  # its key still is the old one: exp stays finite, times 0
-                pack.entry[k] = -1
                 pack.requeue.append(k)
             else:
                 chg_e.append(e)
