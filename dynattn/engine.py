@@ -40,6 +40,10 @@ __all__ = ["ErrorReport", "FlushEvent", "LazyAttention"]
 # near 5e-13 (float64) and 8e-6 (float32) of the entry's natural scale.
 _GROWTH = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): 64.0}
 
+# From this many rows on, corrections and fresh rows are matrix products (compute-bound)
+# rather than matrix-vector products (memory-bound); see LazyAttention._current_rows.
+_MANY_ROWS = 16
+
 # Rows per block when a computation runs over every row: bounds temporaries to a few MB.
 _BLOCK_ELEMENTS = 1 << 20
 
@@ -608,14 +612,16 @@ class LazyAttention:
     def _current_rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """Exact current cache rows ``(m, C)`` for the index array ``idx`` (copies).
 
-        Cost O(len(idx)·|S|·d), or O(len(idx)·n·d) past :attr:`max_query_rows`, where the
-        guard columns of C are left zero (only corrected rows need them). Rows whose
-        correction would lose precision are recomputed exactly; the count is returned third.
+        Cost O(len(idx)·|S|·d), or O(len(idx)·n·d) past :attr:`max_query_rows` (twice that
+        for many rows at once: matrix products are compute-bound, and a fresh row without
+        guards costs 4n·d flops against 4|S|·(3d+2) to correct it), where the guard columns of
+        C are left zero (only corrected rows need them). Rows whose correction would lose
+        precision are recomputed exactly; the count is returned third.
         """
         S = len(self._rows)
         if S == 0:
             return self._m[idx], self._C[idx], 0
-        if S > self.max_query_rows:
+        if S > (self._max_query_rows if len(idx) < _MANY_ROWS else 2 * self._max_query_rows):
             m, C = self._exact(idx, guards=False)
             return m, C, 0
         m, C = self._m[idx], self._C[idx]
