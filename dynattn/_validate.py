@@ -11,7 +11,7 @@ import numbers
 import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_LIMIT = {dt: float(np.finfo(dt).max) for dt in SUPPORTED_DTYPES}
+FINITE_LIMIT = {dt: float(np.finfo(dt).max) for dt in SUPPORTED_DTYPES}  # largest finite value
 
 
 def resolve_dtype(dtype, *arrays) -> np.dtype:
@@ -76,7 +76,7 @@ def check_index(name: str, value, bound: int) -> int:
 
 def check_scalar(name: str, value, dtype: np.dtype) -> float:
     """A finite real scalar that stays finite in ``dtype``."""
-    limit = _LIMIT.get(dtype, 0.0)
+    limit = FINITE_LIMIT.get(dtype, 0.0)
     if type(value) is float and -limit <= value <= limit:  # the common case, cheaply
         return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):

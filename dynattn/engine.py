@@ -32,6 +32,7 @@ import numpy as np
 
 from . import _validate as V_
 from .policies import as_policy
+from .reference import entry_from_scratch
 
 __all__ = ["ErrorReport", "FlushEvent", "LazyAttention"]
 
@@ -209,7 +210,7 @@ class LazyAttention:
         self._n, self._d = n, d
         self._scale = scale
         self._growth = _GROWTH[dt]
-        self._limit = float(np.finfo(dt).max)
+        self._limit = V_.FINITE_LIMIT[dt]
         self._max_query_rows = (n * d) // (2 * (3 * d + 2))  # see max_query_rows
         self._Q, self._K, self._V = Q, K, V
         self._views = {}
@@ -315,9 +316,7 @@ class LazyAttention:
             which = "K" if target is self._K else "V"
             raise ValueError(f"delta={delta!r} would make {which}[{i}, {j}] = "
                              f"{float(old) + float(step)!r}, not finite in {self._dtype}")
-        if i not in self._slot:
-            self._first_touch(i)
-        touched.add(i)
+        self._touch_one(i, touched)
         target[i, j] = old + step
         return self._after_update((i,), 1)
 
@@ -353,9 +352,7 @@ class LazyAttention:
     def _set_row(self, target, touched, i, row) -> FlushEvent | None:
         i = V_.check_index("i", i, self._n)
         row = V_.as_vector("row", row, self._d, self._dtype)
-        if i not in self._slot:
-            self._first_touch(i)
-        touched.add(i)
+        self._touch_one(i, touched)
         target[i] = row
         return self._after_update((i,), 1)
 
@@ -441,13 +438,15 @@ class LazyAttention:
             self._rows.extend(new)
         touched.update(rows.tolist())
 
-    def _first_touch(self, i: int) -> None:
-        """:meth:`_touch` for one new row, with scalar indexing."""
-        k = self._reserve(1)
-        self._old_k[k] = self._K[i]
-        self._old_v[k] = self._V[i]
-        self._slot[i] = k
-        self._rows.append(i)
+    def _touch_one(self, i: int, touched: set) -> None:
+        """:meth:`_touch` for one row, with scalar indexing."""
+        if i not in self._slot:
+            k = self._reserve(1)
+            self._old_k[k] = self._K[i]
+            self._old_v[k] = self._V[i]
+            self._slot[i] = k
+            self._rows.append(i)
+        touched.add(i)
 
     def _reserve(self, count: int) -> int:
         """Room for ``count`` more old rows; returns the first free slot."""
@@ -791,10 +790,7 @@ class LazyAttention:
     def _direct_entry(self, i: int, j: int) -> float:
         """``O[i, j]`` from scratch, reading one column of V: 2n·d + 4n flops."""
         t0 = time.perf_counter()
-        a = self._K @ (self._Q[i] * self._dtype.type(self._scale))
-        a -= a.max()
-        np.exp(a, out=a)
-        value = float(a @ self._V[:, j] / a.sum())
+        value = entry_from_scratch(self._Q[i], self._K, self._V[:, j], self._scale)
         self._n_queries += 1
         self.query_log.append((len(self._rows), 1, time.perf_counter() - t0))
         return value

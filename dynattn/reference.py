@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-__all__ = ["dense_attention", "dense_weights"]
+__all__ = ["dense_attention", "dense_weights", "entry_from_scratch"]
 
 
 def dense_weights(Q, K, scale=None, dtype=np.float64) -> np.ndarray:
@@ -44,3 +44,13 @@ def dense_attention(Q, K, V, scale=None, dtype=np.float64, block: int = 256) -> 
     for a in range(0, Q.shape[0], block):
         out[a:a + block] = dense_weights(Q[a:a + block], K, scale, dtype) @ V
     return out
+
+
+def entry_from_scratch(q, K, v, scale: float) -> float:
+    """One output entry ``softmax(scale · K q) · v`` for a query row ``q`` (d,), keys ``K``
+    (n, d) and a value column ``v`` (n,), in their dtype: ``2·n·d + 4·n`` flops, vector
+    operations only (the largest exponent is 0, so nothing overflows)."""
+    a = K @ (q * K.dtype.type(scale))
+    a -= a.max()
+    np.exp(a, out=a)
+    return float(a @ v / a.sum())

@@ -27,17 +27,11 @@ import time
 import numpy as np
 
 from . import _validate as V_
-from .reference import dense_attention
+from .engine import _BLOCK_ELEMENTS, _GROWTH  # the engine's guard bound g and block size
+from .reference import dense_attention, entry_from_scratch
 
 __all__ = ["EagerDense", "OnDemand", "Recompute", "dense_recompute_seconds",
            "eager_dense_nbytes"]
-
-# g of the precision guards (the engine's bound, for the same error budget): the mass removed
-# from a row may reach g times the mass left before the row is recomputed exactly.
-_GROWTH = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): 64.0}
-
-# Elements per temporary block in the O(n²·d) builds: bounds temporaries to a few MB.
-_BLOCK_ELEMENTS = 1 << 20
 
 # How far (in logits) an entry of Ã may rise above its row's stabiliser: e^64 (float64) and
 # e^16 (float32) times n stay far below overflow, and recomputing a row whenever a logit beat
@@ -231,10 +225,7 @@ class OnDemand(_Baseline):
         V), with vector operations only."""
         i = V_.check_index("i", i, self.n)
         j = V_.check_index("j", j, self.d)
-        a = self._K @ (self._Q[i] * self.dtype.type(self.scale))
-        a -= a.max()  # largest exponent 0: no overflow
-        np.exp(a, out=a)
-        return float(a @ self._V[:, j] / a.sum())
+        return entry_from_scratch(self._Q[i], self._K, self._V[:, j], self.scale)
 
     def _rows(self, idx: np.ndarray) -> np.ndarray:
         logits = (self._Q[idx] * self.dtype.type(self.scale)) @ self._K.T
