@@ -775,7 +775,7 @@ class LazyAttention:
         j = V_.check_index("j", j, self._d)
         if not stale and self._single_direct():
             return self._direct_entry(i, j)
-        row = self._row(i, stale, col=j)
+        row = self._row(i, stale, col=j, direct=False)  # asked just above
         return float(row[j] / row[self._d])
 
     def _single_direct(self) -> bool:
@@ -801,13 +801,14 @@ class LazyAttention:
         row = self._row(i, stale)
         return row[:self._d] / row[self._d]
 
-    def _row(self, i: int, stale: bool, col: int | None = None) -> np.ndarray:
+    def _row(self, i: int, stale: bool, col: int | None = None,
+             direct: bool | None = None) -> np.ndarray:
         """One cache row, current unless ``stale``: the single-query fast path.
 
         Same arithmetic as :meth:`_current_rows` on one row, with vector operations only,
         because a single query is dominated by per-call overhead, not flops. With ``col``
         only ``N[col]`` and ``s`` of the result are guaranteed (their guards are the ones
-        checked).
+        checked). ``direct``: the caller's :meth:`_single_direct`, when it has asked already.
         """
         S = len(self._rows)
         if stale:
@@ -815,7 +816,7 @@ class LazyAttention:
         t0 = time.perf_counter()
         if S == 0:
             row = self._C[i]
-        elif not self._single_direct():
+        elif not (self._single_direct() if direct is None else direct):
             Kp, B, new = self._get_pack()
             L = Kp @ self._Q[i]
             m_old = self._m[i]
