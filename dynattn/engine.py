@@ -45,6 +45,10 @@ _GROWTH = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): 64.0}
 # rather than matrix-vector products (memory-bound); see LazyAttention._current_rows.
 _MANY_ROWS = 16
 
+# A single query skips rescaling its row while its new logits provably stay below m + this:
+# exponentials up to e^16 overflow nothing, even in float32.
+_SHIFT_SLACK = 16.0
+
 # Rows per block when a computation runs over every row: bounds temporaries to a few MB.
 _BLOCK_ELEMENTS = 1 << 20
 
@@ -128,6 +132,7 @@ class _Pack:
         self.keyed: list[bool] = []            # per slot: packed as a row whose key changed
         self.newpos = np.empty(0, dtype=np.int64)
         self.new: slice | np.ndarray | None = None
+        self.knorm = 0.0                       # bound on the norms of the new-key entries
         self.dirty: set[int] = set()           # packed slots (< slots) updated since
         self.requeue: list[int] = []           # packed slots to append again (role change)
 
@@ -140,6 +145,14 @@ class _Pack:
                 new = np.empty((cap, old.shape[1]), dtype=old.dtype)
                 new[:self.size] = old[:self.size]
                 setattr(self, name, new)
+
+
+def _max_norm(rows: np.ndarray) -> float:
+    """Largest Euclidean norm among ``rows`` (0 for none; inf if a norm overflows)."""
+    if not len(rows):
+        return 0.0
+    with np.errstate(over="ignore"):
+        return float(np.sqrt(np.einsum("ij,ij->i", rows, rows).max()))
 
 
 class LazyAttention:
@@ -213,6 +226,8 @@ class LazyAttention:
         self._limit = V_.FINITE_LIMIT[dt]
         self._max_query_rows = (n * d) // (2 * (3 * d + 2))  # see max_query_rows
         self._Q, self._K, self._V = Q, K, V
+        with np.errstate(over="ignore"):  # an infinite norm only disables a shortcut
+            self._qnorm = np.sqrt(np.einsum("ij,ij->i", Q, Q))
         self._views = {}
         for name, arr in (("Q", Q), ("K", K), ("V", V)):
             view = arr.view()
@@ -514,6 +529,7 @@ class LazyAttention:
         self._fill_new(B[p:p + nk], self._V[kr])
         self._fill_old(B[p + nk:p + 2 * nk], self._old_v[ks])
         self._fill_changed(B[p + 2 * nk:p + 2 * nk + nv], self._V[vr], self._old_v[vs])
+        pack.knorm = max(pack.knorm, _max_norm(Kp[p:p + nk]))
         newpos = np.arange(p, p + nk)
         grow = max(int(sl.max()) + 1 - len(pack.entry), 0)
         pack.entry.extend([-1] * grow)
@@ -546,7 +562,9 @@ class LazyAttention:
                 chg_s.append(k)
         pack.dirty = set()
         if new_e:
-            pack.Kp[new_e] = self._K[new_r] * self._dtype.type(self._scale)
+            keys = self._K[new_r] * self._dtype.type(self._scale)
+            pack.Kp[new_e] = keys
+            pack.knorm = max(pack.knorm, _max_norm(keys))
             B_new = np.empty((len(new_e), pack.B.shape[1]), dtype=self._dtype)
             self._fill_new(B_new, self._V[new_r])
             pack.B[new_e] = B_new
@@ -819,8 +837,12 @@ class LazyAttention:
         elif not (self._single_direct() if direct is None else direct):
             Kp, B, new = self._get_pack()
             L = Kp @ self._Q[i]
-            m_old = self._m[i]
-            m = max(m_old, L[new].max()) if new is not None else m_old
+            m_old = m = self._m[i]
+            # Rescaling to the new maximum logit costs a reduction, as much as the exponentials:
+            # skip it while Cauchy–Schwarz bounds every new logit by m + _SHIFT_SLACK (a common
+            # factor of at most e^_SHIFT_SLACK then cancels in N/s and in the guards)
+            if new is not None and self._qnorm[i] * self._pack.knorm > m + _SHIFT_SLACK:
+                m = max(m, L[new].max())
             L -= m
             np.exp(L, out=L)
             row = L @ B

@@ -273,6 +273,32 @@ def test_cancellation_dominant_key_changed_stays_exact(correct_single):
     assert_close_natural(eng.output(stale=True), want, np.abs(V).max(), 1e-13, "after flush")
 
 
+@pytest.mark.parametrize("packed_before", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_single_query_past_exp_overflow_stays_exact(dtype, packed_before):
+    # a corrected single query skips rescaling to its new maximum logit only while a bound
+    # shows no new logit far above the old one: a key raised by 2,000 would overflow exp
+    # (beyond 88 in float32, 709 in float64); errstate makes any overflow an error
+    rng = np.random.default_rng(8)
+    n, d = 64, 2
+    Q = np.zeros((n, d), dtype=dtype)
+    Q[:, 0] = 1.0
+    K = (0.1 * rng.standard_normal((n, d))).astype(dtype)
+    V = rng.standard_normal((n, d)).astype(dtype)
+    eng = LazyAttention(Q, K, V, scale=1.0, policy=10**6)
+    if packed_before:  # row 5 is in the pack already: the big step patches its entry
+        eng.update_k(5, 0, 0.1)
+        with correcting_single_queries(eng):
+            eng.query(0, 0)
+    eng.update_k(5, 0, 2000.0)
+    want = dense_attention(eng.Q, eng.K, eng.V, 1.0)
+    np.testing.assert_allclose(want[0], V[5], rtol=1e-6)  # all the weight on key 5
+    with correcting_single_queries(eng), np.errstate(over="raise", invalid="raise"):
+        for j in range(d):
+            assert eng.query(0, j) == pytest.approx(float(want[0, j]), rel=1e-5, abs=1e-6)
+        np.testing.assert_allclose(eng.query_row(3), want[3], rtol=1e-5, atol=1e-6)
+
+
 def test_value_up_by_1e8_and_back_stays_exact():
     eng = make(n=20, d=3, seed=4, policy=1)
     V0 = eng.V.copy()
