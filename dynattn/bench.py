@@ -573,10 +573,13 @@ def _flush_efficiency(plan: Plan, n: int, dtype: str, ctx: dict, log) -> list[di
             engine.update_v_many(rows[half:], rng.integers(0, d, S - half),
                                  0.1 * rng.standard_normal(S - half))
             events.append(engine.flush())
-        ev = sorted(events, key=lambda e: e.seconds)[len(events) // 2]
+        # best of the repeats, as for the products it is compared with: a shared machine's
+        # slow spells hit single runs of either side, and only the best is comparable
+        ev = min(events, key=lambda e: e.seconds)
         gemm_s, exp_s, exp_elements = _reference(ev.kind, Qs, np.array(engine.K),
                                                  np.array(engine.V), S, rng)
         row = {"n": n, "dtype": dtype, "rows": ev.rows, "kind": ev.kind, "flush_s": ev.seconds,
+               "flush_median_s": statistics.median(e.seconds for e in events),
                "flops": ev.flops, "repaired": ev.repaired,
                "flush_gflops": ev.flops / ev.seconds / 1e9,
                "gemm_s": gemm_s, "gemm_gflops": ev.flops / gemm_s / 1e9,
@@ -1010,7 +1013,8 @@ def render_markdown(res: dict, summary: bool = False) -> str:
         peaks = ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in res["gemm_peak"].items())
         side = m["plan"]["gemm_size"]
         parts.append(f"GEMM peak ({side}³): {peaks}. Efficiency = flush GFLOP/s ÷ GFLOP/s of the "
-                     "flush's two matrix products alone (same shapes, dtype, preallocated). "
+                     "flush's two matrix products alone (same shapes, dtype, preallocated; best of "
+                     f"{m['plan']['flush_reps']} for both). "
                      "Bound = (GEMMs + exp) ÷ flush time.")
         rows = [[f"{f['n']:,}", f["dtype"], f["rows"], f["kind"], f"{f['flush_s'] * 1e3:.2f} ms",
                  f"{f['flush_gflops']:.1f}", f"{f['gemm_gflops']:.1f}", f"{f['efficiency']:.0%}",
