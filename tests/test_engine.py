@@ -68,11 +68,11 @@ def scenarios(draw, hard=False):
 def correcting_single_queries(eng):
     """Single queries take the correction path whenever |S| allows it: at test sizes (n < 64)
     the engine would otherwise compute them afresh after almost every update."""
-    eng._pack_row_cost = 0
+    eng._pack_cost = (0, 0)
     try:
         yield
     finally:
-        del eng._pack_row_cost
+        del eng._pack_cost
 
 
 def run_against_oracle(scenario, tol, dtype=np.float64):
