@@ -515,37 +515,41 @@ class LazyAttention:
         return pack.Kp[:pack.size], pack.B[:pack.size], pack.new
 
     def _append(self, pack: _Pack, slots: list[int]) -> None:
-        """Pack entries for ``slots`` (new to the pack, or re-queued after a role change)."""
-        keyed = np.fromiter((self._rows[k] in self._tk for k in slots), dtype=bool,
-                            count=len(slots))
-        sl = np.array(slots, dtype=np.int64)
-        rows = np.array([self._rows[k] for k in slots], dtype=np.int64)
-        ks, vs, kr, vr = sl[keyed], sl[~keyed], rows[keyed], rows[~keyed]
+        """Pack entries for ``slots`` (new to the pack, or re-queued after a role change).
+
+        Plain lists and skipped empty groups: a query after one update packs one row, where
+        NumPy's per-call overhead, not the O(d) work, is the cost.
+        """
+        rows = self._rows
+        ks = [k for k in slots if rows[k] in self._tk]
+        vs = [k for k in slots if rows[k] not in self._tk]
         nk, nv = len(ks), len(vs)
-        p = pack.size
-        pack.reserve(p + 2 * nk + nv)
+        p, q = pack.size, pack.size + 2 * nk
+        pack.reserve(q + nv)
         Kp, B = pack.Kp, pack.B
-        np.multiply(self._K[kr], self._scale, out=Kp[p:p + nk])
-        np.multiply(self._old_k[ks], self._scale, out=Kp[p + nk:p + 2 * nk])
-        np.multiply(self._K[vr], self._scale, out=Kp[p + 2 * nk:p + 2 * nk + nv])
-        self._fill_new(B[p:p + nk], self._V[kr])
-        self._fill_old(B[p + nk:p + 2 * nk], self._old_v[ks])
-        self._fill_changed(B[p + 2 * nk:p + 2 * nk + nv], self._V[vr], self._old_v[vs])
-        pack.knorm = max(pack.knorm, _max_norm(Kp[p:p + nk]))
-        newpos = np.arange(p, p + nk)
-        grow = max(int(sl.max()) + 1 - len(pack.entry), 0)
-        pack.entry.extend([-1] * grow)
-        pack.keyed.extend([False] * grow)
-        for k, e in zip(ks.tolist(), newpos.tolist(), strict=True):
-            pack.entry[k], pack.keyed[k] = e, True
-        for k, e in zip(vs.tolist(), range(p + 2 * nk, p + 2 * nk + nv), strict=True):
-            pack.entry[k], pack.keyed[k] = e, False
         if nk:
-            pos = pack.newpos = np.concatenate([pack.newpos, newpos])
+            kr = [rows[k] for k in ks]
+            np.multiply(self._K[kr], self._scale, out=Kp[p:p + nk])
+            np.multiply(self._old_k[ks], self._scale, out=Kp[p + nk:q])
+            self._fill_new(B[p:p + nk], self._V[kr])
+            self._fill_old(B[p + nk:q], self._old_v[ks])
+            pack.knorm = max(pack.knorm, _max_norm(Kp[p:p + nk]))
+            pos = pack.newpos = np.concatenate([pack.newpos, np.arange(p, p + nk)])
             contiguous = pos[-1] - pos[0] + 1 == len(pos)
             pack.new = slice(int(pos[0]), int(pos[-1]) + 1) if contiguous else pos
-        pack.size = p + 2 * nk + nv
-        pack.slots = max(pack.slots, len(self._rows))
+        if nv:
+            vr = [rows[k] for k in vs]
+            np.multiply(self._K[vr], self._scale, out=Kp[q:q + nv])
+            self._fill_changed(B[q:q + nv], self._V[vr], self._old_v[vs])
+        grow = max(max(slots) + 1 - len(pack.entry), 0)
+        pack.entry.extend([-1] * grow)
+        pack.keyed.extend([False] * grow)
+        for e, k in enumerate(ks, p):
+            pack.entry[k], pack.keyed[k] = e, True
+        for e, k in enumerate(vs, q):
+            pack.entry[k], pack.keyed[k] = e, False
+        pack.size = q + nv
+        pack.slots = max(pack.slots, len(rows))
 
     def _patch(self, pack: _Pack) -> None:
         """Refresh the entries of packed rows updated since (a row whose key now changed too
