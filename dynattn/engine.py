@@ -384,19 +384,24 @@ class LazyAttention:
     def _update_entries(self, target, touched, rows, cols, deltas):
         which = "K" if target is self._K else "V"
         if cols is None and deltas is None:
-            rows, cols, deltas = self._split_tuples(rows)
+            r, c, dl = self._split_tuples(rows)
         elif cols is None or deltas is None:
             raise TypeError(f"update_{which.lower()}_many needs rows, cols and deltas, or one "
                             "sequence of (i, j, delta) tuples")
-        r = V_.as_indices("rows", rows, self._n)
-        c = V_.as_indices("cols", cols, self._d)
-        if len(c) != len(r):
-            raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
-        dl = V_.as_vector("deltas", deltas, len(r), self._dtype)
-        flat, where = np.unique(r * self._d + c, return_inverse=True)
-        final = target.ravel()[flat]
+        else:
+            r = V_.as_indices("rows", rows, self._n)
+            c = V_.as_indices("cols", cols, self._d)
+            if len(c) != len(r):
+                raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
+            dl = V_.as_vector("deltas", deltas, len(r), self._dtype)
+        flat = r * self._d + c
         with np.errstate(over="ignore", invalid="ignore"):
-            np.add.at(final, where, dl)  # repeats accumulate in order, as on the array itself
+            if len(set(flat.tolist())) == len(flat):  # no entry twice: one add (no sort)
+                final = target.ravel()[flat] + dl
+            else:  # repeats accumulate in order, as on the array itself
+                flat, where = np.unique(flat, return_inverse=True)
+                final = target.ravel()[flat]
+                np.add.at(final, where, dl)
         if not (np.abs(final) <= self._limit).all():
             k = int(np.flatnonzero(~(np.abs(final) <= self._limit))[0])
             raise ValueError(f"deltas would make {which}[{flat[k] // self._d}, "
@@ -406,8 +411,8 @@ class LazyAttention:
         return self._after_update(r, len(r))
 
     def _split_tuples(self, updates):
-        """Columns of a sequence of ``(i, j, delta)``, checked as a whole (no per-item loop
-        in Python beyond unpacking), with the first bad item named in the error."""
+        """Checked columns ``(rows, cols, deltas)`` of a sequence of ``(i, j, delta)``: checked
+        as a whole, item by item only to name the first bad item in the error."""
         try:
             items = list(updates)
         except TypeError:
@@ -420,17 +425,24 @@ class LazyAttention:
             k = next(k for k, u in enumerate(items)
                      if not (isinstance(u, (tuple, list)) and len(u) == 3))
             raise ValueError(f"updates[{k}]={items[k]!r} is not an (i, j, delta) triple") from None
+        out = []
         for pos, (name, values, bound) in enumerate(
                 (("i", rows, self._n), ("j", cols, self._d))):
             arr = np.asarray(values)
             if arr.dtype.kind not in "iu" or ((arr < 0) | (arr >= bound)).any():
-                for k, v in enumerate(values):
-                    V_.check_index(f"updates[{k}][{pos}] ({name})", v, bound)
+                arr = np.array([V_.check_index(f"updates[{k}][{pos}] ({name})", v, bound)
+                                for k, v in enumerate(values)])
+            out.append(arr.astype(np.int64, copy=False))
         dl = np.asarray(deltas)
-        if dl.dtype.kind not in "biuf" or not np.isfinite(dl.astype(self._dtype)).all():
-            for k, v in enumerate(deltas):
-                V_.check_scalar(f"updates[{k}][2] (delta)", v, self._dtype)
-        return np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64), dl
+        ok = dl.dtype.kind in "biuf"
+        if ok:
+            with np.errstate(over="ignore"):  # a delta too large for float32 is named below
+                dl = dl.astype(self._dtype)
+            ok = np.isfinite(dl).all()
+        if not ok:
+            dl = np.array([V_.check_scalar(f"updates[{k}][2] (delta)", v, self._dtype)
+                           for k, v in enumerate(deltas)], dtype=self._dtype)
+        return out[0], out[1], dl
 
     def _set_rows(self, target, touched, rows, values):
         r = V_.as_indices("rows", rows, self._n)
