@@ -585,8 +585,9 @@ def _flush_efficiency(plan: Plan, n: int, dtype: str, ctx: dict, log) -> list[di
         # best of the repeats, as for the products it is compared with: a shared machine's
         # slow spells hit single runs of either side, and only the best is comparable
         ev = min(events, key=lambda e: e.seconds)
+        # the flush's own count: each touched row one entry, a row whose key changed two
         gemm_s, exp_s, exp_elements = _reference(ev.kind, Qs, np.array(engine.K),
-                                                 np.array(engine.V), S, rng)
+                                                 np.array(engine.V), ev.rows + ev.k_rows, rng)
         row = {"n": n, "dtype": dtype, "rows": ev.rows, "kind": ev.kind, "flush_s": ev.seconds,
                "flush_median_s": statistics.median(e.seconds for e in events),
                "flops": ev.flops, "repaired": ev.repaired,
@@ -602,21 +603,23 @@ def _flush_efficiency(plan: Plan, n: int, dtype: str, ctx: dict, log) -> list[di
     return out
 
 
-def _reference(kind: str, Qs, K, V, S: int, rng) -> tuple[float, float, int]:
+def _reference(kind: str, Qs, K, V, entries: int, rng) -> tuple[float, float, int]:
     """Seconds of the matrix products and of the ``exp`` a flush of this kind performs, done
     alone with preallocated outputs (best of 3), and the number of exponentials.
 
-    Incremental (the engine's flop count ``2·n·2S·(3d+2)``): logits ``(n, d) @ (d, 2S)`` and
-    the correction ``(n, 2S) @ (2S, 2d+2)``. Rebuild (``6·n²·d``): logits ``(b, d) @ (d, n)``
-    and ``(b, n) @ (n, d)`` twice (values and their magnitudes), timed on one block of
-    ``b = min(n, 256)`` rows and scaled to n rows: the n×n logits never exist at once.
+    Incremental, over the flush's ``entries`` packed entries P (two for a touched row whose key
+    changed, one for a row whose value alone changed; the engine's flop count is
+    ``2·n·P·(3d+2)``): logits ``(n, d) @ (d, P)`` and the correction ``(n, P) @ (P, 2d+2)``.
+    Rebuild (``6·n²·d``): logits ``(b, d) @ (d, n)`` and ``(b, n) @ (n, d)`` twice (values and
+    their magnitudes), timed on one block of ``b = min(n, 256)`` rows and scaled to n rows: the
+    n×n logits never exist at once.
     """
     n, d = Qs.shape
     dtype = Qs.dtype
     if kind == "incremental":
-        Kp = rng.standard_normal((2 * S, d)).astype(dtype)
-        B = rng.standard_normal((2 * S, 2 * d + 2)).astype(dtype)
-        L = np.empty((n, 2 * S), dtype=dtype)
+        Kp = rng.standard_normal((entries, d)).astype(dtype)
+        B = rng.standard_normal((entries, 2 * d + 2)).astype(dtype)
+        L = np.empty((n, entries), dtype=dtype)
         C = np.empty((n, 2 * d + 2), dtype=dtype)
         gemm = (_best_of(functools.partial(np.matmul, Qs, Kp.T, out=L))
                 + _best_of(functools.partial(np.matmul, L, B, out=C)))
