@@ -133,6 +133,7 @@ class _Pack:
         self.newpos = np.empty(0, dtype=np.int64)
         self.new: slice | np.ndarray | None = None
         self.knorm = 0.0                       # bound on the norms of the new-key entries
+        self.aug: np.ndarray | None = None     # [Kp | 1] for products that subtract m
         self.dirty: set[int] = set()           # packed slots (< slots) updated since
         self.requeue: list[int] = []           # packed slots to append again (role change)
 
@@ -518,6 +519,8 @@ class LazyAttention:
         O(new rows·d) here rather than O(|S|·d).
         """
         pack = self._pack
+        if pack.dirty or pack.slots < len(self._rows) or pack.requeue:
+            pack.aug = None
         if pack.dirty:
             self._patch(pack)
         if pack.slots < len(self._rows) or pack.requeue:
@@ -626,10 +629,13 @@ class LazyAttention:
 
     @property
     def max_correction_rows(self) -> int:
-        """Touched rows beyond which a flush rebuilds instead of correcting.
+        """Touched rows beyond which a flush rebuilds instead of correcting, when every touched
+        row changed its key.
 
-        A flush corrects each row with 2|S|·(3d+2) flops (matrix products) against 3n·d flops
-        to compute it afresh with its guards.
+        A flush corrects each row with 2P·(3d+2) flops over its P packed entries (matrix
+        products) against 6n·d to compute it afresh with its guards. A row whose key changed
+        has two entries, one whose value alone changed one, so a flush corrects up to twice
+        this many value-only rows.
         """
         return (3 * self._n * self._d - 1) // (2 * (3 * self._d + 2))
 
@@ -673,17 +679,33 @@ class LazyAttention:
         the rows that lost precision (see :meth:`_lost_precision`). With ``workspace`` the
         temporaries live in reused buffers (the flush's hot loop). ``m`` and ``C`` must be
         writable arrays (copies, or views of the caches when flushing).
+
+        The first product subtracts m itself (``[Q | −m] @ [Kp | 1]ᵀ``: an inner dimension of
+        d+1 costs what d does, a pass over the logits does not), and rows are rescaled only
+        where Cauchy–Schwarz allows a new logit above ``m + _SHIFT_SLACK``: elsewhere every
+        exponential stays below e^16, and a common factor cancels in N/s and in the guards.
         """
         Kp, B, new = self._get_pack()
+        pack = self._pack
+        if pack.aug is None:
+            pack.aug = np.empty((len(Kp), self._d + 1), dtype=self._dtype)
+            pack.aug[:, :self._d] = Kp
+            pack.aug[:, self._d] = 1
+        shape = (len(m), self._d + 1)
+        QA = self._buffer("queries", shape) if workspace else np.empty(shape, self._dtype)
+        QA[:, :self._d] = self._Q[rows]
+        np.negative(m, out=QA[:, self._d])
         L = self._buffer("logits", (len(m), len(Kp))) if workspace else None
-        L = np.matmul(self._Q[rows], Kp.T, out=L)
+        L = np.matmul(QA, pack.aug.T, out=L)
         if new is not None:
-            top = L[:, new].max(axis=1)
-            grew = np.flatnonzero(top > m)
-            if len(grew):  # online softmax: rescale only the rows whose maximum moved
-                C[grew] *= np.exp(m[grew] - top[grew])[:, None]
-                m[grew] = top[grew]
-        L -= m[:, None]
+            near = np.flatnonzero(self._qnorm[rows] * pack.knorm > m + _SHIFT_SLACK)
+            if len(near):  # online softmax: rescale only the rows whose maximum moved
+                top = L[near][:, new].max(axis=1)
+                grew, up = near[top > 0], top[top > 0]
+                if len(grew):
+                    C[grew] *= np.exp(-up)[:, None]
+                    m[grew] += up
+                    L[grew] -= up[:, None]
         np.exp(L, out=L)
         C += np.matmul(L, B, out=self._buffer("product", C.shape) if workspace else None)
         return self._lost_precision(C)
@@ -708,6 +730,10 @@ class LazyAttention:
         """
         d = self._d
         s = C[:, d]
+        # the usual case in two whole-block reductions (NaN fails both): row-wise reductions
+        # over short rows cost as much as the exponentials of a small flush
+        if len(C) == 0 or (s.min() > 0 and C[:, d + 1:].max() <= 0):
+            return np.zeros(len(C), dtype=bool)
         bad = ~(s > 0) | ~(C[:, d + 1] <= 0)  # negated comparisons also catch NaN
         bad |= (C[:, d + 2:] > 0).any(axis=1)
         return bad
@@ -770,15 +796,18 @@ class LazyAttention:
             return None
         t0 = time.perf_counter()
         S, n, d = len(self._rows), self._n, self._d
-        if S <= self.max_correction_rows:
+        # correcting a row costs 2P(3d+2) flops over the P packed entries (P ≥ |S|, so past
+        # the first test nothing is packed), recomputing it with its guards 6n·d
+        P = len(self._get_pack()[0]) if S * (3 * d + 2) <= 3 * n * d else None
+        if P is not None and P * (3 * d + 2) <= 3 * n * d:
             repaired = 0
-            for blk in self._blocks(2 * S):
+            for blk in self._blocks(P):
                 bad = self._correct(blk, self._m[blk], self._C[blk], workspace=True)
                 if bad.any():
                     rows = np.arange(blk.start, blk.stop)[bad]
                     self._m[rows], self._C[rows] = self._exact(rows)
                     repaired += len(rows)
-            flops = n * self.correction_flops() + 6.0 * repaired * n * d
+            flops = 2.0 * n * P * (3 * d + 2) + 6.0 * repaired * n * d
             kind = "incremental"
         else:
             self._store_exact()

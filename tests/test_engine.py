@@ -143,7 +143,10 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
                                        atol=1e-300)
             report = eng.approximation_error()
             diff = orc.output(True) - exact
-            want = np.linalg.norm(diff) / np.linalg.norm(exact) if np.any(exact) else 0.0
+            if np.any(exact):
+                want = np.linalg.norm(diff) / np.linalg.norm(exact)
+            else:  # relative to an all-zero output, any stale difference is infinite
+                want = math.inf if np.any(diff) else 0.0
             # exact and stale are both rounded in the engine's dtype: compare at tol
             assert report.relative == pytest.approx(want, rel=1e-6, abs=tol)
             assert report.max_abs == pytest.approx(np.abs(diff).max(), rel=1e-6,
@@ -208,6 +211,24 @@ def test_flush_chooses_rebuild_when_most_rows_are_touched():
     for i in range(8):
         eng.update_k(i, 0, 0.1)
     assert eng.flush().kind == "rebuild"
+
+
+def test_flush_prices_the_packed_entries():
+    # n = 64, d = 2: correcting a row costs 2P(3d+2) = 16P flops, recomputing it 6nd = 768,
+    # so a flush corrects up to P = 48 entries: 40 value-only rows (one entry each), but not
+    # 30 rows whose keys changed (two each), though both exceed max_correction_rows = 23
+    n, d = 64, 2
+    for target, rows, kind, entries in (("v", 40, "incremental", 40), ("k", 30, "rebuild", 0)):
+        eng = make(n=n, d=d, seed=9, policy=10**6)
+        assert eng.max_correction_rows == 23
+        for i in range(rows):
+            getattr(eng, f"update_{target}")(i, 1, 0.3)
+        want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
+        event = eng.flush()
+        assert event.kind == kind
+        if kind == "incremental":
+            assert event.flops == 2.0 * n * entries * (3 * d + 2) + 6.0 * event.repaired * n * d
+        np.testing.assert_allclose(eng.output(stale=True), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["csr", "csc", "coo"])
