@@ -15,9 +15,10 @@ Precision is guarded rather than hoped for: each cache row also carries guards c
 mass that removals have taken out with the natural scale of what is left (``s_i`` and
 ``Σ_j ã_ij |v_j|``). When the removed mass exceeds ``g`` times what is left (a dominant key
 changed, a value went up by 1e8 and back, or many flushes piled up), subtraction would have
-lost digits, so that row is recomputed exactly in ``O(n·d)``. Rescaling the stabiliser when a
-new logit exceeds it keeps every exponential at most 1, so logits of any magnitude neither
-overflow nor give NaN.
+lost digits, so that row is recomputed exactly in ``O(n·d)``. The stabiliser is rescaled
+(online softmax) wherever a new logit may exceed it by more than 16, as bounded by
+Cauchy–Schwarz (``|q_i|·|k_j|``), so every exponential stays below e^16 and logits of any
+magnitude neither overflow nor give NaN.
 """
 
 from __future__ import annotations
