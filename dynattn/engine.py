@@ -46,8 +46,8 @@ _GROWTH = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): 64.0}
 # rather than matrix-vector products (memory-bound); see LazyAttention._current_rows.
 _MANY_ROWS = 16
 
-# A single query skips rescaling its row while its new logits provably stay below m + this:
-# exponentials up to e^16 overflow nothing, even in float32.
+# Corrections skip rescaling a row to its new maximum logit while Cauchy–Schwarz keeps every
+# new logit below m + this: exponentials up to e^16 overflow nothing, even in float32.
 _SHIFT_SLACK = 16.0
 
 # Rows per block when a computation runs over every row: bounds temporaries to a few MB.
