@@ -86,6 +86,41 @@ def check_scalar(name: str, value, dtype: np.dtype) -> float:
     return float(value)
 
 
+def entry_sum(which: str, target: np.ndarray, i: int, j: int, delta: float):
+    """``target[i, j] + delta`` in the target's dtype; a ValueError naming the entry when the
+    sum is not finite there (checked before anything is written)."""
+    dt = target.dtype
+    old, step = target[i, j], dt.type(delta)
+    total = float(old) + float(step)
+    limit = FINITE_LIMIT[dt]
+    if -limit <= total <= limit:
+        return old + step
+    raise ValueError(f"delta={delta!r} would make {which}[{i}, {j}] = {total!r}, "
+                     f"not finite in {dt}")
+
+
+def entry_sums(which: str, target: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+               deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat positions and final values of ``target[rows, cols] += deltas`` on a C-contiguous
+    2-D ``target`` (repeated entries accumulate in order, as ``np.add.at`` would), checked
+    finite as a whole before anything is written; the first bad entry is named."""
+    d = target.shape[1]
+    flat = rows * d + cols
+    with np.errstate(over="ignore", invalid="ignore"):
+        if len(set(flat.tolist())) == len(flat):  # no entry twice: one add (no sort)
+            final = target.ravel()[flat] + deltas
+        else:
+            flat, where = np.unique(flat, return_inverse=True)
+            final = target.ravel()[flat]
+            np.add.at(final, where, deltas)
+    ok = np.abs(final) <= FINITE_LIMIT[target.dtype]
+    if not ok.all():
+        k = int(np.flatnonzero(~ok)[0])
+        raise ValueError(f"deltas would make {which}[{flat[k] // d}, {flat[k] % d}] = "
+                         f"{final[k]!r}, not finite in {target.dtype}")
+    return flat, final
+
+
 def as_indices(name: str, value, bound: int, *, allow_empty: bool = False) -> np.ndarray:
     """A 1-D int64 array of indices in ``[0, bound)``."""
     arr = np.asarray(value)

@@ -227,7 +227,6 @@ class LazyAttention:
         self._n, self._d = n, d
         self._scale = scale
         self._growth = _GROWTH[dt]
-        self._limit = V_.FINITE_LIMIT[dt]
         self._max_query_rows = (n * d) // (2 * (3 * d + 2))  # see max_query_rows
         self._Q, self._K, self._V = Q, K, V
         with np.errstate(over="ignore"):  # an infinite norm only disables a shortcut
@@ -319,24 +318,19 @@ class LazyAttention:
     # ------------------------------------------------------------------ updates
     def update_k(self, i, j, delta) -> FlushEvent | None:
         """Add ``delta`` to ``K[i, j]``; queued, O(d). Returns the flush it caused, if any."""
-        return self._update_entry(self._K, self._tk, i, j, delta)
+        return self._update_entry("K", self._K, self._tk, i, j, delta)
 
     def update_v(self, i, j, delta) -> FlushEvent | None:
         """Add ``delta`` to ``V[i, j]``; queued, O(d). Returns the flush it caused, if any."""
-        return self._update_entry(self._V, self._tv, i, j, delta)
+        return self._update_entry("V", self._V, self._tv, i, j, delta)
 
-    def _update_entry(self, target, touched, i, j, delta) -> FlushEvent | None:
+    def _update_entry(self, which, target, touched, i, j, delta) -> FlushEvent | None:
         # the single update is the hot path of every stream: scalar work only
         i = V_.check_index("i", i, self._n)
         j = V_.check_index("j", j, self._d)
-        delta = V_.check_scalar("delta", delta, self._dtype)
-        old, step = target[i, j], self._dtype.type(delta)
-        if not -self._limit <= float(old) + float(step) <= self._limit:
-            which = "K" if target is self._K else "V"
-            raise ValueError(f"delta={delta!r} would make {which}[{i}, {j}] = "
-                             f"{float(old) + float(step)!r}, not finite in {self._dtype}")
+        new = V_.entry_sum(which, target, i, j, V_.check_scalar("delta", delta, self._dtype))
         self._touch_one(i, touched)
-        target[i, j] = old + step
+        target[i, j] = new
         return self._after_update((i,), 1)
 
     def update_k_many(self, rows, cols=None, deltas=None) -> FlushEvent | None:
@@ -396,18 +390,7 @@ class LazyAttention:
             if len(c) != len(r):
                 raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
             dl = V_.as_vector("deltas", deltas, len(r), self._dtype)
-        flat = r * self._d + c
-        with np.errstate(over="ignore", invalid="ignore"):
-            if len(set(flat.tolist())) == len(flat):  # no entry twice: one add (no sort)
-                final = target.ravel()[flat] + dl
-            else:  # repeats accumulate in order, as on the array itself
-                flat, where = np.unique(flat, return_inverse=True)
-                final = target.ravel()[flat]
-                np.add.at(final, where, dl)
-        if not (np.abs(final) <= self._limit).all():
-            k = int(np.flatnonzero(~(np.abs(final) <= self._limit))[0])
-            raise ValueError(f"deltas would make {which}[{flat[k] // self._d}, "
-                             f"{flat[k] % self._d}] = {final[k]!r}, not finite in {self._dtype}")
+        flat, final = V_.entry_sums(which, target, r, c, dl)
         self._touch(r, touched)
         target.ravel()[flat] = final
         return self._after_update(r, len(r))

@@ -75,14 +75,14 @@ class _Baseline:
         """Add ``delta`` to ``K[i, j]``."""
         i, j, delta = self._check_entry(i, j, delta)
         old = self._K[i].copy()
-        self._K[i, j] += delta
+        self._K[i, j] = V_.entry_sum("K", self._K, i, j, delta)
         self._k_changed(i, old)
 
     def update_v(self, i, j, delta) -> None:
         """Add ``delta`` to ``V[i, j]``."""
         i, j, delta = self._check_entry(i, j, delta)
         old = self._V[i, j]
-        self._V[i, j] += delta
+        self._V[i, j] = V_.entry_sum("V", self._V, i, j, delta)
         self._v_entry_changed(i, j, old)
 
     def set_k_row(self, i, row) -> None:
@@ -176,12 +176,12 @@ class OnDemand(_Baseline):
     def update_k(self, i, j, delta) -> None:
         """Add ``delta`` to ``K[i, j]``; O(1)."""
         i, j, delta = self._check_entry(i, j, delta)
-        self._K[i, j] += delta
+        self._K[i, j] = V_.entry_sum("K", self._K, i, j, delta)
 
     def update_v(self, i, j, delta) -> None:
         """Add ``delta`` to ``V[i, j]``; O(1)."""
         i, j, delta = self._check_entry(i, j, delta)
-        self._V[i, j] += delta
+        self._V[i, j] = V_.entry_sum("V", self._V, i, j, delta)
 
     def set_k_row(self, i, row) -> None:
         """Replace ``K[i]`` by ``row`` (shape (d,)); O(d)."""
@@ -195,11 +195,11 @@ class OnDemand(_Baseline):
 
     def update_k_many(self, rows, cols, deltas) -> None:
         """Add ``deltas`` to ``K[rows, cols]`` (repeats accumulate); O(m)."""
-        self._add(self._K, rows, cols, deltas)
+        self._add("K", self._K, rows, cols, deltas)
 
     def update_v_many(self, rows, cols, deltas) -> None:
         """Add ``deltas`` to ``V[rows, cols]`` (repeats accumulate); O(m)."""
-        self._add(self._V, rows, cols, deltas)
+        self._add("V", self._V, rows, cols, deltas)
 
     def set_k_rows(self, rows, values) -> None:
         """Replace ``K[rows]`` by ``values`` (m, d); O(m·d)."""
@@ -209,12 +209,14 @@ class OnDemand(_Baseline):
         """Replace ``V[rows]`` by ``values`` (m, d); O(m·d)."""
         self._set(self._V, rows, values)
 
-    def _add(self, target, rows, cols, deltas) -> None:
+    def _add(self, which, target, rows, cols, deltas) -> None:
         r = V_.as_indices("rows", rows, self.n)
         c = V_.as_indices("cols", cols, self.d)
         if len(c) != len(r):
             raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
-        np.add.at(target, (r, c), V_.as_vector("deltas", deltas, len(r), self.dtype))
+        flat, final = V_.entry_sums(which, target, r, c,
+                                    V_.as_vector("deltas", deltas, len(r), self.dtype))
+        target.ravel()[flat] = final
 
     def _set(self, target, rows, values) -> None:
         r = V_.as_indices("rows", rows, self.n)

@@ -145,6 +145,29 @@ def test_bad_input_is_refused_and_state_kept(cls):
     np.testing.assert_array_equal(s.query_rows(np.arange(5)), before)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("cls", "call"), [
+    (cls, call) for cls in BASELINES for call in (
+        lambda s, big: s.update_k(1, 2, big),
+        lambda s, big: s.update_v(1, 2, -big),
+    )] + [
+    (OnDemand, lambda s, big: s.update_k_many([0, 1, 1], [0, 2, 2], [1.0, big / 2, big / 2])),
+    (OnDemand, lambda s, big: s.update_v_many([1], [2], [-big])),
+])
+def test_an_update_that_would_overflow_changes_nothing(cls, call, dtype):
+    Q, K, V = make_qkv("uniform", 5, 3, dtype=dtype)
+    s = cls(Q, K, V)
+    big = float(np.finfo(dtype).max)
+    s.update_k(1, 2, 0.75 * big)
+    s.update_v(1, 2, -0.75 * big)
+    K0, V0, out = s.K.copy(), s.V.copy(), s.query_rows(np.arange(5))
+    with pytest.raises(ValueError, match=r"\[1, 2\] = .*not finite"):
+        call(s, 0.5 * big)
+    np.testing.assert_array_equal(s.K, K0)
+    np.testing.assert_array_equal(s.V, V0)
+    np.testing.assert_array_equal(s.query_rows(np.arange(5)), out)
+
+
 def test_eager_dense_memory_estimate():
     Q, K, V = make_qkv("uniform", 16, 4)
     s = EagerDense(Q, K, V)
