@@ -240,6 +240,10 @@ class LazyAttention:
         self._C = np.empty((n, 2 * d + 2), dtype=dt)
         self._m = np.empty(n, dtype=dt)
         self._buffers: dict[str, np.ndarray] = {}
+        # old K and V rows of the touched rows (slot order); they keep their capacity across
+        # flushes (at most n rows): regrowing them after every flush page-faults fresh memory
+        self._old_k = np.empty((0, d), dtype=dt)
+        self._old_v = np.empty((0, d), dtype=dt)
         self._reset_pending()
         self._n_updates = 0
         self._n_queries = 0
@@ -455,7 +459,9 @@ class LazyAttention:
     def _touch_one(self, i: int, touched: set) -> None:
         """:meth:`_touch` for one row, with scalar indexing."""
         if i not in self._slot:
-            k = self._reserve(1)
+            k = len(self._rows)
+            if k == len(self._old_k):
+                self._reserve(1)
             self._old_k[k] = self._K[i]
             self._old_v[k] = self._V[i]
             self._slot[i] = k
@@ -490,8 +496,6 @@ class LazyAttention:
         self._rows: list[int] = []
         self._tk: set[int] = set()
         self._tv: set[int] = set()
-        self._old_k = np.empty((0, self._d), dtype=self._dtype)
-        self._old_v = np.empty((0, self._d), dtype=self._dtype)
         self._pack = _Pack(self._d, self._dtype)
 
     # ------------------------------------------------------------------ the correction
