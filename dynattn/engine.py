@@ -247,6 +247,7 @@ class LazyAttention:
         self._reset_pending()
         self._n_updates = 0
         self._n_queries = 0
+        self._regret, self._regret_mark = 0, 0  # see _choose_direct
         self._n_flushes = 0
         self.flush_log: deque[FlushEvent] = deque(maxlen=1000)
         # (touched rows, entries answered, seconds) of recent exact queries, for cost models
@@ -826,26 +827,38 @@ class LazyAttention:
         """Output entry ``O[i, j]``; exact in O(|S|·d), or the cached value if ``stale``."""
         i = V_.check_index("i", i, self._n)
         j = V_.check_index("j", j, self._d)
-        if not stale and self._single_direct():
+        if not stale and self._choose_direct():
             return self._direct_entry(i, j)
         row = self._row(i, stale, col=j, direct=False)  # asked just above
         return float(row[j] / row[self._d])
 
-    def _single_direct(self) -> bool:
-        """Whether one exact query row is cheaper computed afresh than corrected.
+    def _choose_direct(self) -> bool:
+        """Whether this single exact query computes its row afresh rather than correcting it.
 
         In units of one element of K read by a fresh query (n·d of them): correcting reads
         2(3d+2) numbers per touched row (so |S| > :attr:`max_query_rows` alone decides it),
-        after the pack catches up on the rows updated since its last use (``_pack_cost``).
+        once the pack has caught up on the rows updated since its last use (``_pack_cost``).
+        Catching up serves every later query until the next update, so it is bought as in
+        ski rental: queries compute afresh until what that cost them beyond a corrected query,
+        since the last update, would have paid for the catch-up (at most twice the better
+        choice in hindsight; one query after each update never pays for it).
         """
         S = len(self._rows)
         pack = self._pack
-        cost = 2 * (3 * self._d + 2) * S
+        fresh = self._n * self._d
+        correct = 2 * (3 * self._d + 2) * S
+        if correct > fresh:
+            return True
         catch_up = len(pack.dirty) + S - pack.slots + len(pack.requeue)
-        if catch_up:
-            fixed, per_row = self._pack_cost
-            cost += fixed + per_row * catch_up
-        return cost > self._n * self._d
+        if not catch_up:
+            return False
+        if self._regret_mark != self._n_updates:  # what was paid before an update is sunk
+            self._regret, self._regret_mark = 0, self._n_updates
+        fixed, per_row = self._pack_cost
+        if correct + fixed + per_row * catch_up <= fresh + self._regret:
+            return False
+        self._regret += fresh - correct
+        return True
 
     def _direct_entry(self, i: int, j: int) -> float:
         """``O[i, j]`` from scratch, reading one column of V: 2n·d + 4n flops."""
@@ -868,7 +881,7 @@ class LazyAttention:
         Same arithmetic as :meth:`_current_rows` on one row, with vector operations only,
         because a single query is dominated by per-call overhead, not flops. With ``col``
         only ``N[col]`` and ``s`` of the result are guaranteed (their guards are the ones
-        checked). ``direct``: the caller's :meth:`_single_direct`, when it has asked already.
+        checked). ``direct``: the caller's :meth:`_choose_direct`, when it has asked already.
         """
         S = len(self._rows)
         if stale:
@@ -876,7 +889,7 @@ class LazyAttention:
         t0 = time.perf_counter()
         if S == 0:
             row = self._C[i]
-        elif not (self._single_direct() if direct is None else direct):
+        elif not (self._choose_direct() if direct is None else direct):
             Kp, B, new = self._get_pack()
             L = Kp @ self._Q[i]
             m_old = m = self._m[i]

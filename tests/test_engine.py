@@ -231,6 +231,31 @@ def test_flush_prices_the_packed_entries():
         np.testing.assert_allclose(eng.output(stale=True), want, rtol=1e-12, atol=1e-12)
 
 
+def test_single_queries_catch_up_once_a_burst_of_them_has_paid_for_it():
+    # n·d = 4,096: catching up on 40 rows (150,000 + 40·10,000 elements) costs ~140 fresh
+    # queries' worth beyond a corrected one, so the first queries after the updates compute
+    # afresh, and once they have paid that much the pack catches up and later ones correct
+    n, d = 512, 8
+    eng = make(n=n, d=d, seed=5, policy=10**6)
+    for i in range(40):
+        eng.update_k(i, 1, 0.2)
+    want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
+    caught_up_at = None
+    for q in range(400):
+        assert eng.query(q % n, q % d) == pytest.approx(want[q % n, q % d], rel=1e-12)
+        if caught_up_at is None and eng._pack.slots == 40:
+            caught_up_at = q
+    rent = n * d - 2 * (3 * d + 2) * 40  # what a fresh query costs beyond a corrected one
+    fixed, per_row = eng._pack_cost
+    assert caught_up_at == -(-(fixed + per_row * 40 - rent) // rent)
+    # one query after every update never pays for the catch-up
+    eng.flush()
+    for i in range(40):
+        eng.update_v(i, 2, 0.1)
+        eng.query(i, 2)
+    assert eng._pack.slots == 0
+
+
 @pytest.mark.parametrize("kind", ["csr", "csc", "coo"])
 def test_sparse_inputs(kind):
     rng = np.random.default_rng(1)
