@@ -353,9 +353,10 @@ class EagerDense(_Baseline):
         d, g = self.d, self._g
         new = float(self._V[i, j])
         a = self._At[i]
-        self._C[:, j] += a * (new - old)
         guard = self._C[:, d + 2 + j]
-        guard += a * ((1.0 + g) * abs(old) - g * abs(new))
+        with np.errstate(over="ignore"):  # a guard that overflows is +inf: the row is recomputed
+            self._C[:, j] += a * (new - old)
+            guard += a * ((1.0 + g) * abs(old) - g * abs(new))
         self._repair(guard > 0)
 
     def _add_product(self, A: np.ndarray, B: np.ndarray) -> np.ndarray | None:
