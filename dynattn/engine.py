@@ -139,14 +139,20 @@ class _Pack:
         self.requeue: list[int] = []           # packed slots to append again (role change)
 
     def reserve(self, size: int) -> None:
-        """Capacity for ``size`` entries, doubling (appends are amortised O(d))."""
-        if size > len(self.Kp):
-            cap = max(2 * len(self.Kp), size, 16)
-            for name in ("Kp", "B"):
-                old = getattr(self, name)
-                new = np.empty((cap, old.shape[1]), dtype=old.dtype)
-                new[:self.size] = old[:self.size]
-                setattr(self, name, new)
+        """Capacity for ``size`` entries (appends are amortised O(d))."""
+        self.Kp = _grown(self.Kp, self.size, size)
+        self.B = _grown(self.B, self.size, size)
+
+
+def _grown(arr: np.ndarray, used: int, size: int) -> np.ndarray:
+    """``arr`` with room for ``size`` rows and its first ``used`` rows kept: the capacity
+    doubles, so appending is amortised O(1) a row. The new rows are left unwritten
+    (``np.resize`` would fill them, touching every fresh page at once)."""
+    if size <= len(arr):
+        return arr
+    new = np.empty((max(2 * len(arr), size, 16), arr.shape[1]), dtype=arr.dtype)
+    new[:used] = arr[:used]
+    return new
 
 
 def _max_norm(rows: np.ndarray) -> float:
@@ -472,10 +478,8 @@ class LazyAttention:
     def _reserve(self, count: int) -> int:
         """Room for ``count`` more old rows; returns the first free slot."""
         start = len(self._rows)
-        if start + count > len(self._old_k):
-            cap = max(2 * len(self._old_k), start + count, 16)
-            self._old_k = np.resize(self._old_k, (cap, self._d))
-            self._old_v = np.resize(self._old_v, (cap, self._d))
+        self._old_k = _grown(self._old_k, start, start + count)
+        self._old_v = _grown(self._old_v, start, start + count)
         return start
 
     def _after_update(self, rows, count: int) -> FlushEvent | None:
