@@ -148,6 +148,7 @@ class CostModel:
         self.max_threshold = max_threshold
         self.current: float = float(initial)
         self.fitted: dict[str, float] = {}
+        self._flush_fit: tuple = (None, None)  # (last flush fitted, (f0, f1, H))
         self._marks: deque[tuple[int, int]] = deque()
         self._refit_at = self._next_refit = 0
         self._period = _MIN_PERIOD
@@ -192,11 +193,16 @@ class CostModel:
         flushes = [e for e in engine.flush_log if e.kind == "incremental"][-64:]
         if not flushes or not queries:
             return float(min(self.initial, self.max_threshold))
-        f0, f1 = _fit_line([e.rows for e in flushes], [e.seconds for e in flushes],
-                           self.fitted.get("f1"))
+        # the flush fit (a bisection for H) costs ~0.3 ms: redone only after new flushes
+        if self._flush_fit[0] is not flushes[-1]:
+            f0, f1 = _fit_line([e.rows for e in flushes], [e.seconds for e in flushes],
+                               self.fitted.get("f1"))
+            H = _effective_rows([e.updates for e in flushes], [e.rows for e in flushes],
+                                engine.n)
+            self._flush_fit = (flushes[-1], (f0, f1, H))
+        f0, f1, H = self._flush_fit[1]
         q0, q1 = _fit_line([s for s, _, _ in queries], [t / c for _, c, t in queries],
                            self.fitted.get("q1"))
-        H = _effective_rows([e.updates for e in flushes], [e.rows for e in flushes], engine.n)
         fmax, smax = engine.max_correction_rows, engine.max_query_rows
         self.fitted = {"f0": f0, "f1": f1, "q0": q0, "q1": q1, "H": H, "r": r}
         best_k, best = math.inf, r * (q0 + q1 * smax)
@@ -224,15 +230,22 @@ def _fit_line(x, y, slope=None) -> tuple[float, float]:
     y = np.asarray(y, dtype=float)
     if len(x) >= 4 and np.ptp(x) > 0.1 * max(np.mean(x), 1.0):
         order = np.argsort(x, kind="stable")
-        lo, hi = order[:len(x) // 2], order[len(x) // 2:]
-        dx = np.median(x[hi]) - np.median(x[lo])
-        b = max(0.0, (np.median(y[hi]) - np.median(y[lo])) / dx) if dx > 0 else 0.0
-        a = max(0.0, float(np.median(y - b * x)))
-        return a, float(b)
-    mx, my = float(np.median(x)), float(np.median(y))
+        x, y = x[order], y[order]
+        half = len(x) // 2
+        dx = _median(x[half:]) - _median(x[:half])
+        b = max(0.0, (_median(y[half:]) - _median(y[:half])) / dx) if dx > 0 else 0.0
+        return max(0.0, _median(y - b * x)), float(b)
+    mx, my = _median(x), _median(y)
     if slope is not None:
         return max(0.0, my - slope * mx), slope
     return 0.5 * my, 0.5 * my / max(mx, 1.0)
+
+
+def _median(a: np.ndarray) -> float:
+    """``np.median`` of a short 1-D array, without its ~10 µs of generality a call."""
+    a = np.sort(a)
+    k = len(a)
+    return 0.5 * float(a[(k - 1) // 2] + a[k // 2])
 
 
 def _effective_rows(updates, rows, n: int) -> float:

@@ -90,6 +90,21 @@ def test_cost_model_within_2x_of_best_fixed_threshold(world):
         assert best_k / 2 <= chosen <= 2 * best_k or cost_chosen <= 1.05 * sweep[best_k]
 
 
+def test_cost_model_flush_fit_follows_new_flushes():
+    model = CostModel()
+    world = World(model)
+    world.run(3000)
+    world.f0, world.f1 = 3 * world.f0, 3 * world.f1  # flushes get dearer: refit them
+    world.run(3000)
+    fresh = CostModel()
+    fresh._marks = model._marks.copy()
+    fresh.fitted = {"f1": model.fitted["f1"]}  # the prior slope a refit starts from
+    model._choose(world)
+    fresh._choose(world)
+    for key in ("f0", "f1", "H"):
+        assert model.fitted[key] == pytest.approx(fresh.fitted[key], rel=1e-12), key
+
+
 def test_cost_model_regimes():
     eager = CostModel()
     World(eager, f0=1e-3, f1=1e-6, q1=1e-4, r=20).run(3000)
