@@ -87,14 +87,16 @@ def check_scalar(name: str, value, dtype: np.dtype) -> float:
 
 
 def entry_sum(which: str, target: np.ndarray, i: int, j: int, delta: float):
-    """``target[i, j] + delta`` in the target's dtype; a ValueError naming the entry when the
-    sum is not finite there (checked before anything is written)."""
+    """``(old, new)``: ``target[i, j]`` as a float and ``target[i, j] + delta`` in the target's
+    dtype; a ValueError naming the entry when the sum is not finite there (checked before
+    anything is written)."""
     dt = target.dtype
     old, step = target[i, j], dt.type(delta)
-    total = float(old) + float(step)
+    before = float(old)
+    total = before + float(step)
     limit = FINITE_LIMIT[dt]
     if -limit <= total <= limit:
-        return old + step
+        return before, old + step
     raise ValueError(f"delta={delta!r} would make {which}[{i}, {j}] = {total!r}, "
                      f"not finite in {dt}")
 

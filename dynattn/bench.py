@@ -202,6 +202,9 @@ class _Never:
     def threshold(self, engine) -> float:
         return math.inf
 
+    def valid_until(self, engine) -> float:
+        return math.inf
+
     def __repr__(self) -> str:
         return "Never()"
 

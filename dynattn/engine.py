@@ -11,6 +11,11 @@ row exactly, in ``O(|S|·d)``, by adding the touched rows' new contributions and
 old ones; a flush applies the same correction to every row as two matrix products (BLAS-3),
 ``O(n·|S|·d)``.
 
+A single entry update does the least it can: it writes the entry and logs its position and old
+value. The log is queued when something reads the queue, in a few vectorised passes, and a row's
+old K and V rows are copied only when a correction first needs them: when queries are rare and
+answered afresh, none is ever copied, and an update costs little more than the write.
+
 Precision is guarded rather than hoped for: each cache row also carries guards comparing the
 mass that removals have taken out with the natural scale of what is left (``s_i`` and
 ``Σ_j ã_ij |v_j|``). When the removed mass exceeds ``g`` times what is left (a dominant key
@@ -155,6 +160,18 @@ def _grown(arr: np.ndarray, used: int, size: int) -> np.ndarray:
     return new
 
 
+def _first_of_each(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_index=True)``: the distinct values, sorted, and where each
+    first occurs. A stable sort and one comparison: np.unique's hash table costs 2-4× more on
+    the thousands of integers of a log."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    first = np.empty(len(ordered), dtype=bool)
+    first[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    return ordered[first], order[first]
+
+
 def _max_norm(rows: np.ndarray) -> float:
     """Largest Euclidean norm among ``rows`` (0 for none; inf if a norm overflows)."""
     if not len(rows):
@@ -183,9 +200,11 @@ class LazyAttention:
 
     Notes
     -----
-    Costs, with S the touched rows: an update is O(d) (O(1) work plus bookkeeping), an exact
-    query O(|S|·d) (O(n·d) when that is cheaper), a flush O(n·|S|·d) in two matrix products, a
-    rebuild O(n²·d) in row blocks. Memory is O(n·d + |S|·d); no n×n array is ever formed.
+    Costs, with S the touched rows: an entry update is O(1) (a write and a log entry; its row is
+    queued later, amortised O(1), and its old K and V rows copied, O(d), once a correction
+    needs them), a row update O(d), an exact query O(|S|·d) (O(n·d) when that is cheaper), a
+    flush O(n·|S|·d) in two matrix products, a rebuild O(n²·d) in row blocks. Memory is
+    O(n·d + |S|·d) plus a log of at most 4,096 entries; no n×n array is ever formed.
 
     Examples
     --------
@@ -210,6 +229,12 @@ class LazyAttention:
     # 30-40 µs + 1.4-2.1 µs a row, against 0.09-0.24 ns an element, at n = 4,096-16,384, d = 64.
     _pack_cost = (150_000, 10_000)
 
+    # Logged entry updates up to _short_log are queued one by one (NumPy's ~1 µs a call would
+    # dominate), more in vectorised passes; the log is queued when it reaches _max_log entries,
+    # so its memory stays bounded whatever the policy.
+    _short_log = 16
+    _max_log = 4096
+
     def __init__(self, Q, K, V, *, scale=None, dtype=None, policy=None):
         dt = V_.resolve_dtype(dtype, Q, K, V)
         Qa = V_.as_matrix("Q", Q, dt)
@@ -231,6 +256,7 @@ class LazyAttention:
         self._policy = policy
         self._dtype = dt
         self._n, self._d = n, d
+        self._nd = n * d  # log positions of V entries start here
         self._scale = scale
         self._growth = _GROWTH[dt]
         self._max_query_rows = (n * d) // (2 * (3 * d + 2))  # see max_query_rows
@@ -250,10 +276,19 @@ class LazyAttention:
         # flushes (at most n rows): regrowing them after every flush page-faults fresh memory
         self._old_k = np.empty((0, d), dtype=dt)
         self._old_v = np.empty((0, d), dtype=dt)
+        self._slot = np.full(n, -1, dtype=np.intp)  # per row: its slot in the queue, or -1
+        self._rows: list[int] = []
+        self._bare = np.zeros(n, dtype=bool)  # per row: queued without its old rows yet
+        self._moved_k = np.zeros(n, dtype=bool)  # per row: its key changed since the flush
+        self._moved_v = np.zeros(n, dtype=bool)  # per row: its value changed since the flush
+        self._bare_rows: list[int] = []
+        self._done = 0  # update actions applied by flushes; n_updates adds the pending ones
+        # entry updates not yet queued: position (V's after K's: + n·d), value before, ...
+        # in one flat list, as cheap to append to as it gets
+        self._log: list = []
         self._reset_pending()
-        self._n_updates = 0
         self._n_queries = 0
-        self._regret, self._regret_mark = 0, 0  # see _choose_direct
+        self._fresh_count, self._fresh_mark = 0, 0  # see _prefers_fresh
         self._n_flushes = 0
         self.flush_log: deque[FlushEvent] = deque(maxlen=1000)
         # (touched rows, entries answered, seconds) of recent exact queries, for cost models
@@ -262,15 +297,17 @@ class LazyAttention:
     def copy(self, policy=None) -> LazyAttention:
         """An independent engine in the same state (arrays, caches, pending queue, counters),
         with its own ``policy`` (None: CostModel) and empty logs. O(n·d), no rebuild."""
+        self._materialise()
         new = object.__new__(type(self))
         new._adopt(self._Q.copy(), self._K.copy(), self._V.copy(), self._scale,
                    as_policy(policy))
         new._C[...] = self._C
         new._m[...] = self._m
-        new._pending, new._n_updates = self._pending, self._n_updates
+        new._pending, new._done = self._pending, self._done
         new._n_queries, new._n_flushes = self._n_queries, self._n_flushes
-        new._slot, new._rows = dict(self._slot), list(self._rows)
-        new._tk, new._tv = set(self._tk), set(self._tv)
+        new._slot[...] = self._slot
+        new._rows = list(self._rows)
+        new._moved_k[...], new._moved_v[...] = self._moved_k, self._moved_v
         new._old_k, new._old_v = self._old_k.copy(), self._old_v.copy()
         return new
 
@@ -282,24 +319,34 @@ class LazyAttention:
     Q = property(lambda self: self._views["Q"], doc="Queries (n, d), read-only view.")
     K = property(lambda self: self._views["K"], doc="Current keys (n, d), read-only view.")
     V = property(lambda self: self._views["V"], doc="Current values (n, d), read-only view.")
-    pending = property(lambda self: self._pending,
+    pending = property(lambda self: self._pending + len(self._log) // 2,
                        doc="Update actions since the last flush (an entry update or a row set "
                            "counts one).")
-    touched_rows = property(lambda self: len(self._rows),
-                            doc="Distinct rows of K or V touched since the last flush, |S|.")
-    n_updates = property(lambda self: self._n_updates, doc="Update actions so far.")
+    n_updates = property(lambda self: self._done + self.pending, doc="Update actions so far.")
     n_queries = property(lambda self: self._n_queries, doc="Exact entries/rows queried so far.")
     n_flushes = property(lambda self: self._n_flushes, doc="Flushes so far (rebuilds included).")
 
     @property
+    def touched_rows(self) -> int:
+        """Distinct rows of K or V touched since the last flush, |S|."""
+        self._settle()
+        return len(self._rows)
+
+    @property
     def touched_k(self) -> frozenset[int]:
         """Rows of K changed since the last flush."""
-        return frozenset(self._tk)
+        return frozenset(self._moved_rows(self._moved_k).tolist())
 
     @property
     def touched_v(self) -> frozenset[int]:
         """Rows of V changed since the last flush."""
-        return frozenset(self._tv)
+        return frozenset(self._moved_rows(self._moved_v).tolist())
+
+    def _moved_rows(self, moved: np.ndarray) -> np.ndarray:
+        """The queued rows flagged in ``moved`` (``_moved_k`` or ``_moved_v``), O(|S|)."""
+        self._settle()
+        rows = np.array(self._rows, dtype=np.intp)
+        return rows[moved[rows]]
 
     @property
     def policy(self):
@@ -309,10 +356,12 @@ class LazyAttention:
     @policy.setter
     def policy(self, value) -> None:
         self._policy = as_policy(value)
+        self._ask_policy_next()
 
     @property
     def threshold(self) -> float:
         """The policy's current flush threshold (pending count that triggers a flush)."""
+        self._ask_policy_next()  # asking may have moved it
         return float(self._policy.threshold(self))
 
     @property
@@ -322,27 +371,36 @@ class LazyAttention:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the engine's arrays (state and pending queue)."""
-        arrays = (self._Q, self._K, self._V, self._C, self._m, self._old_k, self._old_v)
-        return sum(a.nbytes for a in arrays)
+        """Bytes held by the engine's arrays (state and pending queue; the entry log, a Python
+        list of at most ``2·_max_log`` numbers, aside)."""
+        arrays = (self._Q, self._K, self._V, self._C, self._m, self._old_k, self._old_v,
+                  self._slot, self._bare, self._moved_k, self._moved_v)
+        return sum(a.nbytes for a in arrays) + sum(a.nbytes + v.nbytes for a, v in self._undo)
 
     # ------------------------------------------------------------------ updates
     def update_k(self, i, j, delta) -> FlushEvent | None:
-        """Add ``delta`` to ``K[i, j]``; queued, O(d). Returns the flush it caused, if any."""
-        return self._update_entry("K", self._K, self._tk, i, j, delta)
+        """Add ``delta`` to ``K[i, j]``; logged, O(1). Returns the flush it caused, if any."""
+        return self._update_entry("K", self._K, 0, i, j, delta)
 
     def update_v(self, i, j, delta) -> FlushEvent | None:
-        """Add ``delta`` to ``V[i, j]``; queued, O(d). Returns the flush it caused, if any."""
-        return self._update_entry("V", self._V, self._tv, i, j, delta)
+        """Add ``delta`` to ``V[i, j]``; logged, O(1). Returns the flush it caused, if any."""
+        return self._update_entry("V", self._V, self._nd, i, j, delta)
 
-    def _update_entry(self, which, target, touched, i, j, delta) -> FlushEvent | None:
-        # the single update is the hot path of every stream: scalar work only
+    def _update_entry(self, which, target, offset, i, j, delta) -> FlushEvent | None:
+        # the single update is the hot path of every stream: scalar work and a log entry only;
+        # its row joins the queue at the next read (_settle), with the others, vectorised
+        d = self._d
         i = V_.check_index("i", i, self._n)
-        j = V_.check_index("j", j, self._d)
-        new = V_.entry_sum(which, target, i, j, V_.check_scalar("delta", delta, self._dtype))
-        self._touch_one(i, touched)
+        j = V_.check_index("j", j, d)
+        old, new = V_.entry_sum(which, target, i, j,
+                                V_.check_scalar("delta", delta, self._dtype))
         target[i, j] = new
-        return self._after_update((i,), 1)
+        log = self._log
+        log.append(offset + i * d + j)
+        log.append(old)
+        if len(log) >= self._ask_at:
+            return self._consult()
+        return None
 
     def update_k_many(self, rows, cols=None, deltas=None) -> FlushEvent | None:
         """Add ``deltas`` to ``K[rows, cols]`` (repeats accumulate); all or nothing.
@@ -359,36 +417,36 @@ class LazyAttention:
         FlushEvent or None
             The flush the batch triggered (the policy is asked once, after the batch).
         """
-        return self._update_entries(self._K, self._tk, rows, cols, deltas)
+        return self._update_entries(self._K, self._moved_k, rows, cols, deltas)
 
     def update_v_many(self, rows, cols=None, deltas=None) -> FlushEvent | None:
         """Add ``deltas`` to ``V[rows, cols]``; see :meth:`update_k_many`."""
-        return self._update_entries(self._V, self._tv, rows, cols, deltas)
+        return self._update_entries(self._V, self._moved_v, rows, cols, deltas)
 
     def set_k_row(self, i, row) -> FlushEvent | None:
         """Replace ``K[i]`` by ``row`` (shape (d,)); one update action, O(d)."""
-        return self._set_row(self._K, self._tk, i, row)
+        return self._set_row(self._K, self._moved_k, i, row)
 
     def set_v_row(self, i, row) -> FlushEvent | None:
         """Replace ``V[i]`` by ``row`` (shape (d,)); one update action, O(d)."""
-        return self._set_row(self._V, self._tv, i, row)
+        return self._set_row(self._V, self._moved_v, i, row)
 
-    def _set_row(self, target, touched, i, row) -> FlushEvent | None:
+    def _set_row(self, target, moved, i, row) -> FlushEvent | None:
         i = V_.check_index("i", i, self._n)
         row = V_.as_vector("row", row, self._d, self._dtype)
-        self._touch_one(i, touched)
+        self._touch_one(i, moved)
         target[i] = row
-        return self._after_update((i,), 1)
+        return self._counted(1)
 
     def set_k_rows(self, rows, values) -> FlushEvent | None:
         """Replace ``K[rows]`` by ``values`` (shape (m, d)); m update actions, all or nothing."""
-        return self._set_rows(self._K, self._tk, rows, values)
+        return self._set_rows(self._K, self._moved_k, rows, values)
 
     def set_v_rows(self, rows, values) -> FlushEvent | None:
         """Replace ``V[rows]`` by ``values`` (shape (m, d)); m update actions, all or nothing."""
-        return self._set_rows(self._V, self._tv, rows, values)
+        return self._set_rows(self._V, self._moved_v, rows, values)
 
-    def _update_entries(self, target, touched, rows, cols, deltas):
+    def _update_entries(self, target, moved, rows, cols, deltas):
         which = "K" if target is self._K else "V"
         if cols is None and deltas is None:
             r, c, dl = self._split_tuples(rows)
@@ -402,9 +460,9 @@ class LazyAttention:
                 raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
             dl = V_.as_vector("deltas", deltas, len(r), self._dtype)
         flat, final = V_.entry_sums(which, target, r, c, dl)
-        self._touch(r, touched)
+        self._touch(r, moved)
         target.ravel()[flat] = final
-        return self._after_update(r, len(r))
+        return self._counted(len(r))
 
     def _split_tuples(self, updates):
         """Checked columns ``(rows, cols, deltas)`` of a sequence of ``(i, j, delta)``: checked
@@ -440,67 +498,193 @@ class LazyAttention:
                            for k, v in enumerate(deltas)], dtype=self._dtype)
         return out[0], out[1], dl
 
-    def _set_rows(self, target, touched, rows, values):
+    def _set_rows(self, target, moved, rows, values):
         r = V_.as_indices("rows", rows, self._n)
         if len(np.unique(r)) != len(r):
             raise ValueError(f"rows={r.tolist()} repeats a row; a row can be set once per call")
         vals = V_.as_matrix("values", values, self._dtype, shape=(len(r), self._d))
-        self._touch(r, touched)
+        self._touch(r, moved)
         target[r] = vals
-        return self._after_update(r, len(r))
+        return self._counted(len(r))
 
-    def _touch(self, rows: np.ndarray, touched: set) -> None:
-        """Queue rows; the first touch since the last flush keeps their old K and V rows."""
-        slot = self._slot
-        new = [r for r in dict.fromkeys(rows.tolist()) if r not in slot]
-        if new:
-            start = self._reserve(len(new))
-            size = start + len(new)
-            self._old_k[start:size] = self._K[new]
-            self._old_v[start:size] = self._V[new]
-            for k, r in enumerate(new, start):
-                slot[r] = k
-            self._rows.extend(new)
-        touched.update(rows.tolist())
+    def _touch(self, rows: np.ndarray, moved: np.ndarray) -> None:
+        """Queue ``rows`` before a batch or row write: the log and every row it left without
+        its old K and V rows first (the write is not logged, so they would miss it)."""
+        self._materialise()
+        self._queue(rows, keep=True)
+        moved[rows] = True
 
-    def _touch_one(self, i: int, touched: set) -> None:
+    def _touch_one(self, i: int, moved: np.ndarray) -> None:
         """:meth:`_touch` for one row, with scalar indexing."""
-        if i not in self._slot:
+        self._materialise()
+        self._queue_one(i, moved)
+
+    def _queue(self, rows: np.ndarray, keep: bool) -> None:
+        """Queue ``rows``, O(len(rows)), vectorised: a row's first touch since the last flush
+        gives it a slot and, with ``keep``, copies its K and V rows as they are now (else it
+        is *bare*: see :meth:`_materialise`); a packed row's entries are marked for a refresh.
+        The caller flags the rows in ``_moved_k`` or ``_moved_v``."""
+        slot = self._slot
+        had = slot[rows]
+        new = rows[had < 0]
+        # one of each new row without sorting: of repeated writes to a row, exactly one lands
+        ticket = np.arange(len(new))
+        slot[new] = ticket
+        fresh = new[slot[new] == ticket]
+        if len(fresh):
+            start = len(self._rows)
+            stop = start + len(fresh)
+            if keep:
+                self._reserve(stop)
+                self._old_k[start:stop] = self._K[fresh]
+                self._old_v[start:stop] = self._V[fresh]
+            else:
+                self._bare[fresh] = True
+                self._bare_rows.extend(fresh.tolist())
+            slot[fresh] = np.arange(start, stop)
+            self._rows.extend(fresh.tolist())
+        packed = self._pack.slots
+        if packed:
+            self._pack.dirty.update(had[(had >= 0) & (had < packed)].tolist())
+
+    def _queue_one(self, i: int, moved: np.ndarray) -> int:
+        """:meth:`_queue` for one row with ``keep``, in scalars, flagged in ``moved``; returns
+        its slot."""
+        k = int(self._slot[i])
+        if k < 0:
             k = len(self._rows)
-            if k == len(self._old_k):
-                self._reserve(1)
+            self._reserve(k + 1)
             self._old_k[k] = self._K[i]
             self._old_v[k] = self._V[i]
             self._slot[i] = k
             self._rows.append(i)
-        touched.add(i)
+        elif k < self._pack.slots:
+            self._pack.dirty.add(k)
+        moved[i] = True
+        return k
 
-    def _reserve(self, count: int) -> int:
-        """Room for ``count`` more old rows; returns the first free slot."""
-        start = len(self._rows)
-        self._old_k = _grown(self._old_k, start, start + count)
-        self._old_v = _grown(self._old_v, start, start + count)
-        return start
+    def _settle(self) -> None:
+        """Queue the rows of the logged entry updates, keeping each entry's value from before
+        the first of them.
 
-    def _after_update(self, rows, count: int) -> FlushEvent | None:
+        A short log (a query after each update) goes entry by entry, the latest first: a new
+        row is copied as it is now and each entry's old value written back into the copy, so
+        the earliest is written last. A longer one is queued in a few vectorised passes, its
+        new rows bare and its entries kept for :meth:`_materialise`: copying each new row's K
+        and V at once would cost ~1 µs a row in memory traffic and page faults, wasted when
+        the rows are never packed (queries rare, answered afresh, no flush).
+        """
+        if not self._log:
+            return
+        at, old = self._log[0::2], self._log[1::2]
+        self._log.clear()
+        self._pending += len(at)
+        self._arm()
+        nd, d, bare = self._nd, self._d, self._bare
+        if len(at) <= self._short_log:
+            start, later = len(self._rows), []
+            for pos, value in zip(reversed(at), reversed(old), strict=True):
+                is_v = pos >= nd
+                i, j = divmod(pos - nd if is_v else pos, d)
+                k = self._queue_one(i, self._moved_v if is_v else self._moved_k)
+                if k >= start:
+                    (self._old_v if is_v else self._old_k)[k, j] = value
+                elif bare[i]:
+                    later.append((pos, value))
+            if later:
+                at, old = zip(*reversed(later), strict=True)
+                self._undo.append((np.array(at, dtype=np.intp), np.array(old, self._dtype)))
+        else:
+            at = np.array(at, dtype=np.intp)
+            is_v = at >= nd
+            rows = (at - nd * is_v) // d
+            self._queue(rows, keep=False)
+            self._moved_k[rows[~is_v]] = True
+            self._moved_v[rows[is_v]] = True
+            mine = bare[rows]
+            self._undo.append((at[mine], np.array(old, dtype=self._dtype)[mine]))
+        # rows updated again and again are copied once their undo log outgrows them a little:
+        # their later entries then need no undo, and the log's memory stays O(|S| + _max_log)
+        if sum(len(a) for a, _ in self._undo) > max(self._max_log, 8 * len(self._bare_rows)):
+            self._materialise()
+
+    def _materialise(self) -> None:
+        """Give every bare row its K and V rows as of the last flush: the rows as they are now,
+        with the undo log's earliest value of each entry written back. O((bare rows)·d + log)."""
+        self._settle()
+        if not self._bare_rows:
+            return
+        rows = np.array(self._bare_rows, dtype=np.intp)
+        slots = self._slot[rows]
+        self._reserve(len(self._rows))
+        self._old_k[slots] = self._K[rows]
+        self._old_v[slots] = self._V[rows]
+        at, first = _first_of_each(np.concatenate([a for a, _ in self._undo]))
+        value = np.concatenate([v for _, v in self._undo])[first]
+        nd, d = self._nd, self._d
+        is_v = at >= nd
+        k = self._slot[(at - nd * is_v) // d]
+        self._old_k[k[~is_v], at[~is_v] % d] = value[~is_v]
+        self._old_v[k[is_v], at[is_v] % d] = value[is_v]
+        self._bare[rows] = False
+        self._bare_rows, self._undo = [], []
+
+    def _reserve(self, size: int) -> None:
+        """Room for the old rows of ``size`` slots."""
+        if size > len(self._old_k):  # every slot below the capacity is in use
+            self._old_k = _grown(self._old_k, len(self._old_k), size)
+            self._old_v = _grown(self._old_v, len(self._old_v), size)
+
+    def _counted(self, count: int) -> FlushEvent | None:
+        """Count ``count`` update actions; ask the policy once its last answer has run out."""
         self._pending += count
-        self._n_updates += count
-        pack = self._pack
-        if pack.slots:  # rows already packed get their entries refreshed at the next use
-            for r in rows:
-                k = self._slot[r]
-                if k < pack.slots:
-                    pack.dirty.add(k)
-        if self._pending >= self._policy.threshold(self):
-            return self.flush()
+        if self.pending >= self._check_at:
+            return self._consult()
+        self._arm()
         return None
+
+    def _consult(self) -> FlushEvent | None:
+        """Flush if the policy's threshold is reached; else note when to ask it again.
+
+        Asking after every update costs as much as the update: a policy that can tell how long
+        its threshold holds (``valid_until(engine)``, an update count) is asked again only
+        then, or at the threshold. The log is settled at ``_max_log`` entries, so its memory
+        stays bounded whatever the policy does.
+        """
+        policy = self._policy
+        threshold = policy.threshold(self)
+        pending = self.pending
+        if pending >= threshold:
+            return self.flush()
+        if len(self._log) >= 2 * self._max_log:
+            self._settle()
+        until = getattr(policy, "valid_until", None)
+        hold = min(until(self) - self.n_updates, self._max_log) if until is not None else 0
+        ask = pending + 1 + max(hold, 0)
+        ask = min(ask, pending + self._max_log - len(self._log) // 2)
+        self._check_at = threshold if threshold < ask else ask
+        self._arm()
+        return None
+
+    def _arm(self) -> None:
+        """Turn ``_check_at`` (a pending count) into the log length at which an entry update
+        consults the policy: the hot path then counts nothing itself."""
+        self._ask_at = 2 * (self._check_at - self._pending)
+
+    def _ask_policy_next(self) -> None:
+        self._check_at = 0
+        self._arm()
 
     def _reset_pending(self) -> None:
         self._pending = 0
-        self._slot: dict[int, int] = {}
-        self._rows: list[int] = []
-        self._tk: set[int] = set()
-        self._tv: set[int] = set()
+        self._ask_policy_next()  # a flush may change the policy's answer
+        self._slot[self._rows] = -1  # O(|S|), not O(n)
+        for flags in (self._bare, self._moved_k, self._moved_v):
+            flags[self._rows] = False
+        self._rows, self._bare_rows = [], []
+        self._log.clear()
+        # (positions, old values) of the logged entries of bare rows, in order (_materialise)
+        self._undo: list[tuple[np.ndarray, np.ndarray]] = []
         self._pack = _Pack(self._d, self._dtype)
 
     # ------------------------------------------------------------------ the correction
@@ -509,8 +693,10 @@ class LazyAttention:
 
         Kept up to date incrementally: rows touched since the last use are appended, rows
         updated again are patched in place, so a query after a few new updates costs
-        O(new rows·d) here rather than O(|S|·d).
+        O(new rows·d) here rather than O(|S|·d). Callers settle the log first.
         """
+        if self._bare_rows:
+            self._materialise()
         pack = self._pack
         if pack.dirty or pack.slots < len(self._rows) or pack.requeue:
             pack.aug = None
@@ -529,8 +715,9 @@ class LazyAttention:
         NumPy's per-call overhead, not the O(d) work, is the cost.
         """
         rows = self._rows
-        ks = [k for k in slots if rows[k] in self._tk]
-        vs = [k for k in slots if rows[k] not in self._tk]
+        keyed = self._moved_k[[rows[k] for k in slots]].tolist()
+        ks = [k for k, key in zip(slots, keyed, strict=True) if key]
+        vs = [k for k, key in zip(slots, keyed, strict=True) if not key]
         nk, nv = len(ks), len(vs)
         p, q = pack.size, pack.size + 2 * nk
         pack.reserve(q + nv)
@@ -568,7 +755,7 @@ class LazyAttention:
             if pack.keyed[k]:
                 new_e.append(e)
                 new_r.append(r)
-            elif r in self._tk:
+            elif self._moved_k[r]:
                 pack.B[e] = 0  # its key still is the old one: exp stays finite, times 0
                 pack.requeue.append(k)
             else:
@@ -610,6 +797,7 @@ class LazyAttention:
     def correction_flops(self) -> float:
         """Flops to bring one output row up to date now (logits and contributions of the
         packed touched rows, or a fresh row past :attr:`max_query_rows`)."""
+        self._settle()
         if not self._rows:
             return 0.0
         if len(self._rows) > self.max_query_rows:
@@ -652,6 +840,7 @@ class LazyAttention:
         C are left zero (only corrected rows need them). Rows whose correction would lose
         precision are recomputed exactly; the count is returned third.
         """
+        self._settle()
         S = len(self._rows)
         if S == 0:
             return self._m[idx], self._C[idx], 0
@@ -785,6 +974,7 @@ class LazyAttention:
         matrix products, ``O(n·|S|·d)``; when S is so large that recomputing is cheaper, the
         engine rebuilds instead, ``O(n²·d)``. Rows that would lose precision are recomputed.
         """
+        self._settle()
         if not self._rows:
             return None
         t0 = time.perf_counter()
@@ -810,15 +1000,18 @@ class LazyAttention:
     def rebuild(self) -> FlushEvent:
         """Recompute every cache row exactly, ``O(n²·d)``; also clears the pending queue."""
         t0 = time.perf_counter()
+        self._settle()
         self._store_exact()
         return self._record("rebuild", 6.0 * self._n * self._n * self._d, 0, t0)
 
     def _record(self, kind, flops, repaired, t0) -> FlushEvent:
         self._n_flushes += 1
-        event = FlushEvent(index=self._n_flushes, at_update=self._n_updates,
-                           updates=self._pending, rows=len(self._rows), k_rows=len(self._tk),
-                           v_rows=len(self._tv), flops=flops,
+        event = FlushEvent(index=self._n_flushes, at_update=self.n_updates,
+                           updates=self.pending, rows=len(self._rows),
+                           k_rows=len(self._moved_rows(self._moved_k)),
+                           v_rows=len(self._moved_rows(self._moved_v)), flops=flops,
                            seconds=time.perf_counter() - t0, kind=kind, repaired=repaired)
+        self._done += self.pending
         self._reset_pending()
         self.flush_log.append(event)
         on_flush = getattr(self._policy, "on_flush", None)
@@ -846,7 +1039,18 @@ class LazyAttention:
         ski rental: queries compute afresh until what that cost them beyond a corrected query,
         since the last update, would have paid for the catch-up (at most twice the better
         choice in hindsight; one query after each update never pays for it).
+
+        The log is settled only when the queued rows without it do not already decide: more
+        rows make correcting and catching up dearer, never cheaper, so a query that computes
+        afresh anyway leaves the log to be queued later with more entries at once.
         """
+        if self._log and self._prefers_fresh():
+            return True
+        self._settle()
+        return self._prefers_fresh()
+
+    def _prefers_fresh(self) -> bool:
+        """:meth:`_choose_direct` for the rows queued so far (a lower bound on S)."""
         S = len(self._rows)
         pack = self._pack
         fresh = self._n * self._d
@@ -856,12 +1060,14 @@ class LazyAttention:
         catch_up = len(pack.dirty) + S - pack.slots + len(pack.requeue)
         if not catch_up:
             return False
-        if self._regret_mark != self._n_updates:  # what was paid before an update is sunk
-            self._regret, self._regret_mark = 0, self._n_updates
+        if self._fresh_mark != self.n_updates:  # what was paid before an update is sunk
+            self._fresh_count, self._fresh_mark = 0, self.n_updates
         fixed, per_row = self._pack_cost
-        if correct + fixed + per_row * catch_up <= fresh + self._regret:
+        # S is constant between updates, so the regret is the count of fresh queries times
+        # what each paid beyond a corrected one
+        if correct + fixed + per_row * catch_up <= fresh + self._fresh_count * (fresh - correct):
             return False
-        self._regret += fresh - correct
+        self._fresh_count += 1
         return True
 
     def _direct_entry(self, i: int, j: int) -> float:
@@ -887,13 +1093,17 @@ class LazyAttention:
         only ``N[col]`` and ``s`` of the result are guaranteed (their guards are the ones
         checked). ``direct``: the caller's :meth:`_choose_direct`, when it has asked already.
         """
-        S = len(self._rows)
         if stale:
             return self._C[i]
         t0 = time.perf_counter()
-        if S == 0:
+        if direct is None:
+            direct = self._choose_direct()
+        S = len(self._rows)
+        if direct:
+            row = self._exact(np.array([i]), guards=False)[1][0]
+        elif S == 0:
             row = self._C[i]
-        elif not (self._choose_direct() if direct is None else direct):
+        else:
             Kp, B, new = self._get_pack()
             L = Kp @ self._Q[i]
             m_old = m = self._m[i]
@@ -911,8 +1121,6 @@ class LazyAttention:
             if not (row[d] > 0 and row[d + 1] <= 0) or not (
                     row[d + 2:].max() <= 0 if col is None else row[d + 2 + col] <= 0):
                 row = self._exact(np.array([i]))[1][0]
-        else:
-            row = self._exact(np.array([i]), guards=False)[1][0]
         self._n_queries += 1
         self.query_log.append((S, 1, time.perf_counter() - t0))
         return row
@@ -948,6 +1156,7 @@ class LazyAttention:
     def output(self, stale: bool = False) -> np.ndarray:
         """The whole output O (shape (n, d)): exact in O(n·|S|·d), or the cached view."""
         d = self._d
+        self._settle()
         if stale or not self._rows:  # nothing pending: the caches are exact
             return self._out(self._C)
         out = np.empty((self._n, d), dtype=self._dtype)
@@ -981,11 +1190,12 @@ class LazyAttention:
         J = V_.as_selection("cols", cols, self._n)
         d = self._d
         if stale:
+            self._materialise()  # the old keys of touched columns
             m, s = self._m[I], self._C[I, d]
-            keys = self._K[J].copy()
-            for k, j in enumerate(J.tolist()):
-                if j in self._slot:
-                    keys[k] = self._old_k[self._slot[j]]
+            keys = self._K[J]
+            slots = self._slot[J]
+            kept = slots >= 0
+            keys[kept] = self._old_k[slots[kept]]
         else:
             m, C, _ = self._current_rows(I)
             s, keys = C[:, d], self._K[J]
@@ -1008,6 +1218,7 @@ class LazyAttention:
 
     def approximation_error(self) -> ErrorReport:
         """Error of the stale output against the exact output, O(n·|S|·d), no n×n array."""
+        self._settle()
         sq_diff = sq_exact = max_abs = 0.0
         for blk in self._blocks(2 * len(self._rows) + 1):
             _, C, _ = self._current_rows(np.arange(blk.start, blk.stop))
@@ -1023,7 +1234,8 @@ class LazyAttention:
         return ErrorReport(rel, max_abs)
 
     def __repr__(self) -> str:
+        self._settle()
         return (f"LazyAttention(n={self._n}, d={self._d}, dtype={self._dtype}, "
-                f"scale={self._scale:.4g}, pending={self._pending}, "
+                f"scale={self._scale:.4g}, pending={self.pending}, "
                 f"touched_rows={len(self._rows)}, flushes={self._n_flushes}, "
                 f"policy={self._policy!r})")

@@ -1,8 +1,12 @@
 """Flush policies: when should a lazy engine apply its queued updates?
 
 A policy is any object with ``threshold(engine) -> float``: the engine flushes as soon as its
-pending update count reaches that number (``math.inf`` means "not now"). It may also have
-``on_flush(event)``, called after every flush with the :class:`~dynattn.engine.FlushEvent`.
+pending update count reaches that number (``math.inf`` means "not now"). The engine asks after
+every update action, unless the policy also has ``valid_until(engine) -> float``: the update
+count (``engine.n_updates``) up to which its threshold stays what it just said, barring a
+flush; it is then asked again only after that count or at the threshold (asking costs as much
+as an update). It may also have ``on_flush(event)``, called after every flush with the
+:class:`~dynattn.engine.FlushEvent`.
 Policies read only the engine's public state (counters, logs, ``rows_error``), so any policy
 works with any engine, and users can write their own: a plain callable ``engine -> float`` is
 accepted too.
@@ -45,10 +49,16 @@ class Fixed:
     def __init__(self, k: int = 10):
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"k={k!r} must be an integer >= 1")
-        self.k = int(k)
+        self._k = int(k)
+
+    k = property(lambda self: self._k, doc="The threshold (read-only: engines rely on it "
+                                            "holding; assign a new policy to change it).")
 
     def threshold(self, engine) -> float:
-        return self.k
+        return self._k
+
+    def valid_until(self, engine) -> float:
+        return math.inf
 
     def __repr__(self) -> str:
         return f"Fixed({self.k})"
@@ -85,6 +95,9 @@ class OriginalAdaptive:
     def threshold(self, engine) -> float:
         self._size = engine.n * engine.d
         return self.current
+
+    def valid_until(self, engine) -> float:
+        return math.inf  # it moves only in on_flush
 
     def on_flush(self, event) -> None:
         self.history.append(event.updates)
@@ -169,6 +182,9 @@ class CostModel:
             self.current = choice
             self._refit_at, self._next_refit = u, u + self._period
         return self.current
+
+    def valid_until(self, engine) -> float:
+        return self._next_refit - 1
 
     def on_flush(self, event) -> None:
         # a flush brings a new timing: take it into account soon (not after every flush,

@@ -75,14 +75,14 @@ class _Baseline:
         """Add ``delta`` to ``K[i, j]``."""
         i, j, delta = self._check_entry(i, j, delta)
         old = self._K[i].copy()
-        self._K[i, j] = V_.entry_sum("K", self._K, i, j, delta)
+        self._K[i, j] = V_.entry_sum("K", self._K, i, j, delta)[1]
         self._k_changed(i, old)
 
     def update_v(self, i, j, delta) -> None:
         """Add ``delta`` to ``V[i, j]``."""
         i, j, delta = self._check_entry(i, j, delta)
         old = self._V[i, j]
-        self._V[i, j] = V_.entry_sum("V", self._V, i, j, delta)
+        self._V[i, j] = V_.entry_sum("V", self._V, i, j, delta)[1]
         self._v_entry_changed(i, j, old)
 
     def set_k_row(self, i, row) -> None:
@@ -176,12 +176,12 @@ class OnDemand(_Baseline):
     def update_k(self, i, j, delta) -> None:
         """Add ``delta`` to ``K[i, j]``; O(1)."""
         i, j, delta = self._check_entry(i, j, delta)
-        self._K[i, j] = V_.entry_sum("K", self._K, i, j, delta)
+        self._K[i, j] = V_.entry_sum("K", self._K, i, j, delta)[1]
 
     def update_v(self, i, j, delta) -> None:
         """Add ``delta`` to ``V[i, j]``; O(1)."""
         i, j, delta = self._check_entry(i, j, delta)
-        self._V[i, j] = V_.entry_sum("V", self._V, i, j, delta)
+        self._V[i, j] = V_.entry_sum("V", self._V, i, j, delta)[1]
 
     def set_k_row(self, i, row) -> None:
         """Replace ``K[i]`` by ``row`` (shape (d,)); O(d)."""

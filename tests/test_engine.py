@@ -9,7 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from oracle import Oracle, assert_close_natural
 
@@ -32,9 +32,11 @@ POLICIES = {
 
 
 @st.composite
-def scenarios(draw, hard=False):
-    n = draw(st.integers(1, 12))
-    d = draw(st.integers(1, 5))
+def scenarios(draw, hard=False, crowded=False):
+    # crowded: few rows, so updates of every kind keep meeting in the same rows and the
+    # queue's paths (logged, bare, kept, packed) meet too
+    n = draw(st.integers(1, 3 if crowded else 12))
+    d = draw(st.integers(1, 3 if crowded else 5))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     if hard:
@@ -51,6 +53,10 @@ def scenarios(draw, hard=False):
         st.tuples(st.just("update_v"), i, j, delta),
         st.tuples(st.just("many_k"), st.lists(st.tuples(i, j, delta), min_size=1, max_size=6)),
         st.tuples(st.just("many_v"), st.lists(st.tuples(i, j, delta), min_size=1, max_size=6)),
+        # a run of single entry updates long enough to be queued in vectorised passes
+        st.tuples(st.just("burst"), st.lists(st.tuples(st.booleans(), i, j, delta),
+                                             min_size=1, max_size=40)),
+        st.tuples(st.just("copy")),
         st.tuples(st.just("set_k"), i, row),
         st.tuples(st.just("set_v"), i, row),
         st.tuples(st.just("query"), i, j),
@@ -61,23 +67,30 @@ def scenarios(draw, hard=False):
         st.tuples(st.just("check_all")),
     )
     ops = draw(st.lists(op, min_size=1, max_size=25))
-    return Q, K, V, scale, policy, ops
+    # how the entry log is queued: one by one or vectorised, settled often or rarely
+    log = (draw(st.sampled_from([0, 1] if crowded else [0, 3, 16])),
+           draw(st.sampled_from([1, 5, 4096])))
+    return Q, K, V, scale, policy, ops, log
 
 
 @contextlib.contextmanager
-def correcting_single_queries(eng):
-    """Single queries take the correction path whenever |S| allows it: at test sizes (n < 64)
-    the engine would otherwise compute them afresh after almost every update."""
-    eng._pack_cost = (0, 0)
+def correcting_queries(eng):
+    """Queries correct the cached rows instead of computing them afresh: at test sizes
+    (n·d < 64) the engine would compute almost every query afresh, as it should there."""
+    saved = eng._max_query_rows
+    eng._prefers_fresh = lambda: False
+    eng._max_query_rows = 10**9
     try:
         yield
     finally:
-        del eng._pack_cost
+        del eng._prefers_fresh
+        eng._max_query_rows = saved
 
 
 def run_against_oracle(scenario, tol, dtype=np.float64):
-    Q, K, V, scale, policy, ops = scenario
+    Q, K, V, scale, policy, ops, (short_log, max_log) = scenario
     eng = LazyAttention(Q, K, V, scale=scale, dtype=dtype, policy=policy)
+    eng._short_log, eng._max_log = short_log, max_log
     orc = Oracle(eng)
     updates = 0
     for op in ops:
@@ -87,6 +100,16 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
             getattr(eng, kind)(i, j, delta)
             (orc.K if kind == "update_k" else orc.V)[i, j] += dtype(delta)
             updates += 1
+        elif kind == "burst":
+            for on_k, i, j, delta in op[1]:
+                (eng.update_k if on_k else eng.update_v)(i, j, delta)
+                (orc.K if on_k else orc.V)[i, j] += dtype(delta)
+                orc.sync_flush()  # the policy may flush inside the burst
+            updates += len(op[1])
+        elif kind == "copy":  # the twin carries on, in the same state
+            eng = eng.copy(policy=eng.policy)
+            eng._short_log, eng._max_log = short_log, max_log
+            orc.engine = eng
         elif kind in ("many_k", "many_v"):
             items = op[1]
             target = orc.K if kind == "many_k" else orc.V
@@ -117,18 +140,20 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
                 s = orc.natural_scale(stale)
                 assert_close_natural(eng.query(i, j, stale=stale), o[i, j], s[i, j], tol,
                                      f"query stale={stale}")
-            with correcting_single_queries(eng):
+            with correcting_queries(eng):
                 assert_close_natural(eng.query(i, j), exact[i, j], nat[i, j], tol, "query")
         elif kind == "query_row":
             i = op[1]
             assert_close_natural(eng.query_row(i), exact[i], nat[i], tol, "query_row")
-            with correcting_single_queries(eng):
+            with correcting_queries(eng):
                 assert_close_natural(eng.query_row(i), exact[i], nat[i], tol, "query_row")
             assert_close_natural(eng.query_row(i, stale=True), orc.output(True)[i],
                                  orc.natural_scale(True)[i], tol, "stale query_row")
         elif kind == "query_many":
             r, c = (np.array(x) for x in zip(*op[1], strict=True))
             assert_close_natural(eng.query_many(r, c), exact[r, c], nat[r, c], tol, "many")
+            with correcting_queries(eng):
+                assert_close_natural(eng.query_many(r, c), exact[r, c], nat[r, c], tol, "many")
         elif kind == "weight":
             _, i, j = op
             for stale in (False, True):
@@ -136,6 +161,8 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
                 assert abs(eng.weight(i, j, stale=stale) - w) <= tol * max(w, 1e-300) + 1e-300
         elif kind == "check_all":
             assert_close_natural(eng.output(), exact, nat, tol, "output")
+            with correcting_queries(eng):
+                assert_close_natural(eng.output(), exact, nat, tol, "output")
             assert_close_natural(eng.output(stale=True), orc.output(True),
                                  orc.natural_scale(True), tol, "stale output")
             np.testing.assert_allclose(eng.weights(), orc.weights(), rtol=tol, atol=1e-300)
@@ -161,6 +188,12 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_random_sequences_match_dense_oracle(scenario):
+    run_against_oracle(scenario, tol=1e-12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(crowded=True))
+def test_crowded_sequences_match_dense_oracle(scenario):
     run_against_oracle(scenario, tol=1e-12)
 
 
@@ -311,7 +344,7 @@ def test_cancellation_dominant_key_changed_stays_exact(correct_single):
     assert eng.weight(0, 0) == pytest.approx(1.0)
     eng.update_k(0, 0, -50.0)  # logit 500 -> 0: the remaining mass is e^-500 of what was there
     want = dense_attention(Q, eng.K, eng.V, 1.0)
-    with correcting_single_queries(eng) if correct_single else contextlib.nullcontext():
+    with correcting_queries(eng) if correct_single else contextlib.nullcontext():
         assert_close_natural(eng.query_row(0), want[0], (np.abs(V)).mean(0), 1e-13, "row")
         assert_close_natural(eng.query(0, 1), want[0, 1], np.abs(V[:, 1]).mean(), 1e-13, "entry")
     event = eng.flush()
@@ -334,12 +367,12 @@ def test_single_query_past_exp_overflow_stays_exact(dtype, packed_before):
     eng = LazyAttention(Q, K, V, scale=1.0, policy=10**6)
     if packed_before:  # row 5 is in the pack already: the big step patches its entry
         eng.update_k(5, 0, 0.1)
-        with correcting_single_queries(eng):
+        with correcting_queries(eng):
             eng.query(0, 0)
     eng.update_k(5, 0, 2000.0)
     want = dense_attention(eng.Q, eng.K, eng.V, 1.0)
     np.testing.assert_allclose(want[0], V[5], rtol=1e-6)  # all the weight on key 5
-    with correcting_single_queries(eng), np.errstate(over="raise", invalid="raise"):
+    with correcting_queries(eng), np.errstate(over="raise", invalid="raise"):
         for j in range(d):
             assert eng.query(0, j) == pytest.approx(float(want[0, j]), rel=1e-5, abs=1e-6)
         np.testing.assert_allclose(eng.query_row(3), want[3], rtol=1e-5, atol=1e-6)
@@ -366,7 +399,7 @@ def test_single_entry_query_repairs_a_cancelled_column():
     eng.update_v(7, 1, -1e8)
     want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
     nat = dense_attention(eng.Q, eng.K, np.abs(eng.V), eng.scale)
-    with correcting_single_queries(eng):
+    with correcting_queries(eng):
         for i in (0, 7, 33):
             for j in range(3):
                 assert_close_natural(eng.query(i, j), want[i, j], nat[i, j], 1e-12, f"{i},{j}")
@@ -560,3 +593,117 @@ def test_copy_is_independent_and_equal():
     assert twin.pending == 0 and eng.pending == 2 and eng.K[0, 0] != twin.K[0, 0]
     orc = Oracle(eng)
     assert_close_natural(eng.output(), orc.output(), orc.natural_scale(), 1e-12, "original")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 3), st.integers(0, 2),
+                          st.floats(-1, 1), st.booleans()), min_size=1, max_size=30))
+# five entries queue row 0 bare; one more, read alone, is queued entry by entry into its undo
+@example([(True, 0, 0, 0.1, False)] * 5 + [(True, 0, 1, 0.2, True)])
+def test_entry_log_keeps_each_entrys_value_from_before_the_first_update(steps):
+    # logs of more than one entry are queued vectorised, leaving their new rows bare (old
+    # rows not copied yet); every 5 entries the log is queued; a read after one entry queues
+    # it entry by entry, bare rows included. Whatever the mix, the flush must remove exactly
+    # the rows as they were.
+    eng = make(n=4, d=3, policy=Fixed(10**9))
+    eng._short_log, eng._max_log = 1, 5
+    orc = Oracle(eng)
+    for on_k, i, j, delta, read in steps:
+        (eng.update_k if on_k else eng.update_v)(i, j, delta)
+        (orc.K if on_k else orc.V)[i, j] += delta
+        if read:
+            assert eng.touched_rows >= 1  # reading the queue queues the log
+    eng.flush()
+    assert_close_natural(eng.output(stale=True), orc.output(), orc.natural_scale(), 1e-12,
+                         "flushed")
+
+
+@pytest.mark.parametrize("read_every", [1, 3, 7])
+def test_fixed_threshold_counts_every_update_across_reads(read_every):
+    # reads queue the entry log; the count the policy sees must not move with them
+    eng = make(n=30, d=4, policy=Fixed(5))
+    for t in range(40):
+        eng.update_k(t % 30, t % 4, 0.1)
+        if t % read_every == 0:
+            eng.query(0, 0)
+    assert [e.updates for e in eng.flush_log] == [5] * 8 and eng.pending == 0
+
+
+def test_entry_log_memory_stays_bounded():
+    # never flushing and never queried, an engine must not keep every update: the log is
+    # queued at _max_log entries, and rows updated again and again are then copied once
+    eng = make(n=64, d=4, policy=Fixed(10**9))
+    eng._max_log = 50
+    rng = np.random.default_rng(0)
+    for _ in range(5000):
+        eng.update_v(int(rng.integers(4)), int(rng.integers(4)), 0.01)  # 4 hot rows
+        assert len(eng._log) <= 2 * eng._max_log
+        assert sum(len(a) for a, _ in eng._undo) <= eng._max_log + 8 * 4
+    assert eng.pending == 5000 and eng.touched_v == {0, 1, 2, 3}
+
+
+class _Schedule:
+    """A policy that names its threshold anew each time it is asked (``values``, in turn) and
+    promises it for ``hold`` updates; it records when it was asked."""
+
+    def __init__(self, values, hold):
+        self.values, self.hold, self.asked = list(values), hold, []
+
+    def threshold(self, engine):
+        self.asked.append(engine.n_updates)
+        return self.values.pop(0) if len(self.values) > 1 else self.values[0]
+
+    def valid_until(self, engine):
+        return engine.n_updates + self.hold
+
+
+def test_policy_is_asked_again_when_its_promise_runs_out():
+    policy = _Schedule([100, 100, 3], hold=4)
+    eng = make(n=30, d=4, policy=policy)
+    flushed = [eng.update_k(t, 0, 0.1) is not None for t in range(15)]
+    # asked at update 1 (100, held through update 5), 6 (100), 11 (3: flush); after a flush
+    # at once (12: 3 again, 1 pending), then when 3 are pending (14: flush), then at once (15)
+    assert policy.asked == [1, 6, 11, 12, 14, 15]
+    assert [t + 1 for t, f in enumerate(flushed) if f] == [11, 14]
+
+
+def test_policy_changes_take_effect_at_the_next_update():
+    eng = make(n=30, d=4, policy=Fixed(100))
+    for t in range(10):
+        assert eng.update_k(t, 0, 0.1) is None
+    eng.policy = 3  # a new policy is asked at once: 11 pending reach it
+    assert eng.update_k(10, 0, 0.1) is not None
+    policy = _Schedule([100, 100, 2], hold=10**6)
+    eng.policy = policy
+    assert eng.update_k(0, 1, 0.1) is None  # asked: 100, promised for long
+    assert eng.threshold == 100  # asked again (the second answer) through the engine...
+    assert eng.threshold == 2    # ...and again: what it says now holds from the next update
+    assert eng.update_k(0, 1, 0.1) is not None
+
+
+@pytest.mark.parametrize("write", ["update_k_many", "update_v_many", "set_k_row", "set_v_row",
+                                   "set_k_rows", "set_v_rows"])
+def test_unlogged_write_to_a_row_queued_without_its_old_rows(write):
+    # batches and row writes are not logged: a row queued bare by the log (old rows not
+    # copied yet) must get its old rows before such a write changes it
+    eng = make(n=6, d=3, policy=Fixed(10**9))
+    eng._short_log = 0  # every log is queued vectorised, its new rows bare
+    orc = Oracle(eng)
+    eng.update_k(2, 0, 0.5)
+    eng.update_v(2, 1, -0.3)
+    orc.K[2, 0] += 0.5
+    orc.V[2, 1] -= 0.3
+    assert eng.touched_rows == 1  # queues the log: row 2 is bare
+    row = np.array([0.9, -1.1, 0.4])
+    if write.endswith("many"):
+        getattr(eng, write)([2], [2], [0.7])
+        (orc.K if write == "update_k_many" else orc.V)[2, 2] += 0.7
+    elif write.endswith("rows"):
+        getattr(eng, write)([2], row[None])
+        (orc.K if write == "set_k_rows" else orc.V)[2] = row
+    else:
+        getattr(eng, write)(2, row)
+        (orc.K if write == "set_k_row" else orc.V)[2] = row
+    eng.flush()
+    assert_close_natural(eng.output(stale=True), orc.output(), orc.natural_scale(), 1e-12,
+                         write)

@@ -27,7 +27,7 @@ class World:
     f0 + f1·rows, a query q0 + q1·S; updates hit rows drawn from ``hot`` of n rows."""
 
     def __init__(self, policy, n=4096, hot=None, f0=2e-4, f1=2e-5, q0=5e-6, q1=2e-7,
-                 r=1.0, seed=0):
+                 r=1.0, seed=0, trust=False):
         self.policy, self.n, self.d = policy, n, 64
         self.hot = hot or n
         self.f0, self.f1, self.q0, self.q1, self.r = f0, f1, q0, q1, r
@@ -39,12 +39,20 @@ class World:
         self.max_query_rows = n // 3
         self.cost = 0.0
         self._credit = 0.0
+        # trust: ask the policy only when its valid_until runs out or its threshold is
+        # reached, as the engine does; else after every update
+        self.trust, self._threshold, self._until = trust, math.inf, -1
+        self.thresholds = []
 
     def update(self):
         self.rows.add(int(self.rng.integers(self.hot)))
         self.pending += 1
         self.n_updates += 1
-        if self.pending >= self.policy.threshold(self):
+        if not self.trust or self.n_updates > self._until or self.pending >= self._threshold:
+            self._threshold = self.policy.threshold(self)
+            self._until = self.policy.valid_until(self) if self.trust else -1
+        self.thresholds.append(self._threshold)
+        if self.pending >= self._threshold:
             rows = min(len(self.rows), self.max_correction_rows)
             event = Event(self.pending, len(self.rows), self.f0 + self.f1 * rows)
             self.cost += event.seconds
@@ -53,6 +61,7 @@ class World:
             on_flush = getattr(self.policy, "on_flush", None)
             if on_flush:
                 on_flush(event)
+            self._until = -1  # a flush may change the answer
         self._credit += self.r
         while self._credit >= 1:
             self._credit -= 1
@@ -88,6 +97,18 @@ def test_cost_model_within_2x_of_best_fixed_threshold(world):
     assert cost_chosen <= 1.25 * sweep[best_k], (world, chosen, best_k, sweep)
     if best_k < 10**9:
         assert best_k / 2 <= chosen <= 2 * best_k or cost_chosen <= 1.05 * sweep[best_k]
+
+
+@pytest.mark.parametrize("world", sorted(WORLDS))
+def test_cost_model_keeps_its_promises(world):
+    # asked only when valid_until runs out (as the engine asks), the cost model gives the
+    # thresholds it gives when asked after every update
+    asked_always, trusted = World(CostModel(), **WORLDS[world]), World(
+        CostModel(), trust=True, **WORLDS[world])
+    asked_always.run(4000)
+    trusted.run(4000)
+    assert trusted.thresholds == asked_always.thresholds
+    assert trusted.cost == asked_always.cost
 
 
 def test_cost_model_flush_fit_follows_new_flushes():
