@@ -29,6 +29,7 @@ magnitude neither overflow nor give NaN.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -293,6 +294,7 @@ class LazyAttention:
         self.flush_log: deque[FlushEvent] = deque(maxlen=1000)
         # (touched rows, entries answered, seconds) of recent exact queries, for cost models
         self.query_log: deque[tuple[int, int, float]] = deque(maxlen=256)
+        self._fresh_log: deque[float] = deque(maxlen=32)  # seconds of entries computed afresh
 
     def copy(self, policy=None) -> LazyAttention:
         """An independent engine in the same state (arrays, caches, pending queue, counters),
@@ -363,6 +365,13 @@ class LazyAttention:
         """The policy's current flush threshold (pending count that triggers a flush)."""
         self._ask_policy_next()  # asking may have moved it
         return float(self._policy.threshold(self))
+
+    @property
+    def fresh_query_seconds(self) -> float:
+        """Median seconds of the recent single exact queries computed afresh, O(n·d), or nan
+        before any: what an exact entry costs at most, however much is pending (cost models
+        cap their query cost with it)."""
+        return statistics.median(self._fresh_log) if self._fresh_log else math.nan
 
     @property
     def last_flush(self) -> FlushEvent | None:
@@ -1075,7 +1084,9 @@ class LazyAttention:
         t0 = time.perf_counter()
         value = entry_from_scratch(self._Q[i], self._K, self._V[:, j], self._scale)
         self._n_queries += 1
-        self.query_log.append((len(self._rows), 1, time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        self.query_log.append((len(self._rows), 1, seconds))
+        self._fresh_log.append(seconds)
         return value
 
     def query_row(self, i, stale: bool = False) -> np.ndarray:

@@ -118,18 +118,20 @@ class CostModel:
     For a threshold k, with r exact query entries per update and ``rows(k)`` distinct rows
     touched by k updates, the cost per update is modelled as ::
 
-        cost(k) = (f0 + f1·min(rows(k), Fmax)) / k  +  r·(q0 + q1·min(rows̄(k), Smax))
+        cost(k) = (f0 + f1·min(rows(k), Fmax)) / k  +  r·min(q0 + q1·min(rows̄(k), Smax), Qf)
 
     * ``f0 + f1·rows`` is one flush (f0 holds the O(n·d) passes every flush makes over the
       caches, f1 the O(n·d) GEMM work per touched row), fitted to the engine's flush log;
-    * ``q0 + q1·S`` is one query entry with S touched rows pending, fitted to its query log;
+    * ``q0 + q1·S`` is one query entry with S touched rows pending, fitted to its query log,
+      and ``Qf = engine.fresh_query_seconds`` one computed afresh: the engine never pays more
+      (the line, fitted mostly where few rows are pending, would extrapolate far past it);
     * ``rows(k) = H·(1 − e^(−k/H))`` is the expected number of distinct rows hit by k updates
       spread over H equally likely rows; H is fitted to the flushes' (updates, rows) pairs, so
       a hot spot (small H) is seen to coalesce and a uniform stream (H ≈ n) is not;
       ``rows̄(k)`` is its average over a flush cycle (what a query sees);
     * ``Fmax = engine.max_correction_rows`` and ``Smax = engine.max_query_rows``: beyond them
       flushes and queries recompute instead, so their costs stop growing; ``k = ∞`` (never
-      flush) costs ``r·(q0 + q1·Smax)`` per update.
+      flush) costs ``r·min(q0 + q1·Smax, Qf)`` per update.
 
     The threshold is the best of k ∈ {1, 2, 4, …} ∪ {∞}: k = 1 is eager maintenance (queries
     dominate), ∞ answers queries on demand (queries rare), and in between the square-root
@@ -220,13 +222,17 @@ class CostModel:
         q0, q1 = _fit_line([s for s, _, _ in queries], [t / c for _, c, t in queries],
                            self.fitted.get("q1"))
         fmax, smax = engine.max_correction_rows, engine.max_query_rows
-        self.fitted = {"f0": f0, "f1": f1, "q0": q0, "q1": q1, "H": H, "r": r}
-        best_k, best = math.inf, r * (q0 + q1 * smax)
+        # a query never costs more than computing it afresh: the line, fitted mostly where
+        # few rows are pending (and catch-ups steepen it), must not extrapolate past that
+        cap = getattr(engine, "fresh_query_seconds", math.nan)
+        cap = math.inf if math.isnan(cap) else cap
+        self.fitted = {"f0": f0, "f1": f1, "q0": q0, "q1": q1, "H": H, "r": r, "fresh": cap}
+        best_k, best = math.inf, r * min(q0 + q1 * smax, cap)
         k = 1
         while k <= min(self.max_threshold, 64 * engine.n):
             rows = H * -math.expm1(-k / H)
             mean_rows = H - H * rows / k  # average of rows(p) over p < k
-            cost = (f0 + f1 * min(rows, fmax)) / k + r * (q0 + q1 * min(mean_rows, smax))
+            cost = (f0 + f1 * min(rows, fmax)) / k + r * min(q0 + q1 * min(mean_rows, smax), cap)
             if cost < best:
                 best_k, best = float(k), cost
             k *= 2

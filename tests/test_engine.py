@@ -707,3 +707,15 @@ def test_unlogged_write_to_a_row_queued_without_its_old_rows(write):
     eng.flush()
     assert_close_natural(eng.output(stale=True), orc.output(), orc.natural_scale(), 1e-12,
                          write)
+
+
+def test_fresh_query_seconds_reports_queries_computed_afresh():
+    eng = make(n=50, d=4, policy=Fixed(10**9))
+    assert math.isnan(eng.fresh_query_seconds)
+    eng.query(0, 0)  # nothing pending: read from the caches, not afresh
+    assert math.isnan(eng.fresh_query_seconds)
+    for t in range(20):
+        eng.update_k(t, 0, 0.1)  # 20 rows pending: afresh is cheaper at this size
+    for t in range(5):
+        eng.query(t, 1)
+    assert 0 < eng.fresh_query_seconds < 1

@@ -27,7 +27,7 @@ class World:
     f0 + f1·rows, a query q0 + q1·S; updates hit rows drawn from ``hot`` of n rows."""
 
     def __init__(self, policy, n=4096, hot=None, f0=2e-4, f1=2e-5, q0=5e-6, q1=2e-7,
-                 r=1.0, seed=0, trust=False):
+                 r=1.0, seed=0, trust=False, fresh=math.nan):
         self.policy, self.n, self.d = policy, n, 64
         self.hot = hot or n
         self.f0, self.f1, self.q0, self.q1, self.r = f0, f1, q0, q1, r
@@ -37,6 +37,7 @@ class World:
         self.flush_log, self.query_log = deque(maxlen=1000), deque(maxlen=256)
         self.max_correction_rows = n // 2
         self.max_query_rows = n // 3
+        self.fresh = self.fresh_query_seconds = fresh  # a query computed afresh
         self.cost = 0.0
         self._credit = 0.0
         # trust: ask the policy only when its valid_until runs out or its threshold is
@@ -66,7 +67,7 @@ class World:
         while self._credit >= 1:
             self._credit -= 1
             S = len(self.rows)
-            t = self.q0 + self.q1 * min(S, self.max_query_rows)
+            t = min(self.q0 + self.q1 * min(S, self.max_query_rows), self.fresh)
             self.cost += t
             self.n_queries += 1
             self.query_log.append((S, 1, t))
@@ -124,6 +125,22 @@ def test_cost_model_flush_fit_follows_new_flushes():
     fresh._choose(world)
     for key in ("f0", "f1", "H"):
         assert model.fitted[key] == pytest.approx(fresh.fitted[key], rel=1e-12), key
+
+
+def test_cost_model_caps_queries_at_computing_them_afresh():
+    # the engine's query log as it looked when the model flushed every 256 updates at
+    # n = 16,384, one query per update (2026-11-29): queries seen only with few rows pending,
+    # steep from catch-ups (5 + 2·S µs); a query computed afresh costs 20 µs. A line
+    # extrapolated to S = max_query_rows says never flushing costs r·(5 + 2·1,365) µs; capped
+    # at a fresh query, 20 µs: cheaper than any flush cycle
+    world = World(CostModel(), f0=5e-3, fresh=2e-5)
+    world.flush_log.extend(Event(16, 16, 5e-3 + 2e-5 * 16) for _ in range(8))
+    world.query_log.extend((S, 1, 5e-6 + 2e-6 * S) for S in range(16))
+    model = world.policy
+    model._marks.extend([(0, 0), (100, 100)])  # one query per update
+    assert model._choose(world) == math.inf and model.fitted["fresh"] == 2e-5
+    del world.fresh_query_seconds  # a model that cannot see the cap extrapolates the line
+    assert model._choose(world) < math.inf
 
 
 def test_cost_model_regimes():
