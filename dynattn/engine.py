@@ -668,8 +668,9 @@ class LazyAttention:
         if len(self._log) >= 2 * self._max_log:
             self._settle()
         until = getattr(policy, "valid_until", None)
-        hold = min(until(self) - self.n_updates, self._max_log) if until is not None else 0
-        ask = pending + 1 + max(hold, 0)
+        hold = until(self) - self.n_updates if until is not None else 0
+        hold = min(hold, self._max_log) if hold >= 0 else 0  # NaN or past: ask next update
+        ask = pending + 1 + hold
         ask = min(ask, pending + self._max_log - len(self._log) // 2)
         self._check_at = threshold if threshold < ask else ask
         self._arm()

@@ -719,3 +719,14 @@ def test_fresh_query_seconds_reports_queries_computed_afresh():
     for t in range(5):
         eng.query(t, 1)
     assert 0 < eng.fresh_query_seconds < 1
+
+
+def test_policy_with_a_broken_promise_is_asked_every_update():
+    class Muddled(_Schedule):
+        def valid_until(self, engine):
+            return math.nan
+
+    policy = Muddled([100, 100, 2], hold=0)
+    eng = make(n=30, d=4, policy=policy)
+    flushed = [eng.update_k(t, 0, 0.1) is not None for t in range(4)]
+    assert policy.asked[:3] == [1, 2, 3] and flushed == [False, False, True, False]
