@@ -525,7 +525,8 @@ class LazyAttention:
 
     def _touch_one(self, i: int, moved: np.ndarray) -> None:
         """:meth:`_touch` for one row, with scalar indexing."""
-        self._materialise()
+        if self._log or self._bare_rows:
+            self._materialise()
         self._queue_one(i, moved)
 
     def _queue(self, rows: np.ndarray, keep: bool) -> None:
@@ -559,10 +560,11 @@ class LazyAttention:
     def _queue_one(self, i: int, moved: np.ndarray) -> int:
         """:meth:`_queue` for one row with ``keep``, in scalars, flagged in ``moved``; returns
         its slot."""
-        k = int(self._slot[i])
+        k = self._slot.item(i)
         if k < 0:
             k = len(self._rows)
-            self._reserve(k + 1)
+            if k >= len(self._old_k):
+                self._reserve(k + 1)
             self._old_k[k] = self._K[i]
             self._old_v[k] = self._V[i]
             self._slot[i] = k
@@ -647,9 +649,9 @@ class LazyAttention:
     def _counted(self, count: int) -> FlushEvent | None:
         """Count ``count`` update actions; ask the policy once its last answer has run out."""
         self._pending += count
-        if self.pending >= self._check_at:
+        if self._pending + len(self._log) // 2 >= self._check_at:
             return self._consult()
-        self._arm()
+        self._ask_at -= 2 * count  # _arm, for what just changed
         return None
 
     def _consult(self) -> FlushEvent | None:

@@ -730,3 +730,22 @@ def test_policy_with_a_broken_promise_is_asked_every_update():
     eng = make(n=30, d=4, policy=policy)
     flushed = [eng.update_k(t, 0, 0.1) is not None for t in range(4)]
     assert policy.asked[:3] == [1, 2, 3] and flushed == [False, False, True, False]
+
+
+def test_fixed_threshold_counts_every_kind_of_update_alike():
+    # entries are counted by the log's length, batches and rows by a counter: the policy
+    # must see their sum, in any order
+    eng = make(n=30, d=4, policy=Fixed(5))
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        kind = int(rng.integers(4))
+        i, j = int(rng.integers(30)), int(rng.integers(4))
+        if kind == 0:
+            eng.update_k(i, j, 0.1)
+        elif kind == 1:
+            eng.update_v_many([i], [j], [0.1])
+        elif kind == 2:
+            eng.set_k_row(i, np.full(4, 0.2))
+        else:
+            eng.update_v(i, j, -0.1)
+    assert [e.updates for e in eng.flush_log] == [5] * 12 and eng.pending == 0
