@@ -279,7 +279,9 @@ class LazyAttention:
         self._old_v = np.empty((0, d), dtype=dt)
         self._slot = np.full(n, -1, dtype=np.intp)  # per row: its slot in the queue, or -1
         self._rows: list[int] = []
-        self._bare = np.zeros(n, dtype=bool)  # per row: queued without its old rows yet
+        # per row: queued without its old K row, or its old V row, yet (see _materialise)
+        self._bare_k = np.zeros(n, dtype=bool)
+        self._bare_v = np.zeros(n, dtype=bool)
         self._moved_k = np.zeros(n, dtype=bool)  # per row: its key changed since the flush
         self._moved_v = np.zeros(n, dtype=bool)  # per row: its value changed since the flush
         self._bare_rows: list[int] = []
@@ -383,7 +385,7 @@ class LazyAttention:
         """Bytes held by the engine's arrays (state and pending queue; the entry log, a Python
         list of at most ``2·_max_log`` numbers, aside)."""
         arrays = (self._Q, self._K, self._V, self._C, self._m, self._old_k, self._old_v,
-                  self._slot, self._bare, self._moved_k, self._moved_v)
+                  self._slot, self._bare_k, self._bare_v, self._moved_k, self._moved_v)
         return sum(a.nbytes for a in arrays) + sum(a.nbytes + v.nbytes for a, v in self._undo)
 
     # ------------------------------------------------------------------ updates
@@ -517,17 +519,28 @@ class LazyAttention:
         return self._counted(len(r))
 
     def _touch(self, rows: np.ndarray, moved: np.ndarray) -> None:
-        """Queue ``rows`` before a batch or row write: the log and every row it left without
-        its old K and V rows first (the write is not logged, so they would miss it)."""
-        self._materialise()
+        """Queue ``rows`` of K (``moved`` is ``_moved_k``) or V before a batch or row write:
+        the log first, and any of these rows still without its old row there gets it (the
+        write is not logged: the old row could not be rebuilt after it)."""
+        self._settle()
+        if self._bare_rows and self._bare_of(moved)[rows].any():
+            self._materialise()
         self._queue(rows, keep=True)
         moved[rows] = True
 
     def _touch_one(self, i: int, moved: np.ndarray) -> None:
-        """:meth:`_touch` for one row, with scalar indexing."""
-        if self._log or self._bare_rows:
+        """:meth:`_touch` for one row, which keeps only the old row being overwritten: the
+        other stays as it is, bare, until a correction needs it (a row rewrite of K leaves V
+        alone, and copying it costs a cache miss)."""
+        if self._log:
+            self._settle()
+        if self._bare_rows and self._bare_of(moved)[i]:
             self._materialise()
-        self._queue_one(i, moved)
+        self._queue_one(i, moved, both=False)
+
+    def _bare_of(self, moved: np.ndarray) -> np.ndarray:
+        """``_bare_k`` for ``_moved_k``, ``_bare_v`` for ``_moved_v``."""
+        return self._bare_k if moved is self._moved_k else self._bare_v
 
     def _queue(self, rows: np.ndarray, keep: bool) -> None:
         """Queue ``rows``, O(len(rows)), vectorised: a row's first touch since the last flush
@@ -549,7 +562,8 @@ class LazyAttention:
                 self._old_k[start:stop] = self._K[fresh]
                 self._old_v[start:stop] = self._V[fresh]
             else:
-                self._bare[fresh] = True
+                self._bare_k[fresh] = True
+                self._bare_v[fresh] = True
                 self._bare_rows.extend(fresh.tolist())
             slot[fresh] = np.arange(start, stop)
             self._rows.extend(fresh.tolist())
@@ -557,16 +571,26 @@ class LazyAttention:
         if packed:
             self._pack.dirty.update(had[(had >= 0) & (had < packed)].tolist())
 
-    def _queue_one(self, i: int, moved: np.ndarray) -> int:
+    def _queue_one(self, i: int, moved: np.ndarray, both: bool = True) -> int:
         """:meth:`_queue` for one row with ``keep``, in scalars, flagged in ``moved``; returns
-        its slot."""
+        its slot. Without ``both`` a new row keeps only the old row of the array in ``moved``,
+        the other is left bare."""
         k = self._slot.item(i)
         if k < 0:
             k = len(self._rows)
             if k >= len(self._old_k):
                 self._reserve(k + 1)
-            self._old_k[k] = self._K[i]
-            self._old_v[k] = self._V[i]
+            on_k = moved is self._moved_k
+            if both or on_k:
+                self._old_k[k] = self._K[i]
+            else:
+                self._bare_k[i] = True
+            if both or not on_k:
+                self._old_v[k] = self._V[i]
+            else:
+                self._bare_v[i] = True
+            if not both:
+                self._bare_rows.append(i)
             self._slot[i] = k
             self._rows.append(i)
         elif k < self._pack.slots:
@@ -591,7 +615,7 @@ class LazyAttention:
         self._log.clear()
         self._pending += len(at)
         self._arm()
-        nd, d, bare = self._nd, self._d, self._bare
+        nd, d = self._nd, self._d
         if len(at) <= self._short_log:
             start, later = len(self._rows), []
             for pos, value in zip(reversed(at), reversed(old), strict=True):
@@ -600,7 +624,7 @@ class LazyAttention:
                 k = self._queue_one(i, self._moved_v if is_v else self._moved_k)
                 if k >= start:
                     (self._old_v if is_v else self._old_k)[k, j] = value
-                elif bare[i]:
+                elif (self._bare_v if is_v else self._bare_k)[i]:
                     later.append((pos, value))
             if later:
                 at, old = zip(*reversed(later), strict=True)
@@ -612,7 +636,7 @@ class LazyAttention:
             self._queue(rows, keep=False)
             self._moved_k[rows[~is_v]] = True
             self._moved_v[rows[is_v]] = True
-            mine = bare[rows]
+            mine = np.where(is_v, self._bare_v[rows], self._bare_k[rows])
             self._undo.append((at[mine], np.array(old, dtype=self._dtype)[mine]))
         # rows updated again and again are copied once their undo log outgrows them a little:
         # their later entries then need no undo, and the log's memory stays O(|S| + _max_log)
@@ -620,24 +644,28 @@ class LazyAttention:
             self._materialise()
 
     def _materialise(self) -> None:
-        """Give every bare row its K and V rows as of the last flush: the rows as they are now,
-        with the undo log's earliest value of each entry written back. O((bare rows)·d + log)."""
+        """Give every bare row its missing old K or V rows as of the last flush: the rows as
+        they are now, with the undo log's earliest value of each entry written back (the log
+        holds entries of bare rows only). O((bare rows)·d + log)."""
         self._settle()
         if not self._bare_rows:
             return
         rows = np.array(self._bare_rows, dtype=np.intp)
         slots = self._slot[rows]
         self._reserve(len(self._rows))
-        self._old_k[slots] = self._K[rows]
-        self._old_v[slots] = self._V[rows]
-        at, first = _first_of_each(np.concatenate([a for a, _ in self._undo]))
-        value = np.concatenate([v for _, v in self._undo])[first]
-        nd, d = self._nd, self._d
-        is_v = at >= nd
-        k = self._slot[(at - nd * is_v) // d]
-        self._old_k[k[~is_v], at[~is_v] % d] = value[~is_v]
-        self._old_v[k[is_v], at[is_v] % d] = value[is_v]
-        self._bare[rows] = False
+        for bare, old, now in ((self._bare_k, self._old_k, self._K),
+                               (self._bare_v, self._old_v, self._V)):
+            missing = bare[rows]
+            old[slots[missing]] = now[rows[missing]]
+            bare[rows] = False
+        if self._undo:
+            at, first = _first_of_each(np.concatenate([a for a, _ in self._undo]))
+            value = np.concatenate([v for _, v in self._undo])[first]
+            nd, d = self._nd, self._d
+            is_v = at >= nd
+            k = self._slot[(at - nd * is_v) // d]
+            self._old_k[k[~is_v], at[~is_v] % d] = value[~is_v]
+            self._old_v[k[is_v], at[is_v] % d] = value[is_v]
         self._bare_rows, self._undo = [], []
 
     def _reserve(self, size: int) -> None:
@@ -691,7 +719,7 @@ class LazyAttention:
         self._pending = 0
         self._ask_policy_next()  # a flush may change the policy's answer
         self._slot[self._rows] = -1  # O(|S|), not O(n)
-        for flags in (self._bare, self._moved_k, self._moved_v):
+        for flags in (self._bare_k, self._bare_v, self._moved_k, self._moved_v):
             flags[self._rows] = False
         self._rows, self._bare_rows = [], []
         self._log.clear()

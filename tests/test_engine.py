@@ -681,32 +681,44 @@ def test_policy_changes_take_effect_at_the_next_update():
     assert eng.update_k(0, 1, 0.1) is not None
 
 
-@pytest.mark.parametrize("write", ["update_k_many", "update_v_many", "set_k_row", "set_v_row",
-                                   "set_k_rows", "set_v_rows"])
-def test_unlogged_write_to_a_row_queued_without_its_old_rows(write):
-    # batches and row writes are not logged: a row queued bare by the log (old rows not
-    # copied yet) must get its old rows before such a write changes it
+@pytest.mark.parametrize("short_log", [0, 16])
+@pytest.mark.parametrize("first", ["log", "set_k_row", "set_v_row"])
+@pytest.mark.parametrize("write", ["update_k", "update_v", "update_k_many", "update_v_many",
+                                   "set_k_row", "set_v_row", "set_k_rows", "set_v_rows"])
+def test_writes_to_a_row_queued_without_its_old_rows(short_log, first, write):
+    # a row queued bare by the log (old K and V not copied yet), or half bare by a row write
+    # (old row of the other array not copied): every later write to it must leave the old
+    # rows recoverable, logged or not
     eng = make(n=6, d=3, policy=Fixed(10**9))
-    eng._short_log = 0  # every log is queued vectorised, its new rows bare
+    eng._short_log = short_log  # 0: every log is queued vectorised, its new rows bare
     orc = Oracle(eng)
-    eng.update_k(2, 0, 0.5)
-    eng.update_v(2, 1, -0.3)
-    orc.K[2, 0] += 0.5
-    orc.V[2, 1] -= 0.3
-    assert eng.touched_rows == 1  # queues the log: row 2 is bare
     row = np.array([0.9, -1.1, 0.4])
-    if write.endswith("many"):
+    if first == "log":
+        eng.update_k(2, 0, 0.5)
+        eng.update_v(2, 1, -0.3)
+        orc.K[2, 0] += 0.5
+        orc.V[2, 1] -= 0.3
+    else:
+        getattr(eng, first)(2, -row)
+        (orc.K if first == "set_k_row" else orc.V)[2] = -row
+    assert eng.touched_rows == 1  # queues the log
+    target = orc.K if "_k" in write else orc.V
+    if write in ("update_k", "update_v"):
+        getattr(eng, write)(2, 2, 0.7)
+        target[2, 2] += 0.7
+        assert eng.touched_rows == 1  # queues the entry (one by one with short_log 16)
+    elif write.endswith("many"):
         getattr(eng, write)([2], [2], [0.7])
-        (orc.K if write == "update_k_many" else orc.V)[2, 2] += 0.7
+        target[2, 2] += 0.7
     elif write.endswith("rows"):
         getattr(eng, write)([2], row[None])
-        (orc.K if write == "set_k_rows" else orc.V)[2] = row
+        target[2] = row
     else:
         getattr(eng, write)(2, row)
-        (orc.K if write == "set_k_row" else orc.V)[2] = row
+        target[2] = row
     eng.flush()
     assert_close_natural(eng.output(stale=True), orc.output(), orc.natural_scale(), 1e-12,
-                         write)
+                         f"{first} then {write}")
 
 
 def test_fresh_query_seconds_reports_queries_computed_afresh():
