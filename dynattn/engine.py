@@ -205,7 +205,8 @@ class LazyAttention:
     queued later, amortised O(1), and its old K and V rows copied, O(d), once a correction
     needs them), a row update O(d), an exact query O(|S|·d) (O(n·d) when that is cheaper), a
     flush O(n·|S|·d) in two matrix products, a rebuild O(n²·d) in row blocks. Memory is
-    O(n·d + |S|·d) plus a log of at most 4,096 entries; no n×n array is ever formed.
+    O(n·d + |S|·d) plus O(|S| + 4,096) logged entries (the log is queued at 4,096, the old
+    values kept for rows not yet copied at most 8 per row beyond that); no n×n array is formed.
 
     Examples
     --------
