@@ -345,8 +345,9 @@ class EagerDense(_Baseline):
         d, g = self.d, self._g
         new_row = self._V[i]
         b = np.zeros((1, 2 * d + 2), dtype=self.dtype)
-        b[0, :d] = new_row - old_row
-        b[0, d + 2:] = (1.0 + g) * np.abs(old_row) - g * np.abs(new_row)
+        with np.errstate(over="ignore"):  # a guard that overflows is +inf: recomputed
+            b[0, :d] = new_row - old_row
+            b[0, d + 2:] = (1.0 + g) * np.abs(old_row) - g * np.abs(new_row)
         self._repair(self._add_product(self._At[i][:, None], b))
 
     def _v_entry_changed(self, i: int, j: int, old: float) -> None:
@@ -364,13 +365,15 @@ class EagerDense(_Baseline):
         guards while it is in cache. Returns the rows that lost precision, or None."""
         step, d = len(self._block), self.d
         flagged = False
-        for a in range(0, self.n, step):
-            C = self._C[a:a + step]
-            out = self._block[:len(C)]
-            np.matmul(A[a:a + step], B, out=out)
-            C += out
-            # s > 0 and every guard <= 0 in two reductions; NaN fails both comparisons
-            flagged |= not (C[:, d].min() > 0 and C[:, d + 1:].max() <= 0)
+        # an infinite or NaN sum (a huge row) fails the guard test below and is recomputed
+        with np.errstate(over="ignore", invalid="ignore"):
+            for a in range(0, self.n, step):
+                C = self._C[a:a + step]
+                out = self._block[:len(C)]
+                np.matmul(A[a:a + step], B, out=out)
+                C += out
+                # s > 0 and every guard <= 0 in two reductions; NaN fails both comparisons
+                flagged |= not (C[:, d].min() > 0 and C[:, d + 1:].max() <= 0)
         return self._lost_precision() if flagged else None
 
     def _lost_precision(self) -> np.ndarray:
