@@ -6,6 +6,7 @@ offending value, so a caller can fix the call without reading the source.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -54,6 +55,11 @@ def as_matrix(name: str, value, dtype: np.dtype, shape: tuple | None = None) -> 
 
 def check_finite(name: str, arr: np.ndarray, source=None) -> None:
     """Reject NaN/inf, also values that only overflow when cast down to the working dtype."""
+    # a finite sum of squares proves every entry finite, in one pass and without a temporary
+    # (half the time of isfinite().all() on a row); vdot, unlike dot, does not warn when the
+    # sum overflows, and only then are the entries looked at one by one
+    if math.isfinite(np.vdot(arr, arr)):
+        return
     if not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
         where = tuple(int(b) for b in bad)
@@ -154,7 +160,8 @@ def as_selection(name: str, value, bound: int) -> np.ndarray:
 
 
 def as_vector(name: str, value, length: int, dtype: np.dtype) -> np.ndarray:
-    """A finite 1-D array of ``length`` reals in ``dtype``."""
+    """A finite 1-D array of ``length`` reals in ``dtype`` (``value`` itself when it is one
+    already: callers copy it where they keep it)."""
     arr = np.asarray(value)
     if arr.ndim == 0:
         arr = arr.reshape(1)
@@ -162,7 +169,10 @@ def as_vector(name: str, value, length: int, dtype: np.dtype) -> np.ndarray:
         raise TypeError(f"{name} has dtype {arr.dtype}; expected real numbers")
     if arr.shape != (length,):
         raise ValueError(f"{name} has shape {arr.shape}; expected ({length},)")
-    with np.errstate(over="ignore"):
-        out = arr.astype(dtype)
+    if arr.dtype == dtype:  # no cast, so nothing can overflow: errstate costs ~1 µs a call
+        out = arr
+    else:
+        with np.errstate(over="ignore"):
+            out = arr.astype(dtype)
     check_finite(name, out, source=arr)
     return out

@@ -1,5 +1,7 @@
 """Tests of dynattn.strategies: every baseline exact against dense attention under updates."""
 
+import warnings
+
 import numpy as np
 import pytest
 from oracle import assert_close_natural
@@ -181,3 +183,39 @@ def test_dense_recompute_seconds_scales_a_sample():
     assert 0 < seconds < 10
     with pytest.raises(ValueError, match="sample_rows=0"):
         dense_recompute_seconds(Q, K, V, sample_rows=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls", ["LazyAttention", *BASELINES])
+def test_rows_are_copied_and_checked_whatever_their_magnitude(cls, dtype):
+    # a row already in the working dtype is used as given (not converted), so each strategy
+    # must copy it; the finiteness check sums squares, which overflow for large finite rows
+    import dynattn
+
+    cls = getattr(dynattn, cls) if isinstance(cls, str) else cls
+    Q, K, V = make_qkv("uniform", 5, 3, dtype=dtype)
+    s = cls(Q, K, V)
+    big = np.full(3, 0.5 * float(np.finfo(dtype).max), dtype=dtype)
+    row = np.array([0.5, -1.0, 2.0], dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.set_v_row(1, big)
+        s.set_k_row(2, row)
+    np.testing.assert_array_equal(s.V[1], big)
+    row[:] = 7.0  # the caller reuses its buffer
+    np.testing.assert_array_equal(s.K[2], [0.5, -1.0, 2.0])
+    s.set_v_row(1, V[1])
+    K0, V0 = s.K.copy(), s.V.copy()
+    for bad, shown in (([0.0, np.nan, 1.0], r"row\[1\] = .*nan"),
+                       ([0.0, 1.0, -np.inf], r"row\[2\] = .*inf")):
+        with pytest.raises(ValueError, match=shown):
+            s.set_k_row(0, np.array(bad, dtype=dtype))
+    if dtype == np.float32:  # finite as given, infinite once cast to the working dtype
+        with pytest.raises(ValueError, match=r"row\[0\] = .*1e\+39"):
+            s.set_v_row(3, np.array([1e39, 0.0, 0.0]))
+    np.testing.assert_array_equal(s.K, K0)
+    np.testing.assert_array_equal(s.V, V0)
+    Kd, Vd = np.asarray(s.K, np.float64), np.asarray(s.V, np.float64)
+    np.testing.assert_allclose([s.query_row(i) for i in range(5)],
+                               dense_attention(np.asarray(Q, np.float64), Kd, Vd),
+                               rtol=TOL[dtype], atol=TOL[dtype])
