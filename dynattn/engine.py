@@ -444,9 +444,16 @@ class LazyAttention:
         return self._set_row(self._V, self._moved_v, i, row)
 
     def _set_row(self, target, moved, i, row) -> FlushEvent | None:
+        """:meth:`_set_rows` for one row, in scalars. Only the old row being overwritten is
+        kept: the other stays as it is, bare, until a correction needs it (a row rewrite of K
+        leaves V alone, and copying it costs a cache miss)."""
         i = V_.check_index("i", i, self._n)
         row = V_.as_vector("row", row, self._d, self._dtype)
-        self._touch_one(i, moved)
+        if self._log:
+            self._settle()
+        if self._bare_rows and self._bare_of(moved)[i]:
+            self._materialise()
+        self._queue_one(i, moved, both=False)
         target[i] = row
         return self._counted(1)
 
@@ -528,16 +535,6 @@ class LazyAttention:
             self._materialise()
         self._queue(rows, keep=True)
         moved[rows] = True
-
-    def _touch_one(self, i: int, moved: np.ndarray) -> None:
-        """:meth:`_touch` for one row, which keeps only the old row being overwritten: the
-        other stays as it is, bare, until a correction needs it (a row rewrite of K leaves V
-        alone, and copying it costs a cache miss)."""
-        if self._log:
-            self._settle()
-        if self._bare_rows and self._bare_of(moved)[i]:
-            self._materialise()
-        self._queue_one(i, moved, both=False)
 
     def _bare_of(self, moved: np.ndarray) -> np.ndarray:
         """``_bare_k`` for ``_moved_k``, ``_bare_v`` for ``_moved_v``."""
