@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dynattn import CostModel, ErrorBudget, Fixed, LazyAttention, OriginalAdaptive
-from dynattn.policies import adaptive_threshold, as_policy
+from dynattn.policies import _effective_rows, adaptive_threshold, as_policy
 
 
 @dataclass
@@ -200,3 +202,21 @@ def test_error_budget_tracks_true_error():
 def test_bad_policy_arguments(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         bad()
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.sampled_from([4, 1024, 65536]), log_h=st.floats(-1.0, 1.0),
+       ks=st.lists(st.integers(1, 10**6), min_size=1, max_size=64))
+def test_effective_rows_recovers_the_spread_of_the_updates(n, log_h, ks):
+    # flushes of k updates spread uniformly over H rows touch H·(1 − e^(−k/H)) rows each
+    H = n * 10.0 ** (3 * log_h)  # n/1000 … 1000·n
+    ks = [min(k, 64 * n) for k in ks]
+    rows = [H * -math.expm1(-k / H) for k in ks]
+    got = _effective_rows(ks, rows, n)
+    if H < 64 * n:
+        # the fitted H reproduces the rows to 1e-4 (H itself is ill-determined where every
+        # flush touches all H rows or nearly none repeats)
+        fitted = sum(got * -math.expm1(-k / got) for k in ks)
+        assert fitted == pytest.approx(sum(rows), rel=1e-4)
+    assert got <= 64 * n
+    assert _effective_rows(ks, ks, n) == 64 * n  # no row ever repeated: the cap
