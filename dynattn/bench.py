@@ -19,13 +19,15 @@ How the figures are obtained (also in ``benchmarks/README.md``):
 
 * Every timing is ``time.perf_counter`` wall time on one update/query stream per (n, stream);
   figures from one run share the machine state, so ratios are fair.
-* Strategies whose flush schedule does not depend on queries (every baseline, fixed k, the
-  original adaptive rule, the error budget) run the stream once: their update time is
-  measured over whole flush cycles, and exact queries are timed at random points of the run
-  (outside the update time), so the cost at q queries per update is
-  ``update + q · mean(query)``. The cost model adapts to the query rate, so it runs once per
-  rate with real interleaved queries, after a warm-up long enough for it to settle (and a
-  flush, so that the timed window does not pay for rows queued while untimed).
+* Strategies whose flush schedule does not depend on queries (eager, fixed k, the original
+  adaptive rule, the error budget) run the stream once: their update time is measured over
+  whole flush cycles, and exact queries are timed at random points of the run (outside the
+  update time), so the cost at q queries per update is ``update + q · mean(query)``. The
+  cost model adapts to the query rate, so it runs once per rate with real interleaved
+  queries, after a warm-up long enough for it to settle (and a flush, so that the timed
+  window does not pay for rows queued while untimed). On-demand, the best where queries are
+  rare and then nearly all queries, takes turns with it on the same stream (alternating who
+  goes first), so that the two are timed at the same moments of a drifting machine.
 * The engine is built once per (n, dtype); every lazy variant starts from an O(n·d) copy of
   it (``LazyAttention.copy``), so all strategies start from the same state and replay the same
   stream, without an O(n²·d) build each (about 45 s at n = 65,536).
@@ -279,34 +281,45 @@ class _Actions:
         return list(zip(rows, cols, strict=True))
 
 
-def _drive(target, actions: list, query_after=(), positions=()) -> tuple[float, list]:
-    """Apply ``actions`` one call each; after update index ``t`` in ``query_after`` ask one
-    exact query. Returns (seconds in updates, seconds of each query)."""
-    methods = (target.update_k, target.update_v, target.set_k_row, target.set_v_row)
-    calls = [(methods[code], args) for code, args in actions]
+def _drive(targets: list, actions: list, query_after=(), positions=()) -> list[tuple]:
+    """Apply ``actions`` to each of ``targets``, one call each; after update index ``t`` in
+    ``query_after`` ask each one exact query. Returns, per target, (seconds in updates,
+    seconds of each query).
+
+    Several targets take turns between queries, in an order reversed every turn: they see
+    the same moments of a machine whose speed drifts by tens of percent within seconds, and
+    none always runs right after the other has filled the caches.
+    """
     perf = time.perf_counter
-    stops = [t + 1 for t in query_after] + [len(calls)]
-    update_s, query_s, start = 0.0, [], 0
+    calls = [[((t.update_k, t.update_v, t.set_k_row, t.set_v_row)[code], args)
+              for code, args in actions] for t in targets]
+    stops = [t + 1 for t in query_after] + [len(actions)]
+    update_s, query_s = [0.0] * len(targets), [[] for _ in targets]
+    order, start = list(range(len(targets))), 0
     for q, stop in enumerate(stops):
-        t0 = perf()
-        for call, args in calls[start:stop]:
-            call(*args)
-        update_s += perf() - t0
-        start = stop
-        if q < len(positions) and q < len(stops) - 1:
-            i, j = positions[q]
+        for k in order:
             t0 = perf()
-            target.query(i, j)
-            query_s.append(perf() - t0)
-    return update_s, query_s
+            for call, args in calls[k][start:stop]:
+                call(*args)
+            update_s[k] += perf() - t0
+            if q < len(positions) and q < len(stops) - 1:
+                i, j = positions[q]
+                t0 = perf()
+                targets[k].query(i, j)
+                query_s[k].append(perf() - t0)
+        order.reverse()
+        start = stop
+    return list(zip(update_s, query_s, strict=True))
 
 
-def _warm_up(engine, actions: list, query_after=(), positions=()) -> None:
+def _warm_up(targets: list, actions: list, query_after=(), positions=()) -> None:
     """Untimed updates (and queries) that let an adaptive policy fit, then an untimed flush:
     the timed window starts with nothing queued, as every other strategy's does, instead of
     paying for rows queued while the clock was off."""
-    _drive(engine, actions, query_after, positions)
-    engine.flush()
+    _drive(targets, actions, query_after, positions)
+    for target in targets:
+        if hasattr(target, "flush"):
+            target.flush()
 
 
 def _composed(target, src: _Actions, updates: int, samples: int, rng, warmup: int = 0) -> dict:
@@ -316,44 +329,48 @@ def _composed(target, src: _Actions, updates: int, samples: int, rng, warmup: in
     ``update_s + q · query_mean``.
     """
     if warmup:
-        _warm_up(target, src.take(warmup))
+        _warm_up([target], src.take(warmup))
     actions = src.take(updates)
     at = np.sort(rng.choice(updates, size=min(samples, updates), replace=False)).tolist()
-    update_s, query_s = _drive(target, actions, at, src.positions(len(at)))
+    [(update_s, query_s)] = _drive([target], actions, at, src.positions(len(at)))
     return {"updates": updates, "update_s": update_s / updates,
             "query_s": float(np.mean(query_s)), "query_median_s": float(np.median(query_s)),
             "queries": len(query_s), "warmup": warmup}
 
 
-def _interleaved(engine, src: _Actions, warmup: int, updates: int, rate: float) -> dict:
-    """Run the engine's current policy with real queries every ``1/rate`` updates: ``warmup``
-    untimed updates, then ``updates`` timed ones. With no query in the timed window, the
-    query share comes from 8 queries timed after it."""
+def _interleaved(targets: dict, src: _Actions, warmup: int, updates: int,
+                 rate: float) -> dict[str, dict]:
+    """Run ``targets`` (label: strategy) side by side with real queries every ``1/rate``
+    updates, taking turns (:func:`_drive`): ``warmup`` untimed updates, then ``updates`` timed
+    ones. With no query in the timed window, the query share comes from 8 queries timed after
+    it. An engine's threshold at the end is reported."""
     period = round(1 / rate)
-    total = warmup + updates
-    at = [t for t in range(period - 1, total, period)]
+    at = list(range(period - 1, warmup + updates, period))
     pos = src.positions(len(at))
     warm_at = [t for t in at if t < warmup]
-    _warm_up(engine, src.take(warmup), warm_at, pos[:len(warm_at)])
+    _warm_up(list(targets.values()), src.take(warmup), warm_at, pos[:len(warm_at)])
     timed_at = [t - warmup for t in at if t >= warmup]
-    update_s, query_s = _drive(engine, src.take(updates), timed_at, pos[len(warm_at):])
-    threshold = engine.threshold
-    if query_s:
-        per_query = float(np.mean(query_s))
-        total_s = (update_s + sum(query_s)) / updates
-        method = "interleaved"
-    else:
-        after = []
-        for i, j in src.positions(8):
-            t0 = time.perf_counter()
-            engine.query(i, j)
-            after.append(time.perf_counter() - t0)
-        per_query = float(np.mean(after))
-        total_s = update_s / updates + rate * per_query
-        method = "interleaved (no query in window; share from 8 queries after it)"
-    return {"updates": updates, "update_s": update_s / updates, "query_s": per_query,
-            "queries": len(query_s), "total_s": total_s, "warmup": warmup,
-            "threshold_end": threshold, "method": method}
+    timed = _drive(list(targets.values()), src.take(updates), timed_at, pos[len(warm_at):])
+    if not timed_at:
+        after = _drive(list(targets.values()), [], range(8), src.positions(8))
+    out = {}
+    for k, (label, target) in enumerate(targets.items()):
+        update_s, query_s = timed[k]
+        if query_s:
+            per_query = float(np.mean(query_s))
+            total_s = (update_s + sum(query_s)) / updates
+            method = "interleaved"
+        else:
+            per_query = float(np.mean(after[k][1]))
+            total_s = update_s / updates + rate * per_query
+            method = "interleaved (no query in window; share from 8 queries after it)"
+        if len(targets) > 1:
+            method += ", taking turns with " + " and ".join(t for t in targets if t != label)
+        out[label] = {"updates": updates, "update_s": update_s / updates,
+                      "query_s": per_query, "queries": len(query_s), "total_s": total_s,
+                      "warmup": warmup, "threshold_end": getattr(target, "threshold", None),
+                      "method": method}
+    return out
 
 
 def _fresh(base: LazyAttention, policy) -> LazyAttention:
@@ -393,8 +410,6 @@ def _strategy_runs(plan: Plan, n: int, dtype: str, ctx: dict, stream: str, log) 
     u_min, u_ad, samples = plan.u_min[n], plan.u_adaptive[n], plan.query_samples
     composed: dict[str, dict] = {}
 
-    composed["on-demand"] = _composed(OnDemand(Q, K, V), src(), max(u_min, u_ad), samples,
-                                      rng())
     if ctx.get("dense") is not None:
         # the n×n store is mutated by the run: each stream starts from a copy of the built one
         composed["eager Ã"] = _composed(copy.deepcopy(ctx["dense"]), src(), u_min, samples,
@@ -410,12 +425,17 @@ def _strategy_runs(plan: Plan, n: int, dtype: str, ctx: dict, stream: str, log) 
         del engine
         log(f"    {label:<14} {composed[label]['update_s'] * 1e6:10.1f} µs/update "
             f"{composed[label]['query_s'] * 1e6:9.1f} µs/query")
+    # the cost model adapts to the query rate, so it runs once per rate with real queries;
+    # on-demand, whose cost at rare queries is nearly all its queries, takes turns with it on
+    # the same stream: timed minutes apart, the machine's drift alone moved their ratio by 2x
     interleaved = {}
     for rate in plan.rates:
-        interleaved[rate] = _interleaved(_fresh(base, CostModel()), src(), plan.warmup_cost,
-                                         u_ad, rate)
-        log(f"    lazy cost @{rate:g}: {interleaved[rate]['total_s'] * 1e6:10.1f} µs per "
-            f"update+share (threshold {interleaved[rate]['threshold_end']:.4g})")
+        interleaved[rate] = _interleaved({"lazy cost": _fresh(base, CostModel()),
+                                          "on-demand": OnDemand(Q, K, V)},
+                                         src(), plan.warmup_cost, u_ad, rate)
+        m, od = interleaved[rate]["lazy cost"], interleaved[rate]["on-demand"]
+        log(f"    lazy cost @{rate:g}: {m['total_s'] * 1e6:10.1f} µs per update+share "
+            f"(threshold {m['threshold_end']:.4g}; on-demand {od['total_s'] * 1e6:.1f})")
 
     rows = []
     for rate in plan.rates:
@@ -427,12 +447,12 @@ def _strategy_runs(plan: Plan, n: int, dtype: str, ctx: dict, stream: str, log) 
                          "updates": m["updates"], "queries_timed": m["queries"],
                          "warmup": m["warmup"], "threshold_end": m.get("threshold_end"),
                          "method": "composed"})
-        m = interleaved[rate]
-        rows.append({**base, "strategy": "lazy cost", "per_update": m["update_s"],
-                     "per_query": m["query_s"], "per_total": m["total_s"],
-                     "updates": m["updates"], "queries_timed": m["queries"],
-                     "warmup": m["warmup"], "threshold_end": m["threshold_end"],
-                     "method": m["method"]})
+        for label, m in interleaved[rate].items():
+            rows.append({**base, "strategy": label, "per_update": m["update_s"],
+                         "per_query": m["query_s"], "per_total": m["total_s"],
+                         "updates": m["updates"], "queries_timed": m["queries"],
+                         "warmup": m["warmup"], "threshold_end": m["threshold_end"],
+                         "method": m["method"]})
         rc = ctx["recompute"]
         rows.append({**base, "strategy": "recompute", "per_update": rc["per_update"],
                      "per_query": rc["per_query"],
@@ -692,7 +712,7 @@ def child_main(argv: list[str]) -> int:
         engine = LazyAttention(*make_qkv("gaussian", n, d, seed=0), policy=_Never())
         build = time.perf_counter() - t0
         src = _Actions("entries", n, d, np.float64, seed=2)
-        _drive(engine, src.take(count))
+        _drive([engine], src.take(count))
         event = engine.flush()
         result = {"n": n, "d": d, "updates": count, "build_s": build,
                   "flush_s": event.seconds, "engine_bytes": engine.nbytes}
@@ -806,9 +826,9 @@ def collect(plan: Plan, log=print) -> dict:
                 log(f"  stream {stream}")
                 res["updates"] += _strategy_runs(plan, n, dtype, ctx, stream, log)
         if n == plan.lazy_vs_recompute_n and dtype == "float64":
-            lazy = _interleaved(_fresh(engine, CostModel()),
+            lazy = _interleaved({"lazy cost": _fresh(engine, CostModel())},
                                 _Actions("entries", n, plan.d, dtype, seed=1), plan.warmup_cost,
-                                plan.u_adaptive.get(n, 2048), TARGET_RATE)
+                                plan.u_adaptive.get(n, 2048), TARGET_RATE)["lazy cost"]
             rc = ctx["recompute"]
             res["lazy_vs_recompute"] = {"n": n, "dtype": dtype, "stream": "entries",
                                         "rate": TARGET_RATE, "lazy_total_s": lazy["total_s"],

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dynattn import bench
+from dynattn import LazyAttention, bench
 from dynattn.strategies import OnDemand
 from dynattn.workloads import make_qkv
 
@@ -41,8 +41,12 @@ def test_every_cell_has_every_strategy(tiny_run):
         key = (row["n"], row["dtype"], row["stream"], row["rate"])
         cells.setdefault(key, set()).add(row["strategy"])
         assert row["per_total"] >= row["per_update"] > 0
-        assert math.isclose(row["per_total"], row["per_update"] + row["rate"] * row["per_query"],
-                            rel_tol=1e-9) or row["strategy"] == "lazy cost"
+        if row["strategy"] in ("lazy cost", "on-demand"):  # timed in turns, real queries
+            assert row["method"].startswith("interleaved") and "taking turns" in row["method"]
+        else:
+            assert math.isclose(row["per_total"],
+                                row["per_update"] + row["rate"] * row["per_query"],
+                                rel_tol=1e-9), row
     assert len(cells) == len(plan.update_ns) * len(plan.dtypes) * 3 * 3
     assert all(found == strategies for found in cells.values())
 
@@ -63,18 +67,61 @@ def test_other_sections_have_their_figures(tiny_run):
         assert (out / f"{name}-tiny.html").stat().st_size > 10_000
 
 
+class _Recorder:
+    """A strategy that notes the order of the calls it gets."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getattr__(self, method):
+        return lambda *args: self.calls.append((self.name, method))
+
+
 def test_drive_times_updates_and_queries_apart():
     Q, K, V = make_qkv("gaussian", 32, 4)
-    target = OnDemand(Q, K, V)
+    targets = [OnDemand(Q, K, V), LazyAttention(Q, K, V, policy=3)]
     src = bench._Actions("entries", 32, 4, np.float64, seed=0)
     actions = src.take(20)
-    update_s, query_s = bench._drive(target, actions, [4, 9], src.positions(2))
-    assert update_s > 0 and len(query_s) == 2
+    positions = src.positions(2)
+    timed = bench._drive(targets, actions, [4, 9], positions)
     ref = OnDemand(Q, K, V)
     for code, args in actions:
         (ref.update_k, ref.update_v)[code](*args)
-    np.testing.assert_array_equal(target.K, ref.K)
-    np.testing.assert_array_equal(target.V, ref.V)
+    for target, (update_s, query_s) in zip(targets, timed, strict=True):
+        assert update_s > 0 and len(query_s) == 2
+        np.testing.assert_array_equal(target.K, ref.K)
+        np.testing.assert_array_equal(target.V, ref.V)
+
+
+def test_drive_lets_targets_take_turns_in_alternating_order():
+    calls = []
+    src = bench._Actions("entries", 8, 2, np.float64, seed=0)
+    actions = [(code, args) for code, args in src.take(5)]
+    bench._drive([_Recorder("a", calls), _Recorder("b", calls)], actions, [1, 3],
+                 src.positions(2))
+    seen = [(who, "query" if what == "query" else "update") for who, what in calls]
+    turns = [seen[0]]
+    for step in seen[1:]:
+        if step != turns[-1]:
+            turns.append(step)
+    # updates 0-1 then a query, 2-3 and a query, then update 4: a, b, then b, a, then a, b
+    assert turns == [("a", "update"), ("a", "query"), ("b", "update"), ("b", "query"),
+                     ("b", "update"), ("b", "query"), ("a", "update"), ("a", "query"),
+                     ("a", "update"), ("b", "update")]
+    assert seen.count(("a", "update")) == seen.count(("b", "update")) == 5
+
+
+def test_interleaved_pairs_on_demand_with_the_engine():
+    Q, K, V = make_qkv("gaussian", 64, 4, seed=1)
+    src = bench._Actions("hotspot", 64, 4, np.float64, seed=0)
+    out = bench._interleaved({"lazy cost": LazyAttention(Q, K, V), "on-demand": OnDemand(Q, K, V)},
+                             src, 40, 100, 0.1)
+    lazy, od = out["lazy cost"], out["on-demand"]
+    assert lazy["queries"] == od["queries"] == 10
+    assert lazy["threshold_end"] is not None and od["threshold_end"] is None
+    assert "taking turns with on-demand" in lazy["method"]
+    out = bench._interleaved({"on-demand": OnDemand(Q, K, V)}, src, 40, 100, 0.001)
+    assert out["on-demand"]["queries"] == 0 and "8 queries after" in out["on-demand"]["method"]
 
 
 def test_rows_stream_yields_row_rewrites_in_the_working_dtype():
