@@ -229,6 +229,8 @@ class LazyAttention:
     # Bringing the pack up to date costs about as much as a fresh query reading 150,000
     # elements of K, plus 10,000 per row (gathers, fills, first writes to new pages): measured
     # 30-40 µs + 1.4-2.1 µs a row, against 0.09-0.24 ns an element, at n = 4,096-16,384, d = 64.
+    # The ratio varies with dtype and n (float32 halves a fresh query's traffic, not the
+    # overhead), so once both have been timed in this engine, the measured ratio scales it.
     _pack_cost = (150_000, 10_000)
 
     # Logged entry updates up to _short_log are queued one by one (NumPy's ~1 µs a call would
@@ -298,6 +300,7 @@ class LazyAttention:
         # (touched rows, entries answered, seconds) of recent exact queries, for cost models
         self.query_log: deque[tuple[int, int, float]] = deque(maxlen=256)
         self._fresh_log: deque[float] = deque(maxlen=32)  # seconds of entries computed afresh
+        self._catch_log: deque[float] = deque(maxlen=32)  # seconds per _pack_cost unit caught up
 
     def copy(self, policy=None) -> LazyAttention:
         """An independent engine in the same state (arrays, caches, pending queue, counters),
@@ -1072,7 +1075,9 @@ class LazyAttention:
 
         In units of one element of K read by a fresh query (n·d of them): correcting reads
         2(3d+2) numbers per touched row (so |S| > :attr:`max_query_rows` alone decides it),
-        once the pack has caught up on the rows updated since its last use (``_pack_cost``).
+        once the pack has caught up on the rows updated since its last use (``_pack_cost``,
+        scaled by the measured ratio of the two costs once a fresh query and a catch-up have
+        been timed; the first catch-up waits for a fresh query to compare with).
         Catching up serves every later query until the next update, so it is bought as in
         ski rental: queries compute afresh until what that cost them beyond a corrected query,
         since the last update, would have paid for the catch-up (at most twice the better
@@ -1090,23 +1095,39 @@ class LazyAttention:
     def _prefers_fresh(self) -> bool:
         """:meth:`_choose_direct` for the rows queued so far (a lower bound on S)."""
         S = len(self._rows)
-        pack = self._pack
         fresh = self._n * self._d
         correct = 2 * (3 * self._d + 2) * S
         if correct > fresh:
             return True
-        catch_up = len(pack.dirty) + S - pack.slots + len(pack.requeue)
+        catch_up = self._catch_up_units()
         if not catch_up:
             return False
         if self._fresh_mark != self.n_updates:  # what was paid before an update is sunk
             self._fresh_count, self._fresh_mark = 0, self.n_updates
-        fixed, per_row = self._pack_cost
+        # a catch-up is mostly per-call overhead, a fresh query memory traffic: how their
+        # costs compare depends on the dtype, n and the machine, so once both have been timed
+        # the measured ratio replaces the estimate (_pack_cost); the first such choice computes
+        # afresh, to time it
+        if not self._fresh_log:
+            self._fresh_count += 1
+            return True
+        if self._catch_log:
+            per_element = statistics.median(self._fresh_log) / fresh
+            catch_up *= statistics.median(self._catch_log) / per_element
         # S is constant between updates, so the regret is the count of fresh queries times
         # what each paid beyond a corrected one
-        if correct + fixed + per_row * catch_up <= fresh + self._fresh_count * (fresh - correct):
+        if correct + catch_up <= fresh + self._fresh_count * (fresh - correct):
             return False
         self._fresh_count += 1
         return True
+
+    def _catch_up_units(self) -> int:
+        """The pack's catch-up on the rows updated since its last use, in ``_pack_cost``
+        units; 0 when it is up to date."""
+        pack = self._pack
+        rows = len(pack.dirty) + len(self._rows) - pack.slots + len(pack.requeue)
+        fixed, per_row = self._pack_cost
+        return fixed + per_row * rows if rows else 0
 
     def _direct_entry(self, i: int, j: int) -> float:
         """``O[i, j]`` from scratch, reading one column of V: 2n·d + 4n flops."""
@@ -1144,7 +1165,11 @@ class LazyAttention:
         elif S == 0:
             row = self._C[i]
         else:
+            units = self._catch_up_units()
+            t1 = time.perf_counter()
             Kp, B, new = self._get_pack()
+            if units:
+                self._catch_log.append((time.perf_counter() - t1) / units)
             L = Kp @ self._Q[i]
             m_old = m = self._m[i]
             # Rescaling to the new maximum logit costs a reduction, as much as the exponentials:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import tracemalloc
+from collections import deque
 
 import numpy as np
 import pytest
@@ -287,6 +288,51 @@ def test_single_queries_catch_up_once_a_burst_of_them_has_paid_for_it():
         eng.update_v(i, 2, 0.1)
         eng.query(i, 2)
     assert eng._pack.slots == 0
+
+
+class _Timings(deque):
+    """A timing log frozen at given values (the engine's appends are ignored)."""
+
+    def append(self, value):
+        pass
+
+
+@pytest.mark.parametrize("ratio", [0.001, 1.0, 2.5])
+def test_single_queries_weigh_the_catch_up_by_measured_costs(ratio):
+    # once a fresh query and a catch-up have been timed, the catch-up's estimate is scaled by
+    # their measured ratio (seconds per catch-up unit over seconds per element read afresh)
+    n, d = 512, 8
+    eng = make(n=n, d=d, seed=5, policy=10**6)
+    for i in range(40):
+        eng.update_k(i, 1, 0.2)
+    want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
+    fresh_s = 1e-5
+    eng._fresh_log = _Timings([fresh_s])
+    eng._catch_log = _Timings([ratio * fresh_s / (n * d)])
+    caught_up_at = None
+    for q in range(2000):
+        assert eng.query(q % n, q % d) == pytest.approx(want[q % n, q % d], rel=1e-12)
+        if eng._pack.slots == 40:
+            caught_up_at = q
+            break
+    correct = 2 * (3 * d + 2) * 40
+    fixed, per_row = eng._pack_cost
+    due = (correct + ratio * (fixed + per_row * 40) - n * d) / (n * d - correct)
+    assert caught_up_at == max(0, math.ceil(due))
+
+
+def test_the_first_catch_up_waits_for_a_fresh_query_to_compare_with():
+    # with no fresh query timed yet, a query that would catch up computes afresh once
+    eng = make(n=4096, d=8, seed=2, policy=10**6)
+    eng.update_v(3, 1, 0.5)
+    eng.query(0, 0)  # n·d = 32,768 < the 160,000 estimated for a catch-up: afresh, timed
+    assert len(eng._fresh_log) == 1 and eng._pack.slots == 0
+    eng2 = make(n=40_000, d=8, seed=2, policy=10**6)
+    eng2.update_v(3, 1, 0.5)
+    eng2.query(0, 0)  # the estimate says catch up, but nothing to compare with: afresh
+    assert len(eng2._fresh_log) == 1 and eng2._pack.slots == 0 and not eng2._catch_log
+    eng2.query(1, 0)  # then the estimate decides, and the catch-up is timed
+    assert eng2._pack.slots == 1 and len(eng2._catch_log) == 1
 
 
 @pytest.mark.parametrize("kind", ["csr", "csc", "coo"])
