@@ -1077,7 +1077,7 @@ class LazyAttention:
         2(3d+2) numbers per touched row (so |S| > :attr:`max_query_rows` alone decides it),
         once the pack has caught up on the rows updated since its last use (``_pack_cost``,
         scaled by the measured ratio of the two costs once a fresh query and a catch-up have
-        been timed; the first catch-up waits for a fresh query to compare with).
+        been timed; a first catch-up waits for three fresh queries to compare with).
         Catching up serves every later query until the next update, so it is bought as in
         ski rental: queries compute afresh until what that cost them beyond a corrected query,
         since the last update, would have paid for the catch-up (at most twice the better
@@ -1106,9 +1106,10 @@ class LazyAttention:
             self._fresh_count, self._fresh_mark = 0, self.n_updates
         # a catch-up is mostly per-call overhead, a fresh query memory traffic: how their
         # costs compare depends on the dtype, n and the machine, so once both have been timed
-        # the measured ratio replaces the estimate (_pack_cost); the first such choice computes
-        # afresh, to time it
-        if not self._fresh_log:
+        # the measured ratio replaces the estimate (_pack_cost); until three fresh queries
+        # have been timed (one alone may be a stall, or cold after a flush) such choices
+        # compute afresh, to time them
+        if len(self._fresh_log) < 3:
             self._fresh_count += 1
             return True
         if self._catch_log:

@@ -307,7 +307,7 @@ def test_single_queries_weigh_the_catch_up_by_measured_costs(ratio):
         eng.update_k(i, 1, 0.2)
     want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
     fresh_s = 1e-5
-    eng._fresh_log = _Timings([fresh_s])
+    eng._fresh_log = _Timings([fresh_s] * 3)
     eng._catch_log = _Timings([ratio * fresh_s / (n * d)])
     caught_up_at = None
     for q in range(2000):
@@ -321,18 +321,15 @@ def test_single_queries_weigh_the_catch_up_by_measured_costs(ratio):
     assert caught_up_at == max(0, math.ceil(due))
 
 
-def test_the_first_catch_up_waits_for_a_fresh_query_to_compare_with():
-    # with no fresh query timed yet, a query that would catch up computes afresh once
-    eng = make(n=4096, d=8, seed=2, policy=10**6)
+def test_the_first_catch_up_waits_for_fresh_queries_to_compare_with():
+    # until three fresh queries are timed, a query that would catch up computes afresh
+    eng = make(n=40_000, d=8, seed=2, policy=10**6)
     eng.update_v(3, 1, 0.5)
-    eng.query(0, 0)  # n·d = 32,768 < the 160,000 estimated for a catch-up: afresh, timed
-    assert len(eng._fresh_log) == 1 and eng._pack.slots == 0
-    eng2 = make(n=40_000, d=8, seed=2, policy=10**6)
-    eng2.update_v(3, 1, 0.5)
-    eng2.query(0, 0)  # the estimate says catch up, but nothing to compare with: afresh
-    assert len(eng2._fresh_log) == 1 and eng2._pack.slots == 0 and not eng2._catch_log
-    eng2.query(1, 0)  # then the estimate decides, and the catch-up is timed
-    assert eng2._pack.slots == 1 and len(eng2._catch_log) == 1
+    for q in range(3):  # n·d = 320,000 > the 160,000 estimated for a catch-up: afresh, timed
+        eng.query(q, 0)
+        assert len(eng._fresh_log) == q + 1 and eng._pack.slots == 0 and not eng._catch_log
+    eng.query(3, 0)  # then the estimate decides, and the catch-up is timed
+    assert eng._pack.slots == 1 and len(eng._catch_log) == 1 and len(eng._fresh_log) == 3
 
 
 @pytest.mark.parametrize("kind", ["csr", "csc", "coo"])
