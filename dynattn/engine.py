@@ -1124,9 +1124,12 @@ class LazyAttention:
 
     def _catch_up_units(self) -> int:
         """The pack's catch-up on the rows updated since its last use, in ``_pack_cost``
-        units; 0 when it is up to date."""
+        units; 0 when it is up to date. A lower bound while the log is not queued: each of
+        its entries makes its row new to the pack or dirty, unless the row already is."""
         pack = self._pack
         rows = len(pack.dirty) + len(self._rows) - pack.slots + len(pack.requeue)
+        if not rows and self._log:
+            rows = 1
         fixed, per_row = self._pack_cost
         return fixed + per_row * rows if rows else 0
 

@@ -321,6 +321,25 @@ def test_single_queries_weigh_the_catch_up_by_measured_costs(ratio):
     assert caught_up_at == max(0, math.ceil(due))
 
 
+@pytest.mark.parametrize("ratio", [0.001, 1.0])
+def test_a_logged_update_counts_one_row_of_catch_up_before_it_is_queued(ratio):
+    # the pack is up to date and an entry of a packed row changes: at n·d = 4,096 a catch-up of
+    # even one row (160,000 units at ratio 1) costs more than computing afresh, so the query
+    # computes afresh and leaves the log unqueued; when catching up is cheap, it is queued
+    n, d = 512, 8
+    eng = make(n=n, d=d, seed=5, policy=10**6)
+    eng._fresh_log = _Timings([1e-5] * 3)
+    eng._catch_log = _Timings([0.001 * 1e-5 / (n * d)])
+    eng.update_k(4, 1, 0.2)
+    eng.query(0, 0)
+    assert eng._pack.slots == 1 and not eng._log
+    eng._catch_log = _Timings([ratio * 1e-5 / (n * d)])
+    eng.update_k(4, 2, 0.3)
+    want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
+    assert eng.query(7, 2) == pytest.approx(want[7, 2], rel=1e-12)
+    assert bool(eng._log) == (ratio == 1.0)
+
+
 def test_the_first_catch_up_waits_for_fresh_queries_to_compare_with():
     # until three fresh queries are timed, a query that would catch up computes afresh
     eng = make(n=40_000, d=8, seed=2, policy=10**6)
