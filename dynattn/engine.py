@@ -161,6 +161,32 @@ def _grown(arr: np.ndarray, used: int, size: int) -> np.ndarray:
     return new
 
 
+class _Norm:
+    """A Frobenius norm accumulated block by block, as LAPACK's nrm2 does: the largest
+    magnitude so far and the sum of squares relative to it, so tiny or huge entries neither
+    underflow to 0 (outputs of 1e-200 would report an infinite relative error) nor overflow.
+    """
+
+    def __init__(self):
+        self.scale = 0.0  # max |x| so far
+        self.ssq = 0.0    # Σ (x / scale)²
+
+    def add(self, x: np.ndarray) -> None:
+        big = float(np.abs(x).max()) if x.size else 0.0
+        if big == 0.0:
+            return
+        if big > self.scale:
+            self.ssq *= (self.scale / big) ** 2
+            self.scale = big
+        y = x / self.scale
+        self.ssq += float(np.vdot(y, y))
+
+    def __truediv__(self, other: _Norm) -> float:
+        """``‖self‖ / ‖other‖`` without forming either (inf past the float range)."""
+        with np.errstate(over="ignore"):
+            return float(np.float64(self.scale) / other.scale * math.sqrt(self.ssq / other.ssq))
+
+
 def _first_of_each(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(values, return_index=True)``: the distinct values, sorted, and where each
     first occurs. A stable sort and one comparison: np.unique's hash table costs 2-4× more on
@@ -1288,19 +1314,18 @@ class LazyAttention:
     def approximation_error(self) -> ErrorReport:
         """Error of the stale output against the exact output, O(n·|S|·d), no n×n array."""
         self._settle()
-        sq_diff = sq_exact = max_abs = 0.0
+        norm_diff, norm_exact = _Norm(), _Norm()
         for blk in self._blocks(2 * len(self._rows) + 1):
             _, C, _ = self._current_rows(np.arange(blk.start, blk.stop))
             exact = self._out(C)
             diff = self._out(self._C[blk]) - exact
-            sq_diff += float(np.vdot(diff, diff))
-            sq_exact += float(np.vdot(exact, exact))
-            max_abs = max(max_abs, float(np.abs(diff).max()))
-        if sq_exact == 0.0:
-            rel = 0.0 if sq_diff == 0.0 else math.inf
+            norm_diff.add(diff)
+            norm_exact.add(exact)
+        if norm_exact.scale == 0.0:
+            rel = 0.0 if norm_diff.scale == 0.0 else math.inf
         else:
-            rel = math.sqrt(sq_diff / sq_exact)
-        return ErrorReport(rel, max_abs)
+            rel = norm_diff / norm_exact
+        return ErrorReport(rel, norm_diff.scale)
 
     def __repr__(self) -> str:
         self._settle()

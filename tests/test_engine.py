@@ -171,8 +171,11 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
                                        atol=1e-300)
             report = eng.approximation_error()
             diff = orc.output(True) - exact
-            if np.any(exact):
-                want = np.linalg.norm(diff) / np.linalg.norm(exact)
+            if np.any(exact):  # each scaled first: squares near 1e±200 under- or overflow
+                a, b = np.abs(diff).max(), np.abs(exact).max()
+                with np.errstate(over="ignore"):
+                    want = 0.0 if a == 0 else float(
+                        a / b * (np.linalg.norm(diff / a) / np.linalg.norm(exact / b)))
             else:  # relative to an all-zero output, any stale difference is infinite
                 want = math.inf if np.any(diff) else 0.0
             # exact and stale are both rounded in the engine's dtype: compare at tol
@@ -349,6 +352,23 @@ def test_the_first_catch_up_waits_for_fresh_queries_to_compare_with():
         assert len(eng._fresh_log) == q + 1 and eng._pack.slots == 0 and not eng._catch_log
     eng.query(3, 0)  # then the estimate decides, and the catch-up is timed
     assert eng._pack.slots == 1 and len(eng._catch_log) == 1 and len(eng._fresh_log) == 3
+
+
+@pytest.mark.parametrize("factor", [1e-200, 1e-150, 1e150, 1e200])
+def test_approximation_error_is_scale_free_over_the_whole_float64_range(factor):
+    # ‖stale − exact‖ / ‖exact‖ does not change when V is scaled, even where squares of the
+    # outputs underflow or overflow (1e-200² and 1e200² are outside float64)
+    def report(f):
+        eng = make(n=30, d=4, seed=3, policy=10**6)
+        eng = LazyAttention(eng.Q, eng.K, np.asarray(eng.V) * f, policy=10**6)
+        eng.update_k(2, 1, 0.8)
+        eng.update_v(5, 3, 0.4 * f)
+        eng.set_v_row(7, np.full(4, -2.0 * f))
+        return eng.approximation_error()
+    base, scaled = report(1.0), report(factor)
+    assert scaled.relative == pytest.approx(base.relative, rel=1e-12)
+    assert scaled.max_abs == pytest.approx(base.max_abs * factor, rel=1e-12)
+    assert 0 < base.relative < 1
 
 
 @pytest.mark.parametrize("kind", ["csr", "csc", "coo"])
