@@ -760,19 +760,23 @@ class LazyAttention:
 
         Kept up to date incrementally: rows touched since the last use are appended, rows
         updated again are patched in place, so a query after a few new updates costs
-        O(new rows·d) here rather than O(|S|·d). Callers settle the log first.
+        O(new rows·d) here rather than O(|S|·d). Callers settle the log first. A catch-up is
+        timed, per ``_pack_cost`` unit, for :meth:`_prefers_fresh`.
         """
-        if self._bare_rows:
-            self._materialise()
         pack = self._pack
         if pack.dirty or pack.slots < len(self._rows) or pack.requeue:
+            t0 = time.perf_counter()
+            units = self._catch_up_units()
+            if self._bare_rows:
+                self._materialise()
             pack.aug = None
-        if pack.dirty:
-            self._patch(pack)
-        if pack.slots < len(self._rows) or pack.requeue:
-            slots = list(range(pack.slots, len(self._rows))) + pack.requeue
-            pack.requeue = []
-            self._append(pack, slots)
+            if pack.dirty:
+                self._patch(pack)
+            if pack.slots < len(self._rows) or pack.requeue:
+                slots = list(range(pack.slots, len(self._rows))) + pack.requeue
+                pack.requeue = []
+                self._append(pack, slots)
+            self._catch_log.append((time.perf_counter() - t0) / units)
         return pack.Kp[:pack.size], pack.B[:pack.size], pack.new
 
     def _append(self, pack: _Pack, slots: list[int]) -> None:
@@ -1195,11 +1199,7 @@ class LazyAttention:
         elif S == 0:
             row = self._C[i]
         else:
-            units = self._catch_up_units()
-            t1 = time.perf_counter()
             Kp, B, new = self._get_pack()
-            if units:
-                self._catch_log.append((time.perf_counter() - t1) / units)
             L = Kp @ self._Q[i]
             m_old = m = self._m[i]
             # Rescaling to the new maximum logit costs a reduction, as much as the exponentials:
