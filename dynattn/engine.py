@@ -327,6 +327,8 @@ class LazyAttention:
         self.query_log: deque[tuple[int, int, float]] = deque(maxlen=256)
         self._fresh_log: deque[float] = deque(maxlen=32)  # seconds of entries computed afresh
         self._catch_log: deque[float] = deque(maxlen=32)  # seconds per _pack_cost unit caught up
+        self._catch_ratio = math.nan  # see _measure_catch_ratio
+        self._n_fresh = 0
 
     def copy(self, policy=None) -> LazyAttention:
         """An independent engine in the same state (arrays, caches, pending queue, counters),
@@ -777,6 +779,7 @@ class LazyAttention:
                 pack.requeue = []
                 self._append(pack, slots)
             self._catch_log.append((time.perf_counter() - t0) / units)
+            self._measure_catch_ratio()
         return pack.Kp[:pack.size], pack.B[:pack.size], pack.new
 
     def _append(self, pack: _Pack, slots: list[int]) -> None:
@@ -1132,8 +1135,9 @@ class LazyAttention:
         catch_up = self._catch_up_units()
         if not catch_up:
             return False
-        if self._fresh_mark != self.n_updates:  # what was paid before an update is sunk
-            self._fresh_count, self._fresh_mark = 0, self.n_updates
+        updates = self._done + self._pending + len(self._log) // 2  # n_updates, inlined
+        if self._fresh_mark != updates:  # what was paid before an update is sunk
+            self._fresh_count, self._fresh_mark = 0, updates
         # a catch-up is mostly per-call overhead, a fresh query memory traffic: how their
         # costs compare depends on the dtype, n and the machine, so once both have been timed
         # the measured ratio replaces the estimate (_pack_cost); until three fresh queries
@@ -1142,9 +1146,9 @@ class LazyAttention:
         if len(self._fresh_log) < 3:
             self._fresh_count += 1
             return True
-        if self._catch_log:
-            per_element = statistics.median(self._fresh_log) / fresh
-            catch_up *= statistics.median(self._catch_log) / per_element
+        ratio = self._catch_ratio
+        if ratio == ratio:  # not NaN: measured
+            catch_up *= ratio
         # S is constant between updates, so the regret is the count of fresh queries times
         # what each paid beyond a corrected one
         if correct + catch_up <= fresh + self._fresh_count * (fresh - correct):
@@ -1171,7 +1175,19 @@ class LazyAttention:
         seconds = time.perf_counter() - t0
         self.query_log.append((len(self._rows), 1, seconds))
         self._fresh_log.append(seconds)
+        self._n_fresh += 1
+        if self._n_fresh <= 3 or self._n_fresh % 16 == 0:
+            self._measure_catch_ratio()
         return value
+
+    def _measure_catch_ratio(self) -> None:
+        """Seconds per catch-up unit over seconds per element read afresh, as medians of the
+        recent timings; NaN until three fresh queries and a catch-up have been timed. Redone
+        after each catch-up and every 16th fresh query: the medians cost ~1 µs, as much as
+        the rest of the decision."""
+        if len(self._fresh_log) >= 3 and self._catch_log:
+            per_element = statistics.median(self._fresh_log) / (self._n * self._d)
+            self._catch_ratio = statistics.median(self._catch_log) / per_element
 
     def query_row(self, i, stale: bool = False) -> np.ndarray:
         """Output row ``O[i]`` (shape (d,)); exact in O(|S|·d), or cached if ``stale``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import tracemalloc
 from collections import deque
 
@@ -312,6 +313,7 @@ def test_single_queries_weigh_the_catch_up_by_measured_costs(ratio):
     fresh_s = 1e-5
     eng._fresh_log = _Timings([fresh_s] * 3)
     eng._catch_log = _Timings([ratio * fresh_s / (n * d)])
+    eng._measure_catch_ratio()
     caught_up_at = None
     for q in range(2000):
         assert eng.query(q % n, q % d) == pytest.approx(want[q % n, q % d], rel=1e-12)
@@ -333,10 +335,12 @@ def test_a_logged_update_counts_one_row_of_catch_up_before_it_is_queued(ratio):
     eng = make(n=n, d=d, seed=5, policy=10**6)
     eng._fresh_log = _Timings([1e-5] * 3)
     eng._catch_log = _Timings([0.001 * 1e-5 / (n * d)])
+    eng._measure_catch_ratio()
     eng.update_k(4, 1, 0.2)
     eng.query(0, 0)
     assert eng._pack.slots == 1 and not eng._log
     eng._catch_log = _Timings([ratio * 1e-5 / (n * d)])
+    eng._measure_catch_ratio()
     eng.update_k(4, 2, 0.3)
     want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
     assert eng.query(7, 2) == pytest.approx(want[7, 2], rel=1e-12)
@@ -352,6 +356,14 @@ def test_the_first_catch_up_waits_for_fresh_queries_to_compare_with():
         assert len(eng._fresh_log) == q + 1 and eng._pack.slots == 0 and not eng._catch_log
     eng.query(3, 0)  # then the estimate decides, and the catch-up is timed
     assert eng._pack.slots == 1 and len(eng._catch_log) == 1 and len(eng._fresh_log) == 3
+    per_element = statistics.median(eng._fresh_log) / (40_000 * 8)
+    assert eng._catch_ratio == eng._catch_log[0] / per_element
+    # the ratio follows the fresh timings every 16th fresh query (medians cost ~1 µs)
+    eng._catch_log = _Timings([2 * eng._catch_log[0]])
+    before = eng._catch_ratio
+    for k in range(4, 17):
+        eng._direct_entry(0, 0)
+        assert (eng._catch_ratio == before) == (k < 16)
 
 
 @pytest.mark.parametrize("factor", [1e-200, 1e-150, 1e150, 1e200])
