@@ -143,6 +143,7 @@ class _Pack:
         self.aug: np.ndarray | None = None     # [Kp | 1] for products that subtract m
         self.dirty: set[int] = set()           # packed slots (< slots) updated since
         self.requeue: list[int] = []           # packed slots to append again (role change)
+        self.views = (self.Kp, self.B, None)   # (Kp, B, new) in use, as _get_pack returns them
 
     def reserve(self, size: int) -> None:
         """Capacity for ``size`` entries (appends are amortised O(d))."""
@@ -780,7 +781,8 @@ class LazyAttention:
                 self._append(pack, slots)
             self._catch_log.append((time.perf_counter() - t0) / units)
             self._measure_catch_ratio()
-        return pack.Kp[:pack.size], pack.B[:pack.size], pack.new
+            pack.views = (pack.Kp[:pack.size], pack.B[:pack.size], pack.new)
+        return pack.views
 
     def _append(self, pack: _Pack, slots: list[int]) -> None:
         """Pack entries for ``slots`` (new to the pack, or re-queued after a role change).
@@ -1120,9 +1122,10 @@ class LazyAttention:
         rows make correcting and catching up dearer, never cheaper, so a query that computes
         afresh anyway leaves the log to be queued later with more entries at once.
         """
-        if self._log and self._prefers_fresh():
-            return True
-        self._settle()
+        if self._log:
+            if self._prefers_fresh():
+                return True
+            self._settle()
         return self._prefers_fresh()
 
     def _prefers_fresh(self) -> bool:
@@ -1132,9 +1135,10 @@ class LazyAttention:
         correct = 2 * (3 * self._d + 2) * S
         if correct > fresh:
             return True
+        pack = self._pack
+        if not (pack.dirty or S > pack.slots or pack.requeue or self._log):
+            return False  # the pack is up to date: the common case, without a call
         catch_up = self._catch_up_units()
-        if not catch_up:
-            return False
         updates = self._done + self._pending + len(self._log) // 2  # n_updates, inlined
         if self._fresh_mark != updates:  # what was paid before an update is sunk
             self._fresh_count, self._fresh_mark = 0, updates
