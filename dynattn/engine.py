@@ -1322,14 +1322,23 @@ class LazyAttention:
 
     # ------------------------------------------------------------------ error
     def rows_error(self, rows) -> tuple[float, float]:
-        """``(Σ (O_stale − O)², Σ O²)`` over the output rows ``rows``; O(len(rows)·|S|·d).
+        """``(Σ (O_stale − O)², Σ O²)`` over the output rows ``rows``, both divided by the
+        square of the largest entry of either, so that their ratio survives outputs of any
+        magnitude (squares of 1e-200 underflow, of 1e200 overflow); O(len(rows)·|S|·d).
 
         The building block of sampled error estimates (see ``policies.ErrorBudget``).
         """
         idx = V_.as_indices("rows", rows, self._n)
         exact = self._rows_out(idx, stale=False, count=0)
         diff = self._rows_out(idx, stale=True, count=0) - exact
-        return float(np.vdot(diff, diff)), float(np.vdot(exact, exact))
+        norms = _Norm(), _Norm()
+        norms[0].add(diff)
+        norms[1].add(exact)
+        top = max(norms[0].scale, norms[1].scale)
+        if top == 0.0:
+            return 0.0, 0.0
+        sq_diff, sq_exact = (norm.ssq * (norm.scale / top) ** 2 for norm in norms)
+        return sq_diff, sq_exact
 
     def approximation_error(self) -> ErrorReport:
         """Error of the stale output against the exact output, O(n·|S|·d), no n×n array."""

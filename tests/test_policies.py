@@ -220,3 +220,31 @@ def test_effective_rows_recovers_the_spread_of_the_updates(n, log_h, ks):
         assert fitted == pytest.approx(sum(rows), rel=1e-4)
     assert got <= 64 * n
     assert _effective_rows(ks, ks, n) == 64 * n  # no row ever repeated: the cap
+
+
+def test_error_budget_is_scale_free_over_the_whole_float64_range():
+    # the budget compares a ratio of sums of squares: it must flush at the same updates when
+    # V is scaled so far that those squares underflow (1e-200) or overflow (1e200)
+    def run(factor):
+        rng = np.random.default_rng(0)
+        Q, K, V = rng.standard_normal((3, 64, 8))
+        eng = LazyAttention(Q, K, V * factor, policy=ErrorBudget(1e-3, sample=64))
+        worst, flushed_at = 0.0, []
+        for t in range(150):
+            if t % 3:
+                eng.update_v(int(rng.integers(64)), int(rng.integers(8)),
+                             0.3 * factor * float(rng.standard_normal()))
+            else:
+                eng.update_k(int(rng.integers(64)), int(rng.integers(8)),
+                             0.3 * float(rng.standard_normal()))
+            if eng.pending == 0:
+                flushed_at.append(t)
+            worst = max(worst, eng.approximation_error().relative)
+        return flushed_at, worst
+
+    base_flushes, base_worst = run(1.0)
+    assert 10 < len(base_flushes) < 150 and base_worst < 1e-3
+    for factor in (1e-200, 1e200):
+        flushes, worst = run(factor)
+        assert flushes == base_flushes
+        assert worst == pytest.approx(base_worst, rel=1e-9)
