@@ -1081,12 +1081,14 @@ class LazyAttention:
         return self._record("rebuild", 6.0 * self._n * self._n * self._d, 0, t0)
 
     def _record(self, kind, flops, repaired, t0) -> FlushEvent:
+        seconds = time.perf_counter() - t0
         self._n_flushes += 1
+        rows = np.array(self._rows, dtype=np.intp)
         event = FlushEvent(index=self._n_flushes, at_update=self.n_updates,
-                           updates=self.pending, rows=len(self._rows),
-                           k_rows=len(self._moved_rows(self._moved_k)),
-                           v_rows=len(self._moved_rows(self._moved_v)), flops=flops,
-                           seconds=time.perf_counter() - t0, kind=kind, repaired=repaired)
+                           updates=self.pending, rows=len(rows),
+                           k_rows=int(self._moved_k[rows].sum()),
+                           v_rows=int(self._moved_v[rows].sum()), flops=flops,
+                           seconds=seconds, kind=kind, repaired=repaired)
         self._done += self.pending
         self._reset_pending()
         self.flush_log.append(event)
