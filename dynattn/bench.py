@@ -427,7 +427,7 @@ def _strategy_runs(plan: Plan, n: int, dtype: str, ctx: dict, stream: str, log) 
             f"{composed[label]['query_s'] * 1e6:9.1f} µs/query")
     # the cost model adapts to the query rate, so it runs once per rate with real queries;
     # on-demand, whose cost at rare queries is nearly all its queries, takes turns with it on
-    # the same stream: timed minutes apart, the machine's drift alone moved their ratio by 2x
+    # the same stream: timed minutes apart, the machine's drift alone moved their ratio up to 2.7x
     interleaved = {}
     for rate in plan.rates:
         interleaved[rate] = _interleaved({"lazy cost": _fresh(base, CostModel()),
