@@ -1164,14 +1164,12 @@ class LazyAttention:
 
     def _catch_up_units(self) -> int:
         """The pack's catch-up on the rows updated since its last use, in ``_pack_cost``
-        units; 0 when it is up to date. A lower bound while the log is not queued: each of
-        its entries makes its row new to the pack or dirty, unless the row already is."""
+        units. Callers ask only when it is behind, so at least one row: a lower bound while
+        the log is not queued, as each logged entry makes its row new to the pack or dirty."""
         pack = self._pack
         rows = len(pack.dirty) + len(self._rows) - pack.slots + len(pack.requeue)
-        if not rows and self._log:
-            rows = 1
         fixed, per_row = self._pack_cost
-        return fixed + per_row * rows if rows else 0
+        return fixed + per_row * max(rows, 1)
 
     def _direct_entry(self, i: int, j: int) -> float:
         """``O[i, j]`` from scratch, reading one column of V: 2n·d + 4n flops."""
