@@ -1190,7 +1190,7 @@ class LazyAttention:
         after each catch-up and every 16th fresh query: the medians cost ~1 µs, as much as
         the rest of the decision."""
         if len(self._fresh_log) >= 3 and self._catch_log:
-            per_element = statistics.median(self._fresh_log) / (self._n * self._d)
+            per_element = self.fresh_query_seconds / (self._n * self._d)
             self._catch_ratio = statistics.median(self._catch_log) / per_element
 
     def query_row(self, i, stale: bool = False) -> np.ndarray:
