@@ -476,18 +476,41 @@ class LazyAttention:
         return self._set_row(self._V, self._moved_v, i, row)
 
     def _set_row(self, target, moved, i, row) -> FlushEvent | None:
-        """:meth:`_set_rows` for one row, in scalars. Only the old row being overwritten is
-        kept: the other stays as it is, bare, until a correction needs it (a row rewrite of K
-        leaves V alone, and copying it costs a cache miss)."""
+        """:meth:`_set_rows` for one row, in scalars and inline (each call saved is ~0.1 µs of
+        an update that costs ~2). A new row keeps only the old row being overwritten: the
+        other stays as it is, bare, until a correction needs it (a row rewrite of K leaves V
+        alone, and copying it costs a cache miss)."""
         i = V_.check_index("i", i, self._n)
         row = V_.as_vector("row", row, self._d, self._dtype)
         if self._log:
             self._settle()
-        if self._bare_rows and self._bare_of(moved)[i]:
-            self._materialise()
-        self._queue_one(i, moved, both=False)
+        on_k = moved is self._moved_k
+        k = self._slot.item(i)
+        if k < 0:
+            k = len(self._rows)
+            if k >= len(self._old_k):
+                self._reserve(k + 1)
+            if on_k:
+                self._old_k[k] = target[i]
+                self._bare_v[i] = True
+            else:
+                self._old_v[k] = target[i]
+                self._bare_k[i] = True
+            self._bare_rows.append(i)
+            self._slot[i] = k
+            self._rows.append(i)
+        else:
+            if (self._bare_k if on_k else self._bare_v).item(i):
+                self._materialise()  # its old row is about to be overwritten
+            if k < self._pack.slots:
+                self._pack.dirty.add(k)
+        moved[i] = True
         target[i] = row
-        return self._counted(1)
+        self._pending += 1  # _counted(1), with the log empty
+        if self._pending >= self._check_at:
+            return self._consult()
+        self._ask_at -= 2
+        return None
 
     def set_k_rows(self, rows, values) -> FlushEvent | None:
         """Replace ``K[rows]`` by ``values`` (shape (m, d)); m update actions, all or nothing."""
@@ -601,26 +624,16 @@ class LazyAttention:
         if packed:
             self._pack.dirty.update(had[(had >= 0) & (had < packed)].tolist())
 
-    def _queue_one(self, i: int, moved: np.ndarray, both: bool = True) -> int:
+    def _queue_one(self, i: int, moved: np.ndarray) -> int:
         """:meth:`_queue` for one row with ``keep``, in scalars, flagged in ``moved``; returns
-        its slot. Without ``both`` a new row keeps only the old row of the array in ``moved``,
-        the other is left bare."""
+        its slot."""
         k = self._slot.item(i)
         if k < 0:
             k = len(self._rows)
             if k >= len(self._old_k):
                 self._reserve(k + 1)
-            on_k = moved is self._moved_k
-            if both or on_k:
-                self._old_k[k] = self._K[i]
-            else:
-                self._bare_k[i] = True
-            if both or not on_k:
-                self._old_v[k] = self._V[i]
-            else:
-                self._bare_v[i] = True
-            if not both:
-                self._bare_rows.append(i)
+            self._old_k[k] = self._K[i]
+            self._old_v[k] = self._V[i]
             self._slot[i] = k
             self._rows.append(i)
         elif k < self._pack.slots:
