@@ -167,7 +167,7 @@ PLANS = {
         warmup_cost=2112, warmup_adaptive=1024, query_samples=32,
         recompute_ns=(1024, 4096), recompute_updates=3, lazy_vs_recompute_n=4096,
         query_n=16384, query_pending=_PENDING, query_reps=201,
-        flush_ns=(4096, 16384, 65536), flush_rows=_KS, flush_reps=3, demo_reps=5,
+        flush_ns=(4096, 16384, 65536), flush_rows=_KS, flush_reps=5, demo_reps=5,
         rss_n=50_000, rss_updates=1000, dashboard_ns=(1024, 8192), dashboard_ticks=30),
     "quick": Plan(
         mode="quick", d=64, dtypes=("float64", "float32"), update_ns=(1024, 4096),
@@ -622,7 +622,8 @@ def _flush_efficiency(plan: Plan, n: int, dtype: str, ctx: dict, log) -> list[di
         ev = min(events, key=lambda e: e.seconds)
         # the flush's own count: each touched row one entry, a row whose key changed two
         gemm_s, exp_s, exp_elements = _reference(ev.kind, Qs, np.array(engine.K),
-                                                 np.array(engine.V), ev.rows + ev.k_rows, rng)
+                                                 np.array(engine.V), ev.rows + ev.k_rows, rng,
+                                                 plan.flush_reps)
         row = {"n": n, "dtype": dtype, "rows": ev.rows, "kind": ev.kind, "flush_s": ev.seconds,
                "flush_median_s": statistics.median(e.seconds for e in events),
                "flops": ev.flops, "repaired": ev.repaired,
@@ -638,9 +639,11 @@ def _flush_efficiency(plan: Plan, n: int, dtype: str, ctx: dict, log) -> list[di
     return out
 
 
-def _reference(kind: str, Qs, K, V, entries: int, rng) -> tuple[float, float, int]:
+def _reference(kind: str, Qs, K, V, entries: int, rng,
+               reps: int) -> tuple[float, float, int]:
     """Seconds of the matrix products and of the ``exp`` a flush of this kind performs, done
-    alone with preallocated outputs (best of 3), and the number of exponentials.
+    alone with preallocated outputs (best of ``reps``, as many as the flushes they are compared
+    with), and the number of exponentials.
 
     Incremental, over the flush's ``entries`` packed entries P (two for a touched row whose key
     changed, one for a row whose value alone changed; the engine's flop count is
@@ -656,15 +659,15 @@ def _reference(kind: str, Qs, K, V, entries: int, rng) -> tuple[float, float, in
         B = rng.standard_normal((entries, 2 * d + 2)).astype(dtype)
         L = np.empty((n, entries), dtype=dtype)
         C = np.empty((n, 2 * d + 2), dtype=dtype)
-        gemm = (_best_of(functools.partial(np.matmul, Qs, Kp.T, out=L))
-                + _best_of(functools.partial(np.matmul, L, B, out=C)))
-        return gemm, _best_of(functools.partial(np.exp, L, out=np.empty_like(L))), L.size
+        gemm = (_best_of(functools.partial(np.matmul, Qs, Kp.T, out=L), reps)
+                + _best_of(functools.partial(np.matmul, L, B, out=C), reps))
+        return gemm, _best_of(functools.partial(np.exp, L, out=np.empty_like(L)), reps), L.size
     b = min(n, 256)
     L = np.empty((b, n), dtype=dtype)
     C = np.empty((b, d), dtype=dtype)
-    gemm = (_best_of(functools.partial(np.matmul, Qs[:b], K.T, out=L))
-            + 2 * _best_of(functools.partial(np.matmul, L, V, out=C)))
-    exp_s = _best_of(functools.partial(np.exp, L, out=np.empty_like(L)))
+    gemm = (_best_of(functools.partial(np.matmul, Qs[:b], K.T, out=L), reps)
+            + 2 * _best_of(functools.partial(np.matmul, L, V, out=C), reps))
+    exp_s = _best_of(functools.partial(np.exp, L, out=np.empty_like(L)), reps)
     return gemm * n / b, exp_s * n / b, n * n
 
 
