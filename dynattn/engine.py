@@ -314,7 +314,7 @@ class LazyAttention:
         self._bare_v = np.zeros(n, dtype=bool)
         self._moved_k = np.zeros(n, dtype=bool)  # per row: its key changed since the flush
         self._moved_v = np.zeros(n, dtype=bool)  # per row: its value changed since the flush
-        self._bare_rows: list[int] = []
+        self._bare_rows: list[int] = []  # rows queued bare (a row write may have covered one)
         self._done = 0  # update actions applied by flushes; n_updates adds the pending ones
         # entry updates not yet queued: position (V's after K's: + n·d), value before, ...
         # in one flat list, as cheap to append to as it gets
@@ -500,8 +500,13 @@ class LazyAttention:
             self._slot[i] = k
             self._rows.append(i)
         else:
-            if (self._bare_k if on_k else self._bare_v).item(i):
-                self._materialise()  # its old row is about to be overwritten
+            bare = self._bare_k if on_k else self._bare_v
+            if bare.item(i):  # its old row is about to be overwritten: keep it first
+                if self._undo:
+                    self._materialise()
+                else:  # nothing to write back into it: the row as it is now
+                    (self._old_k if on_k else self._old_v)[k] = target[i]
+                    bare[i] = False
             if k < self._pack.slots:
                 self._pack.dirty.add(k)
         moved[i] = True
