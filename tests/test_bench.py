@@ -93,22 +93,40 @@ def test_drive_times_updates_and_queries_apart():
         np.testing.assert_array_equal(target.V, ref.V)
 
 
-def test_drive_lets_targets_take_turns_in_alternating_order():
-    calls = []
-    src = bench._Actions("entries", 8, 2, np.float64, seed=0)
-    actions = [(code, args) for code, args in src.take(5)]
-    bench._drive([_Recorder("a", calls), _Recorder("b", calls)], actions, [1, 3],
-                 src.positions(2))
+def _turns(calls) -> list:
+    """The calls recorded by _Recorder, runs of the same (target, kind) merged."""
     seen = [(who, "query" if what == "query" else "update") for who, what in calls]
     turns = [seen[0]]
     for step in seen[1:]:
         if step != turns[-1]:
             turns.append(step)
+    return turns
+
+
+def test_drive_lets_targets_take_turns_in_alternating_order():
+    calls = []
+    src = bench._Actions("entries", 8, 2, np.float64, seed=0)
+    actions = [(code, args) for code, args in src.take(5)]
+    bench._drive([_Recorder("a", calls), _Recorder("b", calls)], actions, [1, 3],
+                 src.positions(2), turn=1)
     # updates 0-1 then a query, 2-3 and a query, then update 4: a, b, then b, a, then a, b
-    assert turns == [("a", "update"), ("a", "query"), ("b", "update"), ("b", "query"),
-                     ("b", "update"), ("b", "query"), ("a", "update"), ("a", "query"),
-                     ("a", "update"), ("b", "update")]
-    assert seen.count(("a", "update")) == seen.count(("b", "update")) == 5
+    assert _turns(calls) == [("a", "update"), ("a", "query"), ("b", "update"), ("b", "query"),
+                             ("b", "update"), ("b", "query"), ("a", "update"), ("a", "query"),
+                             ("a", "update"), ("b", "update")]
+    assert calls.count(("a", "update_k")) + calls.count(("a", "update_v")) == 5
+
+
+def test_drive_turns_last_at_least_turn_updates_up_to_a_query():
+    calls = []
+    src = bench._Actions("entries", 8, 2, np.float64, seed=0)
+    actions = [(code, args) for code, args in src.take(10)]
+    bench._drive([_Recorder("a", calls), _Recorder("b", calls)], actions, [1, 3, 5, 7],
+                 src.positions(4), turn=4)
+    # turns: updates 0-3 with two queries, 4-7 with two, then 8-9 (a turn ends at a query)
+    both = [("a", "update"), ("a", "query")] * 2, [("b", "update"), ("b", "query")] * 2
+    assert _turns(calls) == (both[0] + both[1] + both[1] + both[0]
+                             + [("a", "update"), ("b", "update")])
+    assert sum(who == "b" and what != "query" for who, what in calls) == 10
 
 
 def test_interleaved_pairs_on_demand_with_the_engine():
