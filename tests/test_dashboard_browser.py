@@ -190,6 +190,7 @@ def test_dashboard_plays_and_obeys_its_controls(app_server, tmp_path):
         assert errors == []
     target = os.environ.get("DYNATTN_SCREENSHOT_DIR")
     if target:  # e.g. DYNATTN_SCREENSHOT_DIR=docs refreshes the committed screenshot
+        Path(target).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(target) / "screenshot.png")
     assert shot.stat().st_size < 300_000
 
