@@ -204,6 +204,8 @@ def _max_norm(rows: np.ndarray) -> float:
     """Largest Euclidean norm among ``rows`` (0 for none; inf if a norm overflows)."""
     if not len(rows):
         return 0.0
+    if len(rows) == 1:  # a catch-up after one update: vdot neither warns nor needs errstate
+        return math.sqrt(np.vdot(rows, rows))
     with np.errstate(over="ignore"):
         return float(np.sqrt(np.einsum("ij,ij->i", rows, rows).max()))
 
@@ -290,6 +292,10 @@ class LazyAttention:
         self._nd = n * d  # log positions of V entries start here
         self._scale = scale
         self._growth = _GROWTH[dt]
+        # s and its guard for a new and an old entry (_fill_new, _fill_old): as arrays, since
+        # a tuple is converted at every call, and a catch-up after one update is all such calls
+        self._marks = (np.array([1, -self._growth], dtype=dt),
+                       np.array([-1, 1 + self._growth], dtype=dt))
         self._max_query_rows = (n * d) // (2 * (3 * d + 2))  # see max_query_rows
         self._Q, self._K, self._V = Q, K, V
         with np.errstate(over="ignore"):  # an infinite norm only disables a shortcut
@@ -329,7 +335,7 @@ class LazyAttention:
         self._fresh_log: deque[float] = deque(maxlen=32)  # seconds of entries computed afresh
         self._catch_log: deque[float] = deque(maxlen=32)  # seconds per _pack_cost unit caught up
         self._catch_ratio = math.nan  # see _measure_catch_ratio
-        self._n_fresh = 0
+        self._n_fresh = self._n_catch = 0
 
     def copy(self, policy=None) -> LazyAttention:
         """An independent engine in the same state (arrays, caches, pending queue, counters),
@@ -798,7 +804,9 @@ class LazyAttention:
                 pack.requeue = []
                 self._append(pack, slots)
             self._catch_log.append((time.perf_counter() - t0) / units)
-            self._measure_catch_ratio()
+            self._n_catch += 1
+            if self._n_catch <= 3 or self._n_catch % 16 == 0:
+                self._measure_catch_ratio()
             pack.views = (pack.Kp[:pack.size], pack.B[:pack.size], pack.new)
         return pack.views
 
@@ -872,13 +880,13 @@ class LazyAttention:
     def _fill_new(self, out: np.ndarray, v: np.ndarray) -> None:
         d, g = self._d, self._growth
         out[:, :d] = v
-        out[:, d:d + 2] = (1, -g)
+        out[:, d:d + 2] = self._marks[0]
         np.multiply(np.abs(v), -g, out=out[:, d + 2:])
 
     def _fill_old(self, out: np.ndarray, v: np.ndarray) -> None:
         d, g = self._d, self._growth
         np.negative(v, out=out[:, :d])
-        out[:, d:d + 2] = (-1, 1 + g)
+        out[:, d:d + 2] = self._marks[1]
         np.multiply(np.abs(v), 1 + g, out=out[:, d + 2:])
 
     def _fill_changed(self, out: np.ndarray, v: np.ndarray, v_old: np.ndarray) -> None:
@@ -1205,8 +1213,9 @@ class LazyAttention:
     def _measure_catch_ratio(self) -> None:
         """Seconds per catch-up unit over seconds per element read afresh, as medians of the
         recent timings; NaN until three fresh queries and a catch-up have been timed. Redone
-        after each catch-up and every 16th fresh query: the medians cost ~1 µs, as much as
-        the rest of the decision."""
+        after the first three catch-ups and fresh queries and every 16th of each: the medians
+        cost ~1 µs (2-3 µs between a query's other work), as much as the rest of the
+        decision."""
         if len(self._fresh_log) >= 3 and self._catch_log:
             per_element = self.fresh_query_seconds / (self._n * self._d)
             self._catch_ratio = statistics.median(self._catch_log) / per_element

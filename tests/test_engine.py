@@ -366,6 +366,56 @@ def test_the_first_catch_up_waits_for_fresh_queries_to_compare_with():
         assert (eng._catch_ratio == before) == (k < 16)
 
 
+def test_the_catch_up_ratio_follows_the_first_three_catch_ups_and_every_16th():
+    n, d = 512, 8
+    eng = make(n=n, d=d, seed=5, policy=10**6)
+    eng._fresh_log = _Timings([1e-5] * 3)
+    per_element = 1e-5 / (n * d)
+    for k in range(1, 34):
+        eng._catch_log = _Timings([k * 1e-9])  # what a measurement after catch-up k sees
+        before = eng._catch_ratio
+        eng.update_k(k, 1, 0.2)
+        eng._settle()
+        eng._get_pack()  # one catch-up: the new row joins the pack
+        measured = eng._catch_ratio == pytest.approx(k * 1e-9 / per_element, rel=1e-12)
+        assert measured == (k <= 3 or k % 16 == 0), k
+        if not measured:
+            assert eng._catch_ratio == before
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_flush_moves_the_precision_guards_by_the_removed_mass(dtype):
+    # from exact caches, the guards are -g times the natural mass (s, and per output column
+    # the sum of weights times |v|); a flush adds what removals took out: old keys' weights
+    # (with their old values) and, for a value change alone, the weight times |v_old|
+    n, d = 40, 6
+    eng = make(n=n, d=d, seed=3, policy=10**6, dtype=dtype)
+    Q, K0, V0 = (np.array(a, dtype=np.float64) for a in (eng.Q, eng.K, eng.V))
+    rng = np.random.default_rng(4)
+    eng.set_k_row(3, rng.random(d))
+    eng.set_k_row(7, rng.random(d))
+    eng.set_v_row(7, rng.random(d))
+    eng.set_v_row(5, rng.random(d))
+    eng.update_v(11, 2, 0.3)
+    eng.update_k(13, 0, -0.4)
+    event = eng.flush()
+    assert event.repaired == 0
+    K, V = np.array(eng.K, dtype=np.float64), np.array(eng.V, dtype=np.float64)
+    m = np.array(eng._m, dtype=np.float64)[:, None]
+    w_now = np.exp(eng.scale * Q @ K.T - m)
+    w_old = np.exp(eng.scale * Q @ K0.T - m)
+    keyed = (K != K0).any(axis=1)
+    valued = (V != V0).any(axis=1) & ~keyed
+    removed_s = w_old[:, keyed].sum(axis=1)
+    removed_c = w_old[:, keyed] @ np.abs(V0[keyed]) + w_now[:, valued] @ np.abs(V0[valued])
+    g = eng._growth
+    C = np.array(eng._C, dtype=np.float64)
+    tol = dict(rtol=1e-9 if dtype == np.float64 else 2e-4, atol=0)
+    np.testing.assert_allclose(C[:, d], w_now.sum(axis=1), **tol)
+    np.testing.assert_allclose(C[:, d + 1], removed_s - g * w_now.sum(axis=1), **tol)
+    np.testing.assert_allclose(C[:, d + 2:], removed_c - g * (w_now @ np.abs(V)), **tol)
+
+
 @pytest.mark.parametrize("factor", [1e-200, 1e-150, 1e150, 1e200])
 def test_approximation_error_is_scale_free_over_the_whole_float64_range(factor):
     # ‖stale − exact‖ / ‖exact‖ does not change when V is scaled, even where squares of the
