@@ -330,8 +330,10 @@ class LazyAttention:
         self._fresh_count, self._fresh_mark = 0, 0  # see _prefers_fresh
         self._n_flushes = 0
         self.flush_log: deque[FlushEvent] = deque(maxlen=1000)
-        # (touched rows, entries answered, seconds) of recent exact queries, for cost models
-        self.query_log: deque[tuple[int, int, float]] = deque(maxlen=256)
+        # (touched rows, entries answered, seconds) of recent exact queries, for cost models;
+        # long enough to span many touched-row counts even with a query after every update
+        # (256 spanned one flush cycle there, and a slope fitted over it flipped the choice)
+        self.query_log: deque[tuple[int, int, float]] = deque(maxlen=2048)
         self._fresh_log: deque[float] = deque(maxlen=32)  # seconds of entries computed afresh
         self._catch_log: deque[float] = deque(maxlen=32)  # seconds per _pack_cost unit caught up
         self._catch_ratio = math.nan  # see _measure_catch_ratio
