@@ -37,10 +37,12 @@ How the figures are obtained (also in ``benchmarks/README.md``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
 import functools
+import gc
 import json
 import math
 import os
@@ -281,6 +283,20 @@ class _Actions:
         return list(zip(rows, cols, strict=True))
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic garbage collection inside (as timeit does): a full collection over the run's
+    millions of objects (queued actions, results) takes 40-100 ms and fell on whichever
+    strategy was allocating at the time, one query of a cell's twenty."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 # Updates per turn when strategies take turns (_drive): long enough for each to have its own
 # data cached, short against the machine's drift (a turn lasts 1-300 ms).
 _TURN = 256
@@ -312,19 +328,20 @@ def _drive(targets: list, actions: list, query_after=(), positions=(),
             first = stop
     update_s, query_s = [0.0] * len(targets), [[] for _ in targets]
     order = list(range(len(targets)))
-    for segments in filter(None, turns):
-        for k in order:
-            for start, stop, q in segments:
-                t0 = perf()
-                for call, args in calls[k][start:stop]:
-                    call(*args)
-                update_s[k] += perf() - t0
-                if q < len(positions) and q < len(stops) - 1:
-                    i, j = positions[q]
+    with _gc_paused():
+        for segments in filter(None, turns):
+            for k in order:
+                for start, stop, q in segments:
                     t0 = perf()
-                    targets[k].query(i, j)
-                    query_s[k].append(perf() - t0)
-        order.reverse()
+                    for call, args in calls[k][start:stop]:
+                        call(*args)
+                    update_s[k] += perf() - t0
+                    if q < len(positions) and q < len(stops) - 1:
+                        i, j = positions[q]
+                        t0 = perf()
+                        targets[k].query(i, j)
+                        query_s[k].append(perf() - t0)
+            order.reverse()
     return list(zip(update_s, query_s, strict=True))
 
 
@@ -515,6 +532,7 @@ def _recompute_at(table: dict, n: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------- item 2
+@_gc_paused()
 def _query_latency(plan: Plan, n: int, dtype: str, ctx: dict, log) -> list[dict]:
     """Exact query latency with k touched rows pending: single entry, batch, whole row."""
     engine = _fresh(ctx["engine"], _Never())
@@ -570,6 +588,7 @@ def _query_round(engine, rng, n: int, plan: Plan) -> dict[str, list[float]]:
     return out
 
 
+@_gc_paused()
 def _baseline_queries(n: int, d: int, dtype: str, ctx: dict) -> dict:
     """On-demand (and eager Ã when built) query latency at the same size, for reference."""
     rng = np.random.default_rng([n, 6])
@@ -612,6 +631,7 @@ def gemm_peak(dtype: str, size: int = 2048) -> float:
     return 2.0 * size ** 3 / _best_of(lambda: np.matmul(a, a, out=c)) / 1e9
 
 
+@_gc_paused()
 def _flush_efficiency(plan: Plan, n: int, dtype: str, ctx: dict, log) -> list[dict]:
     """Flush GFLOP/s against the GEMMs of the same shapes and dtype, and exp throughput."""
     engine, d = _fresh(ctx["engine"], _Never()), plan.d

@@ -1,6 +1,7 @@
 """The benchmark runs end to end at toy sizes and writes its figures with the expected keys."""
 
 import argparse
+import gc
 import json
 import math
 
@@ -127,6 +128,20 @@ def test_drive_turns_last_at_least_turn_updates_up_to_a_query():
     assert _turns(calls) == (both[0] + both[1] + both[1] + both[0]
                              + [("a", "update"), ("b", "update")])
     assert sum(who == "b" and what != "query" for who, what in calls) == 10
+
+
+def test_drive_pauses_the_cycle_collector_while_it_times():
+    seen = []
+
+    class _Probe:
+        def __getattr__(self, method):
+            return lambda *args: seen.append(gc.isenabled())
+
+    src = bench._Actions("entries", 8, 2, np.float64, seed=0)
+    assert gc.isenabled()
+    bench._drive([_Probe()], src.take(4), [1], src.positions(1))
+    assert seen and not any(seen)
+    assert gc.isenabled()
 
 
 def test_interleaved_pairs_on_demand_with_the_engine():
