@@ -11,7 +11,7 @@ from collections import deque
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from oracle import Oracle, assert_close_natural
 
@@ -345,6 +345,55 @@ def test_a_logged_update_counts_one_row_of_catch_up_before_it_is_queued(ratio):
     want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
     assert eng.query(7, 2) == pytest.approx(want[7, 2], rel=1e-12)
     assert bool(eng._log) == (ratio == 1.0)
+
+
+# found by a search: the log is settled and the pack caught up (by query_many) after a fresh
+# choice; a later, longer log must not reuse that choice
+_SETTLED_AFTER_FRESH = (
+    "k17.1 Q22.4 q9.2 v19.3 k22.4 v20.4 v5.1 q22.4 q11.3 k23.4 k22.4 k15.3 Q17.1 "
+    "q10.3 q9.1 q14.3 q16.2 Q29.1 v5.1 k1.2 k3.1 v12.2 v3.2 v6.2 k2.2 q23.4 k15.4 "
+    "q28.2 k9.2 k4.1 k8.5 Q5.3 v26.2 k16.4 q1.5")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.tuples(st.sampled_from("kkkvvqqqQfr"), st.integers(0, 29),
+                              st.integers(0, 5)), min_size=20, max_size=120),
+       ratio=st.sampled_from([1e-4, 1e-3, 1e-2, 1.0]))
+@example(ops=[(w[0], int(w[1:].split(".")[0]), int(w.split(".")[1]))
+              for w in _SETTLED_AFTER_FRESH.split()], ratio=1e-2)
+def test_a_grown_log_repeats_the_fresh_choice_as_the_estimate_would(ops, ratio):
+    # the shortcut in _choose_direct against an engine that always runs the estimate, with
+    # the same frozen timings (changed by "r"): the same choice at every query (counted by
+    # fresh queries and the pack), and both exact
+    n, d = 400, 6
+    engines = [make(n=n, d=d, seed=9, policy=10**6) for _ in range(2)]
+    for eng in engines:
+        eng._fresh_log = _Timings([1e-5] * 3)
+        eng._catch_log = _Timings([ratio * 1e-5 / (n * d)])
+        eng._measure_catch_ratio()
+        eng._n_fresh = 3  # the ratio is next remeasured at the 16th fresh query
+    fast, full = engines
+    shortcuts = 0
+    for op, i, j in ops:
+        for eng in engines:
+            if op in "kv":
+                (eng.update_k if op == "k" else eng.update_v)(i, j, 0.25)
+            elif op == "f":
+                eng.flush()
+            elif op == "r":  # a new measured ratio
+                eng._catch_log = _Timings([(1e-4, 1e-3, 1e-2, 1.0)[i % 4] * 1e-5 / (n * d)])
+                eng._measure_catch_ratio()
+            else:
+                if eng is full:
+                    eng._fresh_log_len = math.inf
+                elif op == "q" and len(eng._log) > eng._fresh_log_len:
+                    shortcuts += 1
+                value = eng.query(i, j) if op == "q" else eng.query_many([i, j], [j, 0])[0]
+                want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)[i, j]
+                assert value == pytest.approx(want, rel=1e-12)
+        assert fast._n_fresh == full._n_fresh and fast._pack.slots == full._pack.slots
+        assert fast._fresh_count == full._fresh_count
+    event("shortcut taken" if shortcuts else "shortcut not taken")
 
 
 def test_the_first_catch_up_waits_for_fresh_queries_to_compare_with():
