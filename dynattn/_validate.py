@@ -47,10 +47,32 @@ def as_matrix(name: str, value, dtype: np.dtype, shape: tuple | None = None) -> 
         raise ValueError(f"{name} has shape {arr.shape}; expected {shape}")
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(f"{name} must have at least one row and one column; got {arr.shape}")
+    out = aligned_empty(arr.shape, dtype)
     with np.errstate(over="ignore"):  # reported below, naming the array
-        out = np.array(arr, dtype=dtype, order="C", copy=True)
+        out[...] = arr
     check_finite(name, out, source=arr)
     return out
+
+
+def aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)`` starting on a 64-byte cache line. NumPy promises 16 bytes,
+    and large arrays come from mmap 16 bytes past a page: rows of 64 numbers then straddle
+    one cache line more each, and a fresh query's pass over K took 7-15 % longer."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    buf = np.empty(size + _LINE, dtype=np.uint8)
+    start = -buf.ctypes.data % _LINE
+    return buf[start:start + size].view(dtype).reshape(shape)
+
+
+def aligned_copy(arr: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``arr`` on a cache line (see :func:`aligned_empty`)."""
+    out = aligned_empty(arr.shape, arr.dtype)
+    out[...] = arr
+    return out
+
+
+_LINE = 64  # bytes in a cache line
 
 
 def check_finite(name: str, arr: np.ndarray, source=None) -> None:

@@ -157,7 +157,7 @@ def _grown(arr: np.ndarray, used: int, size: int) -> np.ndarray:
     (``np.resize`` would fill them, touching every fresh page at once)."""
     if size <= len(arr):
         return arr
-    new = np.empty((max(2 * len(arr), size, 16), arr.shape[1]), dtype=arr.dtype)
+    new = V_.aligned_empty((max(2 * len(arr), size, 16), arr.shape[1]), arr.dtype)
     new[:used] = arr[:used]
     return new
 
@@ -344,8 +344,8 @@ class LazyAttention:
         with its own ``policy`` (None: CostModel) and empty logs. O(n·d), no rebuild."""
         self._materialise()
         new = object.__new__(type(self))
-        new._adopt(self._Q.copy(), self._K.copy(), self._V.copy(), self._scale,
-                   as_policy(policy))
+        new._adopt(V_.aligned_copy(self._Q), V_.aligned_copy(self._K), V_.aligned_copy(self._V),
+                   self._scale, as_policy(policy))
         new._C[...] = self._C
         new._m[...] = self._m
         new._pending, new._done = self._pending, self._done
