@@ -47,9 +47,8 @@ def as_matrix(name: str, value, dtype: np.dtype, shape: tuple | None = None) -> 
         raise ValueError(f"{name} has shape {arr.shape}; expected {shape}")
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(f"{name} must have at least one row and one column; got {arr.shape}")
-    out = aligned_empty(arr.shape, dtype)
     with np.errstate(over="ignore"):  # reported below, naming the array
-        out[...] = arr
+        out = aligned_copy(arr, dtype)
     check_finite(name, out, source=arr)
     return out
 
@@ -65,9 +64,10 @@ def aligned_empty(shape: tuple, dtype) -> np.ndarray:
     return buf[start:start + size].view(dtype).reshape(shape)
 
 
-def aligned_copy(arr: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of ``arr`` on a cache line (see :func:`aligned_empty`)."""
-    out = aligned_empty(arr.shape, arr.dtype)
+def aligned_copy(arr: np.ndarray, dtype=None) -> np.ndarray:
+    """A C-contiguous copy of ``arr`` (cast to ``dtype`` if given) on a cache line (see
+    :func:`aligned_empty`)."""
+    out = aligned_empty(arr.shape, arr.dtype if dtype is None else dtype)
     out[...] = arr
     return out
 

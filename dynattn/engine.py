@@ -1161,8 +1161,7 @@ class LazyAttention:
         if self._log:
             if len(self._log) > self._fresh_log_len:
                 self._fresh_log_len = len(self._log)
-                updates = self._done + self._pending + len(self._log) // 2
-                self._fresh_count, self._fresh_mark = 1, updates  # as _prefers_fresh counts
+                self._fresh_count, self._fresh_mark = 1, self.n_updates  # as _prefers_fresh
                 return True
             if self._prefers_fresh():
                 return True
