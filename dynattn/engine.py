@@ -16,6 +16,14 @@ value. The log is queued when something reads the queue, in a few vectorised pas
 old K and V rows are copied only when a correction first needs them: when queries are rare and
 answered afresh, none is ever copied, and an update costs little more than the write.
 
+When the policy will not flush and the queue has long served no query (queries rare, or
+answered afresh anyway), the engine leaves the queue for an *on-demand regime*: it keeps K and
+V as of the last flush in a snapshot (made once, O(n·d), kept in step afterwards at O(|S|·d)
+a flush) and a flag per changed row, so an update is the write, a flag and a count, and a
+query computes its row afresh, as a strategy without caches would. A flush, a finite
+threshold, a reader of the queue or queries that a correction would serve better bring the
+queue back from the flags and the snapshot in O(n + |S|·d).
+
 Precision is guarded rather than hoped for: each cache row also carries guards comparing the
 mass that removals have taken out with the natural scale of what is left (``s_i`` and
 ``Σ_j ã_ij |v_j|``). When the removed mass exceeds ``g`` times what is left (a dominant key
@@ -236,6 +244,8 @@ class LazyAttention:
     flush O(n·|S|·d) in two matrix products, a rebuild O(n²·d) in row blocks. Memory is
     O(n·d + |S|·d) plus O(|S| + 4,096) logged entries (the log is queued at 4,096, the old
     values kept for rows not yet copied at most 8 per row beyond that); no n×n array is formed.
+    Once the engine has used its on-demand regime (see :attr:`regime`), it keeps a snapshot of
+    K and V, 2·n·d numbers more.
 
     Examples
     --------
@@ -267,6 +277,15 @@ class LazyAttention:
     # so its memory stays bounded whatever the policy.
     _short_log = 16
     _max_log = 4096
+
+    # Queueing costs, beyond writing, 0.1-0.3 µs an update (logging, settling, counting) and
+    # 0.5-1.5 µs a row queued (copying its old row: a cache miss, fresh pages), as much as a
+    # fresh query's pass over 1,000 and 4,000 elements of K (0.1-0.3 ns each). Entering the
+    # on-demand regime costs copying K and V the first time (4·n·d elements of traffic), then
+    # the queued rows' old values and _detach_cost; it is bought as in ski rental, once what
+    # the queue cost since it last served a query would have paid for it.
+    _on_demand_gain = (1_000, 4_000)  # per update, per row queued
+    _detach_cost = 20_000
 
     def __init__(self, Q, K, V, *, scale=None, dtype=None, policy=None):
         dt = V_.resolve_dtype(dtype, Q, K, V)
@@ -325,6 +344,13 @@ class LazyAttention:
         # entry updates not yet queued: position (V's after K's: + n·d), value before, ...
         # in one flat list, as cheap to append to as it gets
         self._log: list = []
+        # the on-demand regime (see _detach): K and V as the caches describe them, in step
+        # with K and V on every row not queued, once made
+        self._K0: np.ndarray | None = None
+        self._V0: np.ndarray | None = None
+        self._direct = False
+        # n_updates and rows queued when the queue last served a query (see _detach_pays)
+        self._served_at = self._served_rows = 0
         self._reset_pending()
         self._n_queries = 0
         self._fresh_count, self._fresh_mark = 0, 0  # see _prefers_fresh
@@ -374,6 +400,9 @@ class LazyAttention:
     @property
     def touched_rows(self) -> int:
         """Distinct rows of K or V touched since the last flush, |S|."""
+        if self._direct:  # counted from the flags, O(n), leaving the regime as it is
+            self._flag_log()
+            return int(np.count_nonzero(self._moved_k | self._moved_v))
         self._settle()
         return len(self._rows)
 
@@ -388,7 +417,11 @@ class LazyAttention:
         return frozenset(self._moved_rows(self._moved_v).tolist())
 
     def _moved_rows(self, moved: np.ndarray) -> np.ndarray:
-        """The queued rows flagged in ``moved`` (``_moved_k`` or ``_moved_v``), O(|S|)."""
+        """The queued rows flagged in ``moved`` (``_moved_k`` or ``_moved_v``), O(|S|); on
+        demand, the flagged rows, O(n)."""
+        if self._direct:
+            self._flag_log()
+            return np.flatnonzero(moved)
         self._settle()
         rows = np.array(self._rows, dtype=np.intp)
         return rows[moved[rows]]
@@ -422,11 +455,20 @@ class LazyAttention:
         return self.flush_log[-1] if self.flush_log else None
 
     @property
+    def regime(self) -> str:
+        """``"lazy"`` while updates are queued (corrections, flushes), ``"on-demand"`` while
+        the policy will not flush and the queue serves no query: updates are then written and
+        flagged only, and queries computed afresh (see the module notes)."""
+        return "on-demand" if self._direct else "lazy"
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the engine's arrays (state and pending queue; the entry log, a Python
         list of at most ``2·_max_log`` numbers, aside)."""
         arrays = (self._Q, self._K, self._V, self._C, self._m, self._old_k, self._old_v,
                   self._slot, self._bare_k, self._bare_v, self._moved_k, self._moved_v)
+        if self._K0 is not None:
+            arrays += (self._K0, self._V0)
         return sum(a.nbytes for a in arrays) + sum(a.nbytes + v.nbytes for a, v in self._undo)
 
     # ------------------------------------------------------------------ updates
@@ -490,33 +532,37 @@ class LazyAttention:
         alone, and copying it costs a cache miss)."""
         i = V_.check_index("i", i, self._n)
         row = V_.as_vector("row", row, self._d, self._dtype)
-        if self._log:
-            self._settle()
-        on_k = moved is self._moved_k
-        k = self._slot.item(i)
-        if k < 0:
-            k = len(self._rows)
-            if k >= len(self._old_k):
-                self._reserve(k + 1)
-            if on_k:
-                self._old_k[k] = target[i]
-                self._bare_v[i] = True
-            else:
-                self._old_v[k] = target[i]
-                self._bare_k[i] = True
-            self._bare_rows.append(i)
-            self._slot[i] = k
-            self._rows.append(i)
+        if self._direct:  # on demand, a row write is the write, a flag and a count
+            if self._log:
+                self._flag_log()
         else:
-            bare = self._bare_k if on_k else self._bare_v
-            if bare.item(i):  # its old row is about to be overwritten: keep it first
-                if self._undo:
-                    self._materialise()
-                else:  # nothing to write back into it: the row as it is now
-                    (self._old_k if on_k else self._old_v)[k] = target[i]
-                    bare[i] = False
-            if k < self._pack.slots:
-                self._pack.dirty.add(k)
+            if self._log:
+                self._settle()
+            on_k = moved is self._moved_k
+            k = self._slot.item(i)
+            if k < 0:
+                k = len(self._rows)
+                if k >= len(self._old_k):
+                    self._reserve(k + 1)
+                if on_k:
+                    self._old_k[k] = target[i]
+                    self._bare_v[i] = True
+                else:
+                    self._old_v[k] = target[i]
+                    self._bare_k[i] = True
+                self._bare_rows.append(i)
+                self._slot[i] = k
+                self._rows.append(i)
+            else:
+                bare = self._bare_k if on_k else self._bare_v
+                if bare.item(i):  # its old row is about to be overwritten: keep it first
+                    if self._undo:
+                        self._materialise()
+                    else:  # nothing to write back into it: the row as it is now
+                        (self._old_k if on_k else self._old_v)[k] = target[i]
+                        bare[i] = False
+                if k < self._pack.slots:
+                    self._pack.dirty.add(k)
         moved[i] = True
         target[i] = row
         self._pending += 1  # _counted(1), with the log empty
@@ -597,7 +643,10 @@ class LazyAttention:
     def _touch(self, rows: np.ndarray, moved: np.ndarray) -> None:
         """Queue ``rows`` of K (``moved`` is ``_moved_k``) or V before a batch or row write:
         the log first, and any of these rows still without its old row there gets it (the
-        write is not logged: the old row could not be rebuilt after it)."""
+        write is not logged: the old row could not be rebuilt after it). On demand: flags."""
+        if self._direct:
+            moved[rows] = True
+            return
         self._settle()
         if self._bare_rows and self._bare_of(moved)[rows].any():
             self._materialise()
@@ -656,7 +705,8 @@ class LazyAttention:
 
     def _settle(self) -> None:
         """Queue the rows of the logged entry updates, keeping each entry's value from before
-        the first of them.
+        the first of them; in the on-demand regime, bring the queue back first (see
+        :meth:`_attach`).
 
         A short log (a query after each update) goes entry by entry, the latest first: a new
         row is copied as it is now and each entry's old value written back into the copy, so
@@ -665,6 +715,9 @@ class LazyAttention:
         and V at once would cost ~1 µs a row in memory traffic and page faults, wasted when
         the rows are never packed (queries rare, answered afresh, no flush).
         """
+        if self._direct:
+            self._attach()
+            return
         if not self._log:
             return
         at, old = self._log[0::2], self._log[1::2]
@@ -688,17 +741,76 @@ class LazyAttention:
                 self._undo.append((np.array(at, dtype=np.intp), np.array(old, self._dtype)))
         else:
             at = np.array(at, dtype=np.intp)
-            is_v = at >= nd
-            rows = (at - nd * is_v) // d
+            rows, is_v = self._flag(at)
             self._queue(rows, keep=False)
-            self._moved_k[rows[~is_v]] = True
-            self._moved_v[rows[is_v]] = True
             mine = np.where(is_v, self._bare_v[rows], self._bare_k[rows])
             self._undo.append((at[mine], np.array(old, dtype=self._dtype)[mine]))
         # rows updated again and again are copied once their undo log outgrows them a little:
         # their later entries then need no undo, and the log's memory stays O(|S| + _max_log)
         if sum(len(a) for a, _ in self._undo) > max(self._max_log, 8 * len(self._bare_rows)):
             self._materialise()
+
+    def _flag(self, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Flag the rows of logged positions ``at`` as moved; returns ``(rows, is_v)``."""
+        is_v = at >= self._nd
+        rows = (at - self._nd * is_v) // self._d
+        self._moved_k[rows[~is_v]] = True
+        self._moved_v[rows[is_v]] = True
+        return rows, is_v
+
+    def _flag_log(self) -> None:
+        """On demand, the log's entries only flag their rows: the snapshot holds their old
+        values. O(log), vectorised."""
+        if self._log:
+            at = np.array(self._log[0::2], dtype=np.intp)
+            self._log.clear()
+            self._pending += len(at)
+            self._arm()
+            self._flag(at)
+
+    def _detach_pays(self) -> bool:
+        """Whether the updates since the queue last served a query would have paid for
+        entering the on-demand regime (ski rental: at most twice the better choice in
+        hindsight, for a stream that stays as it is)."""
+        if self._K0 is None:
+            cost = 4 * self._n * self._d  # copy K and V: read and write each
+        else:
+            cost = self._detach_cost + 4 * self._d * len(self._rows)
+        per_update, per_row = self._on_demand_gain
+        spent = (per_update * (self.n_updates - self._served_at)
+                 + per_row * max(len(self._rows) - self._served_rows, 0))
+        return spent >= cost
+
+    def _detach(self) -> None:
+        """Enter the on-demand regime: the snapshot takes the queued rows' old values (made
+        first, O(n·d), if there is none), the queue is forgotten but its rows stay flagged.
+        O(|S|·d) with a snapshot."""
+        self._materialise()
+        rows = np.array(self._rows, dtype=np.intp)
+        slots = self._slot[rows]
+        if self._K0 is None:
+            self._K0, self._V0 = V_.aligned_copy(self._K), V_.aligned_copy(self._V)
+        self._K0[rows] = self._old_k[slots]
+        self._V0[rows] = self._old_v[slots]
+        self._slot[rows] = -1
+        self._rows = []
+        self._pack = _Pack(self._d, self._dtype)
+        self._direct = True
+        self._direct_big, self._direct_regret = False, 0  # see _direct_fresh
+        self._query_mark = self.n_updates
+
+    def _attach(self) -> None:
+        """Leave the on-demand regime: queue the flagged rows with their old values from the
+        snapshot, O(n + |S|·d); the snapshot stays, in step with every row not queued."""
+        self._flag_log()
+        self._direct = False
+        rows = np.flatnonzero(self._moved_k | self._moved_v)
+        self._reserve(len(rows))
+        self._old_k[:len(rows)] = self._K0[rows]
+        self._old_v[:len(rows)] = self._V0[rows]
+        self._slot[rows] = np.arange(len(rows))
+        self._rows = rows.tolist()
+        self._fresh_log_len = math.inf  # see _choose_direct
 
     def _materialise(self) -> None:
         """Give every bare row its missing old K or V rows as of the last flush: the rows as
@@ -745,15 +857,22 @@ class LazyAttention:
         Asking after every update costs as much as the update: a policy that can tell how long
         its threshold holds (``valid_until(engine)``, an update count) is asked again only
         then, or at the threshold. The log is settled at ``_max_log`` entries, so its memory
-        stays bounded whatever the policy does.
+        stays bounded whatever the policy does. Here the engine also changes regime: on
+        demand while the threshold is infinite and that pays (:meth:`_detach_pays`), queued
+        as soon as it is finite.
         """
         policy = self._policy
         threshold = policy.threshold(self)
         pending = self.pending
         if pending >= threshold:
             return self.flush()
+        if threshold != math.inf:
+            if self._direct:  # a flush is coming: the queue makes it incremental
+                self._attach()
+        elif not self._direct and self._detach_pays():
+            self._detach()
         if len(self._log) >= 2 * self._max_log:
-            self._settle()
+            self._flag_log() if self._direct else self._settle()
         until = getattr(policy, "valid_until", None)
         hold = until(self) - self.n_updates if until is not None else 0
         hold = min(hold, self._max_log) if hold >= 0 else 0  # NaN or past: ask next update
@@ -778,7 +897,11 @@ class LazyAttention:
         self._slot[self._rows] = -1  # O(|S|), not O(n)
         for flags in (self._bare_k, self._bare_v, self._moved_k, self._moved_v):
             flags[self._rows] = False
+        if self._K0 is not None:  # the flushed rows' values are now the caches' values
+            self._K0[self._rows] = self._K[self._rows]
+            self._V0[self._rows] = self._V[self._rows]
         self._rows, self._bare_rows = [], []
+        self._served_rows = 0
         self._log.clear()
         self._fresh_log_len = math.inf  # see _choose_direct
         # (positions, old values) of the logged entries of bare rows, in order (_materialise)
@@ -948,11 +1071,12 @@ class LazyAttention:
         """
         self._settle()
         S = len(self._rows)
-        if S == 0:
-            return self._m[idx], self._C[idx], 0
         if S > (self._max_query_rows if len(idx) < _MANY_ROWS else 2 * self._max_query_rows):
             m, C = self._exact(idx, guards=False)
             return m, C, 0
+        self._served_at, self._served_rows = self._done + self._pending, S
+        if S == 0:
+            return self._m[idx], self._C[idx], 0
         m, C = self._m[idx], self._C[idx]
         bad = self._correct(idx, m, C)
         if bad.any():
@@ -1156,8 +1280,11 @@ class LazyAttention:
         same reason, once the estimate has chosen afresh with the log unsettled, a query
         after more logged updates chooses afresh without it (the estimate would come out the
         same: it sees the log as one row; ~2 µs of a fresh query's 20 at n = 1,024), until
-        the log is settled, a flush, or a new measured ratio.
+        the log is settled, a flush, or a new measured ratio. On demand, see
+        :meth:`_direct_fresh`.
         """
+        if self._direct:
+            return self._direct_fresh()
         if self._log:
             if len(self._log) > self._fresh_log_len:
                 self._fresh_log_len = len(self._log)
@@ -1190,9 +1317,7 @@ class LazyAttention:
         if len(self._fresh_log) < 3:
             self._fresh_count += 1
             return True
-        ratio = self._catch_ratio
-        if ratio == ratio:  # not NaN: measured
-            catch_up *= ratio
+        catch_up = self._measured(catch_up)
         # S is constant between updates, so the regret is the count of fresh queries times
         # what each paid beyond a corrected one
         if correct + catch_up <= fresh + self._fresh_count * (fresh - correct):
@@ -1202,14 +1327,50 @@ class LazyAttention:
             self._fresh_log_len = len(self._log)  # see _choose_direct
         return True
 
-    def _catch_up_units(self) -> int:
-        """The pack's catch-up on the rows updated since its last use, in ``_pack_cost``
-        units. Callers ask only when it is behind, so at least one row: a lower bound while
-        the log is not queued, as each logged entry makes its row new to the pack or dirty."""
-        pack = self._pack
-        rows = len(pack.dirty) + len(self._rows) - pack.slots + len(pack.requeue)
+    def _direct_fresh(self) -> bool:
+        """:meth:`_choose_direct` in the on-demand regime: afresh, unless queries have come
+        often enough, with few enough rows touched, that queueing again and correcting would
+        have paid for packing every touched row (ski rental over the queries since the
+        regime began). What a correction would have saved is counted only while packing the
+        rows updated since the previous query costs less than a fresh query (else correcting
+        never pays), by counting the flagged rows, O(n); once a correction costs more than a
+        fresh query, it does until the next flush, and nothing is counted."""
+        if self._direct_big:
+            return True
+        updates = self.n_updates
+        fresh, step = self._n * self._d, self._measured(self._catch_up_units(
+            updates - self._query_mark))
+        self._query_mark = updates
+        if step >= fresh:
+            return True
+        self._flag_log()
+        S = int(np.count_nonzero(self._moved_k | self._moved_v))
+        correct = 2 * (3 * self._d + 2) * S
+        if correct >= fresh:
+            self._direct_big = True
+            return True
+        self._direct_regret += max(fresh - correct - step, 0)
+        if self._direct_regret < self._measured(self._catch_up_units(S)):
+            return True
+        self._attach()
+        return False
+
+    def _catch_up_units(self, rows: int | None = None) -> int:
+        """A catch-up of the pack on ``rows`` rows, by default those updated since its last
+        use, in ``_pack_cost`` units. Callers ask only when it is behind, so at least one row:
+        a lower bound while the log is not queued, as each logged entry makes its row new to
+        the pack or dirty."""
+        if rows is None:
+            pack = self._pack
+            rows = len(pack.dirty) + len(self._rows) - pack.slots + len(pack.requeue)
         fixed, per_row = self._pack_cost
         return fixed + per_row * max(rows, 1)
+
+    def _measured(self, units: float) -> float:
+        """Catch-up ``units`` scaled by the measured ratio, once there is one (see
+        :meth:`_measure_catch_ratio`)."""
+        ratio = self._catch_ratio
+        return units * ratio if ratio == ratio else units  # not NaN: measured
 
     def _direct_entry(self, i: int, j: int) -> float:
         """``O[i, j]`` from scratch, reading one column of V: 2n·d + 4n flops."""
@@ -1217,12 +1378,17 @@ class LazyAttention:
         value = entry_from_scratch(self._Q[i], self._K, self._V[:, j], self._scale)
         self._n_queries += 1
         seconds = time.perf_counter() - t0
-        self.query_log.append((len(self._rows), 1, seconds))
+        self.query_log.append((self._logged_rows(), 1, seconds))
         self._fresh_log.append(seconds)
         self._n_fresh += 1
         if self._n_fresh <= 3 or self._n_fresh % 16 == 0:
             self._measure_catch_ratio()
         return value
+
+    def _logged_rows(self) -> int:
+        """The touched rows a query is logged with: on demand they are not counted, and a
+        query is logged where cost models charge a fresh one, at :attr:`max_query_rows`."""
+        return self._max_query_rows if self._direct else len(self._rows)
 
     def _measure_catch_ratio(self) -> None:
         """Seconds per catch-up unit over seconds per element read afresh, as medians of the
@@ -1258,9 +1424,12 @@ class LazyAttention:
         S = len(self._rows)
         if direct:
             row = self._exact(np.array([i]), guards=False)[1][0]
+            S = self._logged_rows()
         elif S == 0:
             row = self._C[i]
+            self._served_at, self._served_rows = self._done + self._pending, 0  # log settled
         else:
+            self._served_at, self._served_rows = self._done + self._pending, S
             Kp, B, new = self._get_pack()
             L = Kp @ self._Q[i]
             m_old = m = self._m[i]
@@ -1399,8 +1568,7 @@ class LazyAttention:
         return ErrorReport(rel, norm_diff.scale)
 
     def __repr__(self) -> str:
-        self._settle()
         return (f"LazyAttention(n={self._n}, d={self._d}, dtype={self._dtype}, "
                 f"scale={self._scale:.4g}, pending={self.pending}, "
-                f"touched_rows={len(self._rows)}, flushes={self._n_flushes}, "
-                f"policy={self._policy!r})")
+                f"touched_rows={self.touched_rows}, regime={self.regime!r}, "
+                f"flushes={self._n_flushes}, policy={self._policy!r})")

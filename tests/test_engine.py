@@ -31,7 +31,15 @@ POLICIES = {
     "adaptive": lambda draw: OriginalAdaptive(initial=draw(st.integers(1, 8))),
     "cost": lambda draw: CostModel(initial=draw(st.integers(1, 8)), window=16),
     "error": lambda draw: ErrorBudget(draw(st.sampled_from([1e-3, 1e-2, 0.2]))),
+    "unbounded": lambda draw: Unbounded(),
 }
+
+
+class Unbounded:
+    """Never flush, asked after every update: the engine may change regime at any update."""
+
+    def threshold(self, engine) -> float:
+        return math.inf
 
 
 @st.composite
@@ -68,32 +76,37 @@ def scenarios(draw, hard=False, crowded=False):
         st.tuples(st.just("weight"), i, st.integers(0, n - 1)),
         st.tuples(st.just("flush")),
         st.tuples(st.just("check_all")),
+        st.tuples(st.just("on_demand")),
     )
     ops = draw(st.lists(op, min_size=1, max_size=25))
     # how the entry log is queued: one by one or vectorised, settled often or rarely
     log = (draw(st.sampled_from([0, 1] if crowded else [0, 3, 16])),
            draw(st.sampled_from([1, 5, 4096])))
-    return Q, K, V, scale, policy, ops, log
+    # what queueing is worth against the on-demand regime: never enough, or always
+    gain = draw(st.sampled_from([(0, 0), (10**9, 0)]))
+    return Q, K, V, scale, policy, ops, log + (gain,)
 
 
 @contextlib.contextmanager
 def correcting_queries(eng):
-    """Queries correct the cached rows instead of computing them afresh: at test sizes
-    (n·d < 64) the engine would compute almost every query afresh, as it should there."""
+    """Queries correct the cached rows instead of computing them afresh (queued again if on
+    demand): at test sizes (n·d < 64) the engine would compute almost every query afresh, as
+    it should there."""
     saved = eng._max_query_rows
     eng._prefers_fresh = lambda: False
+    eng._direct_fresh = lambda: eng._attach() or False
     eng._max_query_rows = 10**9
     try:
         yield
     finally:
-        del eng._prefers_fresh
+        del eng._prefers_fresh, eng._direct_fresh
         eng._max_query_rows = saved
 
 
 def run_against_oracle(scenario, tol, dtype=np.float64):
-    Q, K, V, scale, policy, ops, (short_log, max_log) = scenario
+    Q, K, V, scale, policy, ops, (short_log, max_log, gain) = scenario
     eng = LazyAttention(Q, K, V, scale=scale, dtype=dtype, policy=policy)
-    eng._short_log, eng._max_log = short_log, max_log
+    eng._short_log, eng._max_log, eng._on_demand_gain = short_log, max_log, gain
     orc = Oracle(eng)
     updates = 0
     for op in ops:
@@ -111,7 +124,7 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
             updates += len(op[1])
         elif kind == "copy":  # the twin carries on, in the same state
             eng = eng.copy(policy=eng.policy)
-            eng._short_log, eng._max_log = short_log, max_log
+            eng._short_log, eng._max_log, eng._on_demand_gain = short_log, max_log, gain
             orc.engine = eng
         elif kind in ("many_k", "many_v"):
             items = op[1]
@@ -131,6 +144,8 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
             updates += 1
         elif kind == "flush":
             eng.flush()
+        elif kind == "on_demand" and eng.regime == "lazy":  # as a policy's consultation would
+            eng._detach()
         orc.sync_flush()
         # K and V are always current
         np.testing.assert_array_equal(eng.K, orc.K)
@@ -185,6 +200,7 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
             assert report.max_abs == pytest.approx(np.abs(diff).max(), rel=1e-6,
                                                    abs=tol * np.abs(exact).max())
     assert eng.n_updates == updates
+    event(f"ended {eng.regime}")
     # what is pending is exactly what happened since the last flush
     assert eng.pending <= updates
     if eng.pending == 0:
@@ -293,6 +309,138 @@ def test_single_queries_catch_up_once_a_burst_of_them_has_paid_for_it():
         eng.update_v(i, 2, 0.1)
         eng.query(i, 2)
     assert eng._pack.slots == 0
+
+
+def test_without_queries_the_engine_goes_on_demand_once_queueing_has_cost_a_snapshot():
+    # queueing is counted at 1,000 units an update and 4,000 a row queued, against copying
+    # K and V, 4·n·d = 16,384 units: with one row rewritten again and again (queued once),
+    # the regime changes at update 13, where 1,000·13 + 4,000 first reaches 16,384
+    n, d = 64, 64
+    eng = make(n=n, d=d, seed=2, policy=Unbounded())
+    K_built = np.array(eng.K)
+    for u in range(1, 17):
+        eng.set_k_row(5, np.full(d, u / 10))
+        if u == 1:
+            lazy_bytes = eng.nbytes
+        assert eng.regime == ("on-demand" if u >= 13 else "lazy"), u
+        assert eng.touched_rows == 1 and eng.touched_k == {5} and not eng.touched_v
+    assert eng.nbytes == lazy_bytes + 2 * n * d * 8
+    np.testing.assert_array_equal(eng._K0, K_built)  # what the caches describe
+    assert eng.pending == 16 and eng.n_updates == 16
+    want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
+    assert eng.query(3, 4) == pytest.approx(want[3, 4], rel=1e-12)
+    np.testing.assert_allclose(eng.query_row(9), want[9], rtol=1e-12)
+    assert eng.regime == "on-demand"  # answered afresh, the queue untouched
+    # a flush queues the flagged rows from the snapshot, and keeps the snapshot in step
+    snapshot = eng._K0
+    event = eng.flush()
+    assert (event.updates, event.rows, event.k_rows, event.v_rows) == (16, 1, 1, 0)
+    np.testing.assert_allclose(eng.output(stale=True), want, rtol=1e-12, atol=1e-12)
+    assert eng._K0 is snapshot
+    np.testing.assert_array_equal(eng._K0, eng.K)
+    np.testing.assert_array_equal(eng._V0, eng.V)
+    # re-entered without a copy, at 20,000 units and 4·d a queued row (none: the entry
+    # updates are logged, their row not queued yet)
+    for u in range(1, 20):
+        eng.update_v(7, 1, 0.5)
+        assert eng.regime == ("on-demand" if 1000 * (16 + u) >= 20_000 else "lazy"), u
+    assert eng._K0 is snapshot
+
+
+def test_a_finite_threshold_brings_the_queue_back_from_the_flags_and_the_snapshot():
+    eng = make(n=64, d=8, seed=3, policy=Unbounded())
+    eng._on_demand_gain = (10**9, 0)
+    eng.update_k(2, 1, 0.5)
+    assert eng.regime == "on-demand"
+    eng.set_v_row(9, np.arange(8.0))
+    eng.update_v_many([4, 4], [0, 1], [1.0, -2.0])
+    eng.set_k_rows([11, 2], np.ones((2, 8)))
+    eng.update_k(30, 0, 0.0)  # a change by nothing is still an update of its row
+    eng.policy = Fixed(100)  # asked at the next update: a flush is coming
+    eng.update_k(2, 3, -0.25)
+    assert eng.regime == "lazy"
+    assert eng.touched_k == {2, 11, 30} and eng.touched_v == {4, 9}
+    assert eng.pending == 8 and eng.touched_rows == 5
+    want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
+    with correcting_queries(eng):
+        np.testing.assert_allclose(eng.output(), want, rtol=1e-12)
+    event = eng.flush()
+    assert (event.updates, event.rows, event.k_rows, event.v_rows) == (8, 5, 3, 2)
+    np.testing.assert_allclose(eng.output(stale=True), want, rtol=1e-12)
+
+
+def test_queries_that_a_correction_serves_better_bring_the_queue_back():
+    # n·d = 262,144 units a fresh query; with one row touched a correction reads 2(3d+2) =
+    # 388 and the catch-up of the row updated before each query costs 160,000: each fresh
+    # query forgoes 101,756, and the second one has paid for packing the row (160,000)
+    n, d = 4096, 64
+    eng = make(n=n, d=d, seed=4, policy=Unbounded())
+    eng._detach()
+    for q in range(1, 5):
+        eng.update_v(7, 3, 0.1 * q)
+        want = dense_attention(eng.Q[:8], eng.K, eng.V, eng.scale)
+        assert eng.query(q, 3) == pytest.approx(want[q, 3], rel=1e-12)
+        assert eng.regime == ("on-demand" if q < 2 else "lazy"), q
+    assert eng._pack.slots == 1  # corrected
+    # with more rows touched than a correction can afford, queries stay fresh, uncounted
+    eng._detach()
+    eng.update_v_many(np.arange(700), np.zeros(700, dtype=int), np.ones(700))
+    for q in range(3):
+        eng.update_v(8, 3, 0.1)
+        want = dense_attention(eng.Q[:8], eng.K, eng.V, eng.scale)
+        assert eng.query(q, 3) == pytest.approx(want[q, 3], rel=1e-12)
+        # the first query follows 701 updates: their catch-up alone costs more than afresh
+        assert eng.regime == "on-demand" and eng._direct_big == (q > 0)
+
+
+def test_a_queue_that_serves_queries_stays_and_one_that_does_not_goes():
+    n, d = 4096, 64  # copying K and V: 4·n·d = 1,048,576 units, ~1,000 updates
+    eng = make(n=n, d=d, seed=6, policy=Unbounded())
+    eng._fresh_log = _Timings([1e-5] * 3)  # catching up on a row is cheap
+    eng._catch_log = _Timings([0.001 * 1e-5 / (n * d)])
+    eng._measure_catch_ratio()
+    for u in range(300):
+        eng.update_k(u % 5, 1, 0.01)
+        eng.query(u % n, 2)
+        assert eng.regime == "lazy"
+    assert eng._pack.slots == 5  # the queries were corrected: the queue served them
+    for u in range(1100):  # batch queries served by the queue count as well
+        eng.update_k(u % 5, 1, 0.01)
+        eng.query_many([u % n], [2])
+    assert eng.regime == "lazy"
+    updates = 0
+    while eng.regime == "lazy":
+        eng.update_k(1, 1, 0.01)
+        updates += 1
+    assert updates == -(-(4 * n * d) // 1000)  # counted from the last served query
+    want = dense_attention(eng.Q[:4], eng.K, eng.V, eng.scale)
+    assert eng.query(3, 1) == pytest.approx(want[3, 1], rel=1e-12)
+
+
+class Recording(Unbounded):
+    """Unbounded, noting the update count at each consultation."""
+
+    def __init__(self):
+        self.asked = []
+
+    def threshold(self, engine) -> float:
+        self.asked.append(engine.n_updates)
+        return math.inf
+
+
+def test_on_demand_the_policy_is_asked_when_its_answer_runs_out_whatever_the_updates():
+    eng = make(n=64, d=8, seed=7, policy=Recording())
+    eng._on_demand_gain = (10**9, 0)
+    eng.update_k(0, 0, 0.1)
+    assert eng.regime == "on-demand"
+    row = np.ones(8)
+    for u in range(20):  # entries (logged) and rows (written) in every order
+        [eng.update_k, eng.update_v][u % 2](u % 64, u % 8, 0.1)
+        if u % 3 == 0:
+            [eng.set_k_row, eng.set_v_row][u % 2](u % 64, row)
+    eng.update_v_many([1, 2], [0, 0], [0.5, 0.5])
+    assert eng.regime == "on-demand"
+    assert eng.policy.asked == list(range(1, eng.n_updates + 1))[:-2] + [eng.n_updates]
 
 
 class _Timings(deque):
@@ -475,6 +623,8 @@ def test_inputs_and_queued_rows_start_on_cache_lines(dtype):
     eng.query_many([0, 1], [0, 1])  # packs the touched rows
     arrays = (eng._Q, eng._K, eng._V, eng._old_k, eng._old_v, eng._pack.Kp, eng._pack.B)
     arrays += (eng.copy()._K, OnDemand(eng.Q, eng.K, eng.V)._K)
+    eng._detach()
+    arrays += (eng._K0, eng._V0)
     assert all(a.ctypes.data % 64 == 0 for a in arrays)
     assert all(a.dtype == dtype and a.flags.c_contiguous for a in arrays)
 
