@@ -312,9 +312,10 @@ def test_single_queries_catch_up_once_a_burst_of_them_has_paid_for_it():
 
 
 def test_without_queries_the_engine_goes_on_demand_once_queueing_has_cost_a_snapshot():
-    # queueing is counted at 1,000 units an update and 4,000 a row queued, against copying
+    # queueing is counted at 2,000 units an update and 4,000 a row queued, against copying
     # K and V, 4·n·d = 16,384 units: with one row rewritten again and again (queued once),
-    # the regime changes at update 13, where 1,000·13 + 4,000 first reaches 16,384
+    # the regime changes at update 7, where 2,000·7 + 4,000 first reaches 16,384
+    assert LazyAttention._on_demand_gain == (2_000, 4_000)
     n, d = 64, 64
     eng = make(n=n, d=d, seed=2, policy=Unbounded())
     K_built = np.array(eng.K)
@@ -322,7 +323,7 @@ def test_without_queries_the_engine_goes_on_demand_once_queueing_has_cost_a_snap
         eng.set_k_row(5, np.full(d, u / 10))
         if u == 1:
             lazy_bytes = eng.nbytes
-        assert eng.regime == ("on-demand" if u >= 13 else "lazy"), u
+        assert eng.regime == ("on-demand" if u >= 7 else "lazy"), u
         assert eng.touched_rows == 1 and eng.touched_k == {5} and not eng.touched_v
     assert eng.nbytes == lazy_bytes + 2 * n * d * 8
     np.testing.assert_array_equal(eng._K0, K_built)  # what the caches describe
@@ -343,7 +344,7 @@ def test_without_queries_the_engine_goes_on_demand_once_queueing_has_cost_a_snap
     # updates are logged, their row not queued yet)
     for u in range(1, 20):
         eng.update_v(7, 1, 0.5)
-        assert eng.regime == ("on-demand" if 1000 * (16 + u) >= 20_000 else "lazy"), u
+        assert eng.regime == ("on-demand" if 2000 * (16 + u) >= 20_000 else "lazy"), u
     assert eng._K0 is snapshot
 
 
@@ -394,7 +395,7 @@ def test_queries_that_a_correction_serves_better_bring_the_queue_back():
 
 
 def test_a_queue_that_serves_queries_stays_and_one_that_does_not_goes():
-    n, d = 4096, 64  # copying K and V: 4·n·d = 1,048,576 units, ~1,000 updates
+    n, d = 4096, 64  # copying K and V: 4·n·d = 1,048,576 units, ~500 updates
     eng = make(n=n, d=d, seed=6, policy=Unbounded())
     eng._fresh_log = _Timings([1e-5] * 3)  # catching up on a row is cheap
     eng._catch_log = _Timings([0.001 * 1e-5 / (n * d)])
@@ -412,9 +413,28 @@ def test_a_queue_that_serves_queries_stays_and_one_that_does_not_goes():
     while eng.regime == "lazy":
         eng.update_k(1, 1, 0.01)
         updates += 1
-    assert updates == -(-(4 * n * d) // 1000)  # counted from the last served query
+    assert updates == -(-(4 * n * d) // 2000)  # counted from the last served query
     want = dense_attention(eng.Q[:4], eng.K, eng.V, eng.scale)
     assert eng.query(3, 1) == pytest.approx(want[3, 1], rel=1e-12)
+
+
+def test_a_packed_queue_is_left_once_idle_updates_would_pay_for_packing_it_again():
+    n, d = 4096, 64
+    eng = make(n=n, d=d, seed=8, policy=Unbounded())
+    eng._detach()  # a snapshot exists: leaving costs 20,000 units and 4·d a queued row
+    eng._fresh_log = _Timings([1e-5] * 3)  # a catch-up unit costs an element read afresh
+    eng._catch_log = _Timings([1e-5 / (n * d)])
+    eng._measure_catch_ratio()
+    for u in range(5):
+        eng.update_k(u, 1, 0.01)
+        eng.query(0, 2)  # corrected: 388·S + 160,000 < 262,144
+    assert eng.regime == "lazy" and eng._pack.slots == 5
+    updates = 0
+    while eng.regime == "lazy":
+        eng.update_k(0, 1, 0.01)
+        updates += 1
+    # and packing 5 rows again costs 150,000 + 5·10,000
+    assert updates == -(-(20_000 + 4 * d * 5 + 200_000) // 2000)
 
 
 class Recording(Unbounded):
