@@ -456,7 +456,8 @@ class LazyAttention:
 
     def copy(self, policy=None) -> LazyAttention:
         """An independent engine in the same state (arrays, caches, pending queue, counters),
-        with its own ``policy`` (None: CostModel) and empty logs. O(n·d), no rebuild."""
+        with its own ``policy`` (None: CostModel) and empty logs. O(n·d), no rebuild. Both
+        leave the on-demand regime, if this engine is in it: the copy is made of the queue."""
         self._materialise()
         new = object.__new__(type(self))
         new._adopt(V_.aligned_copy(self._Q), V_.aligned_copy(self._K), V_.aligned_copy(self._V),
