@@ -139,7 +139,7 @@ class CostModel:
     trade-off ``k* ≈ sqrt(2·f0 / (r·q1·ρ))`` of flush overhead against query corrections.
     r is measured over the last ``window`` updates, so the choice follows the stream; with no
     query in that window the policy does not flush at all. The model is refitted every 32
-    updates, and less often (up to every ``window/2``) while its choice stays the same.
+    updates, and less often (up to every ``window``) while its choice stays the same.
 
     Parameters
     ----------
@@ -179,7 +179,7 @@ class CostModel:
             # a refit costs ~0.1 ms, as much as dozens of updates: refit less often while the
             # choice holds, soon again once it moves
             if choice == self.current:
-                self._period = min(2 * self._period, max(_MIN_PERIOD, self.window // 2))
+                self._period = min(2 * self._period, max(_MIN_PERIOD, self.window))
             else:
                 self._period = _MIN_PERIOD
             self.current = choice
