@@ -370,28 +370,33 @@ class LazyAttention:
     # copying rows updated again and again, counting) and 0.5-1.5 µs a row queued (copying
     # its old row: a cache miss, fresh pages), as much as a fresh query's pass over 2,000
     # and 4,000 elements of K (0.15-0.3 ns each; measured at n = 1,024-16,384, d = 64).
-    # Entering the on-demand regime costs copying K and V the first time (4·n·d elements of
-    # traffic), then the queued rows' old values and _detach_cost; it is bought as in ski
-    # rental, once what the queue cost since it last served a query would have paid for it.
+    # Entering the on-demand regime costs copying K and V the first time (into new memory: its
+    # page faults cost 3-30 times the copy, 4-33 ms at n = 16,384, so it is priced as long as
+    # the engine's copies of its inputs took), then the queued rows' old values and
+    # _detach_cost; it is bought as in ski rental, once what the queue cost since it last
+    # served a query would have paid for it.
     _on_demand_gain = (2_000, 4_000)  # per update, per row queued
     _detach_cost = 20_000
 
     def __init__(self, Q, K, V, *, scale=None, dtype=None, policy=None):
         dt = V_.resolve_dtype(dtype, Q, K, V)
+        t0 = time.perf_counter()
         Qa = V_.as_matrix("Q", Q, dt)
         n, d = Qa.shape
         Ka = V_.as_matrix("K", K, dt, shape=(n, d))
         Va = V_.as_matrix("V", V, dt, shape=(n, d))
+        copy_seconds = (time.perf_counter() - t0) / 3
         if scale is None:
             scale = 1.0 / math.sqrt(d)
         scale = V_.check_scalar("scale", scale, dt)
         if scale == 0:
             raise ValueError("scale=0 makes every row uniform; use a nonzero scale")
-        self._adopt(Qa, Ka, Va, scale, as_policy(policy))
+        self._adopt(Qa, Ka, Va, scale, as_policy(policy), copy_seconds)
         self._store_exact()
 
-    def _adopt(self, Q, K, V, scale: float, policy) -> None:
-        """Take owned, validated arrays; caches allocated, queue empty, counters zero."""
+    def _adopt(self, Q, K, V, scale: float, policy, copy_seconds: float) -> None:
+        """Take owned, validated arrays (``copy_seconds``: what copying one of them into new
+        memory took); caches allocated, queue empty, counters zero."""
         n, d = Q.shape
         dt = Q.dtype
         self._policy = policy
@@ -437,6 +442,7 @@ class LazyAttention:
         # with K and V on every row not queued, once made
         self._K0: np.ndarray | None = None
         self._V0: np.ndarray | None = None
+        self._copy_seconds = copy_seconds  # what making each of them is expected to take
         self._direct = False
         # n_updates and rows queued when the queue last served a query (see _detach_pays)
         self._served_at = self._served_rows = 0
@@ -460,8 +466,9 @@ class LazyAttention:
         leave the on-demand regime, if this engine is in it: the copy is made of the queue."""
         self._materialise()
         new = object.__new__(type(self))
-        new._adopt(V_.aligned_copy(self._Q), V_.aligned_copy(self._K), V_.aligned_copy(self._V),
-                   self._scale, as_policy(policy))
+        t0 = time.perf_counter()
+        arrays = [V_.aligned_copy(a) for a in (self._Q, self._K, self._V)]
+        new._adopt(*arrays, self._scale, as_policy(policy), (time.perf_counter() - t0) / 3)
         new._C[...] = self._C
         new._m[...] = self._m
         new._pending, new._done = self._pending, self._done
@@ -792,8 +799,8 @@ class LazyAttention:
         way back (ski rental: at most twice the better choice in hindsight, for a stream that
         stays as it is; without the pack, queries every 100 updates that a pack of 300 rows
         served better than afresh left and rebuilt it every few queries)."""
-        if self._K0 is None:
-            cost = 4 * self._n * self._d  # copy K and V: read and write each
+        if self._K0 is None:  # copies of K and V, as long as this engine's own copies took
+            cost = 2 * self._copy_seconds / self._unit_seconds()
         else:
             cost = self._detach_cost + 4 * self._d * len(self._rows)
         if self._pack.slots:
@@ -802,6 +809,13 @@ class LazyAttention:
         spent = (per_update * (self.n_updates - self._served_at)
                  + per_row * max(len(self._rows) - self._served_rows, 0))
         return spent >= cost
+
+    def _unit_seconds(self) -> float:
+        """Seconds of one ``_pack_cost`` unit, an element read by a fresh query: as timed once
+        there is a fresh query, else 0.25 ns."""
+        if self._fresh_log:
+            return self.fresh_query_seconds / (self._n * self._d)
+        return 2.5e-10
 
     def _detach(self) -> None:
         """Enter the on-demand regime: the snapshot takes the queued rows' old values (made

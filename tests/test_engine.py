@@ -313,11 +313,12 @@ def test_single_queries_catch_up_once_a_burst_of_them_has_paid_for_it():
 
 def test_without_queries_the_engine_goes_on_demand_once_queueing_has_cost_a_snapshot():
     # queueing is counted at 2,000 units an update and 4,000 a row queued, against copying
-    # K and V, 4·n·d = 16,384 units: with one row rewritten again and again (queued once),
-    # the regime changes at update 7, where 2,000·7 + 4,000 first reaches 16,384
+    # K and V, here priced at 16,384 units: with one row rewritten again and again (queued
+    # once), the regime changes at update 7, where 2,000·7 + 4,000 first reaches 16,384
     assert LazyAttention._on_demand_gain == (2_000, 4_000)
     n, d = 64, 64
     eng = make(n=n, d=d, seed=2, policy=Unbounded())
+    price_snapshot(eng, 16_384)
     K_built = np.array(eng.K)
     for u in range(1, 17):
         eng.set_k_row(5, np.full(d, u / 10))
@@ -395,11 +396,12 @@ def test_queries_that_a_correction_serves_better_bring_the_queue_back():
 
 
 def test_a_queue_that_serves_queries_stays_and_one_that_does_not_goes():
-    n, d = 4096, 64  # copying K and V: 4·n·d = 1,048,576 units, ~500 updates
+    n, d = 4096, 64
     eng = make(n=n, d=d, seed=6, policy=Unbounded())
     eng._fresh_log = _Timings([1e-5] * 3)  # catching up on a row is cheap
     eng._catch_log = _Timings([0.001 * 1e-5 / (n * d)])
     eng._measure_catch_ratio()
+    price_snapshot(eng, 4 * n * d)  # ~500 updates
     for u in range(300):
         eng.update_k(u % 5, 1, 0.01)
         eng.query(u % n, 2)
@@ -435,6 +437,23 @@ def test_a_packed_queue_is_left_once_idle_updates_would_pay_for_packing_it_again
         updates += 1
     # and packing 5 rows again costs 150,000 + 5·10,000
     assert updates == -(-(20_000 + 4 * d * 5 + 200_000) // 2000)
+
+
+def price_snapshot(eng, units: float) -> None:
+    """Make the engine expect its first snapshot of K and V to cost ``units``."""
+    eng._copy_seconds = units / 2 * eng._unit_seconds()
+
+
+def test_the_first_snapshot_is_priced_as_the_engine_s_own_copies_took():
+    eng = make(n=512, d=16, policy=Unbounded())
+    assert eng._copy_seconds > 0 and eng.copy()._copy_seconds > 0
+    eng._copy_seconds = 1e-3  # two such copies: 8 million units of 0.25 ns
+    eng._on_demand_gain = (1_000, 0)
+    for _ in range(7_999):
+        eng.update_v(1, 1, 0.0)
+    assert eng.regime == "lazy"
+    eng.update_v(1, 1, 0.0)
+    assert eng.regime == "on-demand"
 
 
 class Recording(Unbounded):
