@@ -240,11 +240,9 @@ def _entry_update(which: str):
             return self._consult()
         return None
 
-    update.__name__ = f"update_{which.lower()}"
-    update.__qualname__ = f"LazyAttention.{update.__name__}"
-    update.__doc__ = (f"Add ``delta`` to ``{which}[i, j]``; logged, O(1). Returns the flush it "
-                      "caused, if any.")
-    return update
+    return _method(update, f"update_{which.lower()}",
+                   f"Add ``delta`` to ``{which}[i, j]``; logged, O(1). Returns the flush it "
+                   "caused, if any.")
 
 
 def _row_update(which: str):
@@ -299,11 +297,15 @@ def _row_update(which: str):
         self._ask_at -= 2
         return None
 
-    update.__name__ = f"set_{which.lower()}_row"
-    update.__qualname__ = f"LazyAttention.{update.__name__}"
-    update.__doc__ = (f"Replace ``{which}[i]`` by ``row`` (shape (d,)); one update action, "
-                      "O(d). Returns the flush it caused, if any.")
-    return update
+    return _method(update, f"set_{which.lower()}_row",
+                   f"Replace ``{which}[i]`` by ``row`` (shape (d,)); one update action, O(d). "
+                   "Returns the flush it caused, if any.")
+
+
+def _method(func, name: str, doc: str):
+    """``func`` named and documented as the method ``LazyAttention.<name>``."""
+    func.__name__, func.__qualname__, func.__doc__ = name, f"LazyAttention.{name}", doc
+    return func
 
 
 class LazyAttention:
