@@ -19,8 +19,9 @@ answered afresh, none is ever copied, and an update costs little more than the w
 When the policy will not flush and the queue has long served no query (queries rare, or
 answered afresh anyway), the engine leaves the queue for an *on-demand regime*: it keeps K and
 V as of the last flush in a snapshot (made once, O(n·d), kept in step afterwards at O(|S|·d)
-a flush) and a flag per changed row, so an update is the write, a flag and a count, and a
-query computes its row afresh, as a strategy without caches would. A flush, a finite
+a flush) and a flag per changed row, so an update is the write and a flag (an entry's flag
+is set from its log entry, vectorised, later) and a query computes its row afresh, as a
+strategy without caches would. A flush, a finite
 threshold, a reader of the queue or queries that a correction would serve better bring the
 queue back from the flags and the snapshot in O(n + |S|·d).
 
@@ -225,7 +226,8 @@ def _entry_update(which: str):
 
     def update(self, i, j, delta) -> FlushEvent | None:
         # the single update is the hot path of every stream: scalar work and a log entry only;
-        # its row joins the queue at the next read (_settle), with the others, vectorised
+        # its row joins the queue at the next read (_settle), with the others, vectorised (on
+        # demand, its row is flagged then, _flag_log)
         d = self._d
         i = V_.check_index("i", i, self._n)
         j = V_.check_index("j", j, d)
@@ -382,12 +384,12 @@ class LazyAttention:
 
     def __init__(self, Q, K, V, *, scale=None, dtype=None, policy=None):
         dt = V_.resolve_dtype(dtype, Q, K, V)
-        t0 = time.perf_counter()
-        Qa = V_.as_matrix("Q", Q, dt)
+        copies: list[float] = []
+        Qa = V_.as_matrix("Q", Q, dt, timings=copies)
         n, d = Qa.shape
-        Ka = V_.as_matrix("K", K, dt, shape=(n, d))
-        Va = V_.as_matrix("V", V, dt, shape=(n, d))
-        copy_seconds = (time.perf_counter() - t0) / 3
+        Ka = V_.as_matrix("K", K, dt, shape=(n, d), timings=copies)
+        Va = V_.as_matrix("V", V, dt, shape=(n, d), timings=copies)
+        copy_seconds = statistics.median(copies)
         if scale is None:
             scale = 1.0 / math.sqrt(d)
         scale = V_.check_scalar("scale", scale, dt)
@@ -460,6 +462,7 @@ class LazyAttention:
         self._fresh_log: deque[float] = deque(maxlen=32)  # seconds of entries computed afresh
         self._catch_log: deque[float] = deque(maxlen=32)  # seconds per _pack_cost unit caught up
         self._catch_ratio = math.nan  # see _measure_catch_ratio
+        self._unit_s = 2.5e-10
         self._n_fresh = self._n_catch = 0
 
     def copy(self, policy=None) -> LazyAttention:
@@ -468,12 +471,16 @@ class LazyAttention:
         leave the on-demand regime, if this engine is in it: the copy is made of the queue."""
         self._materialise()
         new = object.__new__(type(self))
-        t0 = time.perf_counter()
-        arrays = [V_.aligned_copy(a) for a in (self._Q, self._K, self._V)]
-        new._adopt(*arrays, self._scale, as_policy(policy), (time.perf_counter() - t0) / 3)
+        arrays, copies = [], []
+        for a in (self._Q, self._K, self._V):
+            t0 = time.perf_counter()
+            arrays.append(V_.aligned_copy(a))
+            copies.append(time.perf_counter() - t0)
+        new._adopt(*arrays, self._scale, as_policy(policy), statistics.median(copies))
         new._C[...] = self._C
         new._m[...] = self._m
         new._pending, new._done = self._pending, self._done
+        new._served_at, new._served_rows = self._served_at, self._served_rows
         new._n_queries, new._n_flushes = self._n_queries, self._n_flushes
         new._slot[...] = self._slot
         new._rows = list(self._rows)
@@ -813,11 +820,9 @@ class LazyAttention:
         return spent >= cost
 
     def _unit_seconds(self) -> float:
-        """Seconds of one ``_pack_cost`` unit, an element read by a fresh query: as timed once
-        there is a fresh query, else 0.25 ns."""
-        if self._fresh_log:
-            return self.fresh_query_seconds / (self._n * self._d)
-        return 2.5e-10
+        """Seconds of one ``_pack_cost`` unit, an element read by a fresh query: as last
+        measured (:meth:`_measure_catch_ratio`), else 0.25 ns."""
+        return self._unit_s
 
     def _detach(self) -> None:
         """Enter the on-demand regime: the snapshot takes the queued rows' old values (made
@@ -1063,7 +1068,9 @@ class LazyAttention:
 
     def correction_flops(self) -> float:
         """Flops to bring one output row up to date now (logits and contributions of the
-        packed touched rows, or a fresh row past :attr:`max_query_rows`)."""
+        packed touched rows, or a fresh row past :attr:`max_query_rows` or on demand)."""
+        if self._direct:
+            return 4.0 * self._n * self._d
         self._settle()
         if not self._rows:
             return 0.0
@@ -1370,14 +1377,15 @@ class LazyAttention:
         often enough, with few enough rows touched, that queueing again and correcting would
         have paid for packing every touched row (ski rental over the queries since the
         regime began). What a correction would have saved is counted only while packing the
-        rows updated since the previous query costs less than a fresh query (else correcting
-        never pays), by counting the flagged rows, O(n); once a correction costs more than a
-        fresh query, it does until the next flush, and nothing is counted."""
+        rows updated since the previous query (none if no update came between) costs less
+        than a fresh query (else correcting never pays), by counting the flagged rows, O(n);
+        once a correction costs more than a fresh query, it does until the next flush, and
+        nothing is counted."""
         if self._direct_big:
             return True
         updates = self.n_updates
-        fresh, step = self._n * self._d, self._measured(self._catch_up_units(
-            updates - self._query_mark))
+        fresh, since = self._n * self._d, updates - self._query_mark
+        step = self._measured(self._catch_up_units(since)) if since else 0
         self._query_mark = updates
         if step >= fresh:
             return True
@@ -1434,10 +1442,11 @@ class LazyAttention:
         after the first three catch-ups and fresh queries and every 16th of each: the medians
         cost ~1 µs (2-3 µs between a query's other work), as much as the rest of the
         decision."""
-        if len(self._fresh_log) >= 3 and self._catch_log:
-            per_element = self.fresh_query_seconds / (self._n * self._d)
-            self._catch_ratio = statistics.median(self._catch_log) / per_element
-            self._fresh_log_len = math.inf  # see _choose_direct
+        if len(self._fresh_log) >= 3:
+            self._unit_s = self.fresh_query_seconds / (self._n * self._d)
+            if self._catch_log:
+                self._catch_ratio = statistics.median(self._catch_log) / self._unit_s
+                self._fresh_log_len = math.inf  # see _choose_direct
 
     def query_row(self, i, stale: bool = False) -> np.ndarray:
         """Output row ``O[i]`` (shape (d,)); exact in O(|S|·d), or cached if ``stale``."""
@@ -1519,9 +1528,11 @@ class LazyAttention:
 
     def output(self, stale: bool = False) -> np.ndarray:
         """The whole output O (shape (n, d)): exact in O(n·|S|·d), or the cached view."""
+        if stale:
+            return self._out(self._C)
         d = self._d
         self._settle()
-        if stale or not self._rows:  # nothing pending: the caches are exact
+        if not self._rows:  # nothing pending: the caches are exact
             return self._out(self._C)
         out = np.empty((self._n, d), dtype=self._dtype)
         for blk in self._blocks(2 * len(self._rows) + 1):
@@ -1554,12 +1565,15 @@ class LazyAttention:
         J = V_.as_selection("cols", cols, self._n)
         d = self._d
         if stale:
-            self._materialise()  # the old keys of touched columns
             m, s = self._m[I], self._C[I, d]
-            keys = self._K[J]
-            slots = self._slot[J]
-            kept = slots >= 0
-            keys[kept] = self._old_k[slots[kept]]
+            if self._direct:  # the keys as of the last flush, without the queue
+                keys = self._K0[J]
+            else:
+                self._materialise()  # the old keys of touched columns
+                keys = self._K[J]
+                slots = self._slot[J]
+                kept = slots >= 0
+                keys[kept] = self._old_k[slots[kept]]
         else:
             m, C, _ = self._current_rows(I)
             s, keys = C[:, d], self._K[J]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
+import time
 import tracemalloc
 from collections import deque
 
@@ -82,9 +83,11 @@ def scenarios(draw, hard=False, crowded=False):
     # how the entry log is queued: one by one or vectorised, settled often or rarely
     log = (draw(st.sampled_from([0, 1] if crowded else [0, 3, 16])),
            draw(st.sampled_from([1, 5, 4096])))
-    # what queueing is worth against the on-demand regime: never enough, or always
+    # what queueing is worth against the on-demand regime: never enough, or always; and
+    # what packing costs (cheap enough, at these sizes, for queries to come back on demand)
     gain = draw(st.sampled_from([(0, 0), (10**9, 0)]))
-    return Q, K, V, scale, policy, ops, log + (gain,)
+    pack_cost = draw(st.sampled_from([LazyAttention._pack_cost, (1, 1)]))
+    return Q, K, V, scale, policy, ops, log + (gain, pack_cost)
 
 
 @contextlib.contextmanager
@@ -104,9 +107,10 @@ def correcting_queries(eng):
 
 
 def run_against_oracle(scenario, tol, dtype=np.float64):
-    Q, K, V, scale, policy, ops, (short_log, max_log, gain) = scenario
+    Q, K, V, scale, policy, ops, (short_log, max_log, gain, pack_cost) = scenario
     eng = LazyAttention(Q, K, V, scale=scale, dtype=dtype, policy=policy)
     eng._short_log, eng._max_log, eng._on_demand_gain = short_log, max_log, gain
+    eng._pack_cost = pack_cost
     orc = Oracle(eng)
     updates = 0
     for op in ops:
@@ -125,6 +129,7 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
         elif kind == "copy":  # the twin carries on, in the same state
             eng = eng.copy(policy=eng.policy)
             eng._short_log, eng._max_log, eng._on_demand_gain = short_log, max_log, gain
+            eng._pack_cost = pack_cost
             orc.engine = eng
         elif kind in ("many_k", "many_v"):
             items = op[1]
@@ -342,10 +347,11 @@ def test_without_queries_the_engine_goes_on_demand_once_queueing_has_cost_a_snap
     np.testing.assert_array_equal(eng._K0, eng.K)
     np.testing.assert_array_equal(eng._V0, eng.V)
     # re-entered without a copy, at 20,000 units and 4·d a queued row (none: the entry
-    # updates are logged, their row not queued yet)
+    # updates are logged, their row not queued yet), counted from a query the caches served
+    assert eng.query(0, 0) == pytest.approx(want[0, 0], rel=1e-12)
     for u in range(1, 20):
         eng.update_v(7, 1, 0.5)
-        assert eng.regime == ("on-demand" if 2000 * (16 + u) >= 20_000 else "lazy"), u
+        assert eng.regime == ("on-demand" if 2000 * u >= 20_000 else "lazy"), u
     assert eng._K0 is snapshot
 
 
@@ -358,16 +364,19 @@ def test_a_finite_threshold_brings_the_queue_back_from_the_flags_and_the_snapsho
     eng.update_v_many([4, 4], [0, 1], [1.0, -2.0])
     eng.set_k_rows([11, 2], np.ones((2, 8)))
     eng.update_k(30, 0, 0.0)  # a change by nothing is still an update of its row
+    eng.update_v(40, 1, 0.5)
+    assert eng.touched_k == {2, 11, 30} and eng.touched_v == {4, 9, 40}  # the log read too
+    assert eng.touched_rows == 6 and eng.regime == "on-demand"
     eng.policy = Fixed(100)  # asked at the next update: a flush is coming
     eng.update_k(2, 3, -0.25)
     assert eng.regime == "lazy"
-    assert eng.touched_k == {2, 11, 30} and eng.touched_v == {4, 9}
-    assert eng.pending == 8 and eng.touched_rows == 5
+    assert eng.touched_k == {2, 11, 30} and eng.touched_v == {4, 9, 40}
+    assert eng.pending == 9 and eng.touched_rows == 6
     want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
     with correcting_queries(eng):
         np.testing.assert_allclose(eng.output(), want, rtol=1e-12)
     event = eng.flush()
-    assert (event.updates, event.rows, event.k_rows, event.v_rows) == (8, 5, 3, 2)
+    assert (event.updates, event.rows, event.k_rows, event.v_rows) == (9, 6, 3, 3)
     np.testing.assert_allclose(eng.output(stale=True), want, rtol=1e-12)
 
 
@@ -377,6 +386,9 @@ def test_queries_that_a_correction_serves_better_bring_the_queue_back():
     # query forgoes 101,756, and the second one has paid for packing the row (160,000)
     n, d = 4096, 64
     eng = make(n=n, d=d, seed=4, policy=Unbounded())
+    eng._fresh_log = _Timings([1e-5] * 3)  # a catch-up unit costs an element read afresh
+    eng._catch_log = _Timings([1e-5 / (n * d)])
+    eng._measure_catch_ratio()
     eng._detach()
     for q in range(1, 5):
         eng.update_v(7, 3, 0.1 * q)
@@ -393,6 +405,81 @@ def test_queries_that_a_correction_serves_better_bring_the_queue_back():
         assert eng.query(q, 3) == pytest.approx(want[q, 3], rel=1e-12)
         # the first query follows 701 updates: their catch-up alone costs more than afresh
         assert eng.regime == "on-demand" and eng._direct_big == (q > 0)
+
+
+def test_queries_with_no_update_between_them_bring_the_queue_back_too():
+    # n·d = 131,072: packing a row again costs more than a fresh query (160,000 units), but
+    # with no update between two queries there is nothing to catch up: each fresh query
+    # forgoes 131,072 − 388, and the second has paid for packing the one touched row
+    n, d = 2048, 64
+    eng = make(n=n, d=d, seed=9, policy=Unbounded())
+    eng._on_demand_gain = (0, 0)  # never leaves by itself: the regime is entered below
+    eng._fresh_log = _Timings([1e-5] * 3)
+    eng._catch_log = _Timings([1e-5 / (n * d)])
+    eng._measure_catch_ratio()
+    eng.update_v(5, 1, 0.3)
+    eng._detach()
+    want = dense_attention(eng.Q[:4], eng.K, eng.V, eng.scale)
+    for q in range(1, 4):
+        assert eng.query(q, 1) == pytest.approx(want[q, 1], rel=1e-12)
+        assert eng.regime == ("on-demand" if q < 2 else "lazy"), q
+    assert eng._pack.slots == 1
+
+
+def test_readers_that_need_no_queue_leave_the_regime_as_it_is():
+    n, d = 48, 6
+    eng = make(n=n, d=d, seed=10, policy=Unbounded())
+    eng._on_demand_gain = (10**9, 0)
+    K0, V0 = np.array(eng.K), np.array(eng.V)
+    eng.set_k_row(3, np.full(d, 2.0))
+    eng.update_v(7, 2, -1.0)
+    assert eng.regime == "on-demand"
+    stale = dense_attention(eng.Q, K0, V0, eng.scale)
+    np.testing.assert_allclose(eng.output(stale=True), stale, rtol=1e-12)
+    logits = eng.scale * eng.Q @ K0.T
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(eng.weights([1, 5], [3, 4, 7], stale=True),
+                               weights[np.ix_([1, 5], [3, 4, 7])], rtol=1e-12)
+    assert eng.correction_flops() == 4.0 * n * d  # the next query computes afresh
+    assert eng.touched_rows == 2 and eng.regime == "on-demand"
+
+
+def test_a_copy_keeps_what_the_queue_served():
+    n, d = 4096, 64
+    eng = make(n=n, d=d, seed=11, policy=Unbounded())
+    eng._fresh_log = _Timings([1e-5] * 3)  # catching up on a row is cheap
+    eng._catch_log = _Timings([0.001 * 1e-5 / (n * d)])
+    eng._measure_catch_ratio()
+    price_snapshot(eng, 4 * n * d)  # ~500 updates
+    for u in range(600):
+        eng.update_k(u % 5, 1, 0.01)
+        eng.query(u % n, 2)
+    twin = eng.copy(policy=Unbounded())
+    twin._copy_seconds = eng._copy_seconds
+    eng.update_k(0, 1, 0.01)
+    twin.update_k(0, 1, 0.01)
+    assert eng.regime == twin.regime == "lazy"  # the queue served a query an update ago
+
+
+def test_rows_queued_before_a_flush_are_not_counted_after_it():
+    # a query served with 5 rows queued; after a flush, 3 rows are queued afresh: each is
+    # counted at 4,000 units, with 2,000 an update, against 20,000 (a snapshot exists)
+    n, d = 64, 8
+    eng = make(n=n, d=d, seed=12, policy=Unbounded())
+    eng._detach()
+    eng._attach()  # the snapshot exists: leaving costs 20,000 + 4·d a queued row
+    with correcting_queries(eng):
+        for i in range(5):
+            eng.set_v_row(i, np.ones(d))
+            eng.query(0, 0)
+    assert eng.regime == "lazy" and eng._served_rows == 5
+    eng.flush()
+    for u, i in enumerate([10, 11, 12, 12, 12], 1):
+        eng.set_v_row(i, np.ones(d))
+        spent = 2000 * u + 4000 * min(u, 3)
+        assert eng.regime == ("on-demand" if spent >= 20_000 + 4 * d * min(u, 3) else "lazy"), u
+    assert u == 5 and eng.regime == "on-demand"
 
 
 def test_a_queue_that_serves_queries_stays_and_one_that_does_not_goes():
@@ -444,9 +531,23 @@ def price_snapshot(eng, units: float) -> None:
     eng._copy_seconds = units / 2 * eng._unit_seconds()
 
 
-def test_the_first_snapshot_is_priced_as_the_engine_s_own_copies_took():
+def test_the_first_snapshot_is_priced_as_the_engine_s_own_copies_took(monkeypatch):
+    import dynattn._validate as V_
+    copy, check = V_.aligned_copy, V_.check_finite
+
+    def slow(fn, seconds):
+        def wrapped(*args, **kwargs):
+            time.sleep(seconds)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    # the copies are timed, not the checks around them
+    monkeypatch.setattr(V_, "aligned_copy", slow(copy, 0.02))
+    monkeypatch.setattr(V_, "check_finite", slow(check, 0.05))
     eng = make(n=512, d=16, policy=Unbounded())
-    assert eng._copy_seconds > 0 and eng.copy()._copy_seconds > 0
+    assert 0.02 <= eng._copy_seconds < 0.05
+    assert 0.02 <= eng.copy()._copy_seconds < 0.05
+    monkeypatch.undo()
     eng._copy_seconds = 1e-3  # two such copies: 8 million units of 0.25 ns
     eng._on_demand_gain = (1_000, 0)
     for _ in range(7_999):
