@@ -386,9 +386,7 @@ def test_queries_that_a_correction_serves_better_bring_the_queue_back():
     # query forgoes 101,756, and the second one has paid for packing the row (160,000)
     n, d = 4096, 64
     eng = make(n=n, d=d, seed=4, policy=Unbounded())
-    eng._fresh_log = _Timings([1e-5] * 3)  # a catch-up unit costs an element read afresh
-    eng._catch_log = _Timings([1e-5 / (n * d)])
-    eng._measure_catch_ratio()
+    freeze_timings(eng, 1.0)  # a catch-up unit costs an element read afresh
     eng._detach()
     for q in range(1, 5):
         eng.update_v(7, 3, 0.1 * q)
@@ -414,9 +412,7 @@ def test_queries_with_no_update_between_them_bring_the_queue_back_too():
     n, d = 2048, 64
     eng = make(n=n, d=d, seed=9, policy=Unbounded())
     eng._on_demand_gain = (0, 0)  # never leaves by itself: the regime is entered below
-    eng._fresh_log = _Timings([1e-5] * 3)
-    eng._catch_log = _Timings([1e-5 / (n * d)])
-    eng._measure_catch_ratio()
+    freeze_timings(eng, 1.0)
     eng.update_v(5, 1, 0.3)
     eng._detach()
     want = dense_attention(eng.Q[:4], eng.K, eng.V, eng.scale)
@@ -445,16 +441,20 @@ def test_readers_that_need_no_queue_leave_the_regime_as_it_is():
     assert eng.touched_rows == 2 and eng.regime == "on-demand"
 
 
-def test_a_copy_keeps_what_the_queue_served():
-    n, d = 4096, 64
-    eng = make(n=n, d=d, seed=11, policy=Unbounded())
-    eng._fresh_log = _Timings([1e-5] * 3)  # catching up on a row is cheap
-    eng._catch_log = _Timings([0.001 * 1e-5 / (n * d)])
-    eng._measure_catch_ratio()
-    price_snapshot(eng, 4 * n * d)  # ~500 updates
-    for u in range(600):
+def serving_queue(seed: int, updates: int) -> LazyAttention:
+    """At n = 4,096, d = 64, a queue whose single queries after each update, on 5 rows, are
+    corrected (a catch-up is cheap), with a first snapshot priced 4·n·d (~500 updates)."""
+    eng = make(n=4096, d=64, seed=seed, policy=Unbounded())
+    freeze_timings(eng, 0.001)
+    price_snapshot(eng, 4 * eng.n * eng.d)
+    for u in range(updates):
         eng.update_k(u % 5, 1, 0.01)
-        eng.query(u % n, 2)
+        eng.query(u % eng.n, 2)
+    return eng
+
+
+def test_a_copy_keeps_what_the_queue_served():
+    eng = serving_queue(seed=11, updates=600)
     twin = eng.copy(policy=Unbounded())
     twin._copy_seconds = eng._copy_seconds
     eng.update_k(0, 1, 0.01)
@@ -483,17 +483,9 @@ def test_rows_queued_before_a_flush_are_not_counted_after_it():
 
 
 def test_a_queue_that_serves_queries_stays_and_one_that_does_not_goes():
-    n, d = 4096, 64
-    eng = make(n=n, d=d, seed=6, policy=Unbounded())
-    eng._fresh_log = _Timings([1e-5] * 3)  # catching up on a row is cheap
-    eng._catch_log = _Timings([0.001 * 1e-5 / (n * d)])
-    eng._measure_catch_ratio()
-    price_snapshot(eng, 4 * n * d)  # ~500 updates
-    for u in range(300):
-        eng.update_k(u % 5, 1, 0.01)
-        eng.query(u % n, 2)
-        assert eng.regime == "lazy"
-    assert eng._pack.slots == 5  # the queries were corrected: the queue served them
+    eng = serving_queue(seed=6, updates=600)
+    n, d = eng.n, eng.d
+    assert eng.regime == "lazy" and eng._pack.slots == 5  # corrected: the queue served them
     for u in range(1100):  # batch queries served by the queue count as well
         eng.update_k(u % 5, 1, 0.01)
         eng.query_many([u % n], [2])
@@ -511,9 +503,7 @@ def test_a_packed_queue_is_left_once_idle_updates_would_pay_for_packing_it_again
     n, d = 4096, 64
     eng = make(n=n, d=d, seed=8, policy=Unbounded())
     eng._detach()  # a snapshot exists: leaving costs 20,000 units and 4·d a queued row
-    eng._fresh_log = _Timings([1e-5] * 3)  # a catch-up unit costs an element read afresh
-    eng._catch_log = _Timings([1e-5 / (n * d)])
-    eng._measure_catch_ratio()
+    freeze_timings(eng, 1.0)  # a catch-up unit costs an element read afresh
     for u in range(5):
         eng.update_k(u, 1, 0.01)
         eng.query(0, 2)  # corrected: 388·S + 160,000 < 262,144
@@ -524,6 +514,14 @@ def test_a_packed_queue_is_left_once_idle_updates_would_pay_for_packing_it_again
         updates += 1
     # and packing 5 rows again costs 150,000 + 5·10,000
     assert updates == -(-(20_000 + 4 * d * 5 + 200_000) // 2000)
+
+
+def freeze_timings(eng, ratio: float) -> None:
+    """Fresh queries timed at 10 µs and catch-ups at ``ratio`` times a fresh query's element,
+    frozen (the engine's own timings are ignored)."""
+    eng._fresh_log = _Timings([1e-5] * 3)
+    eng._catch_log = _Timings([ratio * 1e-5 / (eng.n * eng.d)])
+    eng._measure_catch_ratio()
 
 
 def price_snapshot(eng, units: float) -> None:
@@ -622,9 +620,7 @@ def test_a_logged_update_counts_one_row_of_catch_up_before_it_is_queued(ratio):
     # computes afresh and leaves the log unqueued; when catching up is cheap, it is queued
     n, d = 512, 8
     eng = make(n=n, d=d, seed=5, policy=10**6)
-    eng._fresh_log = _Timings([1e-5] * 3)
-    eng._catch_log = _Timings([0.001 * 1e-5 / (n * d)])
-    eng._measure_catch_ratio()
+    freeze_timings(eng, 0.001)
     eng.update_k(4, 1, 0.2)
     eng.query(0, 0)
     assert eng._pack.slots == 1 and not eng._log
@@ -657,9 +653,7 @@ def test_a_grown_log_repeats_the_fresh_choice_as_the_estimate_would(ops, ratio):
     n, d = 400, 6
     engines = [make(n=n, d=d, seed=9, policy=10**6) for _ in range(2)]
     for eng in engines:
-        eng._fresh_log = _Timings([1e-5] * 3)
-        eng._catch_log = _Timings([ratio * 1e-5 / (n * d)])
-        eng._measure_catch_ratio()
+        freeze_timings(eng, ratio)
         eng._n_fresh = 3  # the ratio is next remeasured at the 16th fresh query
     fast, full = engines
     shortcuts = 0
