@@ -21,9 +21,9 @@ answered afresh anyway), the engine leaves the queue for an *on-demand regime*: 
 V as of the last flush in a snapshot (made once, O(n·d), kept in step afterwards at O(|S|·d)
 a flush) and a flag per changed row, so an update is the write and a flag (an entry's flag
 is set from its log entry, vectorised, later) and a query computes its row afresh, as a
-strategy without caches would. A flush, a finite
-threshold, a reader of the queue or queries that a correction would serve better bring the
-queue back from the flags and the snapshot in O(n + |S|·d).
+strategy without caches would. A flush, a finite threshold, a reader of the queue or queries
+that a correction would serve better bring the queue back from the flags and the snapshot in
+O(n + |S|·d).
 
 Precision is guarded rather than hoped for: each cache row also carries guards comparing the
 mass that removals have taken out with the natural scale of what is left (``s_i`` and
