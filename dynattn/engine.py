@@ -462,6 +462,8 @@ class LazyAttention:
         self._fresh_log: deque[float] = deque(maxlen=32)  # seconds of entries computed afresh
         self._catch_log: deque[float] = deque(maxlen=32)  # seconds per _pack_cost unit caught up
         self._catch_ratio = math.nan  # see _measure_catch_ratio
+        # seconds of one _pack_cost unit, an element read by a fresh query: as last measured
+        # (_measure_catch_ratio), 0.25 ns before
         self._unit_s = 2.5e-10
         self._n_fresh = self._n_catch = 0
 
@@ -809,7 +811,7 @@ class LazyAttention:
         stays as it is; without the pack, queries every 100 updates that a pack of 300 rows
         served better than afresh left and rebuilt it every few queries)."""
         if self._K0 is None:  # copies of K and V, as long as this engine's own copies took
-            cost = 2 * self._copy_seconds / self._unit_seconds()
+            cost = 2 * self._copy_seconds / self._unit_s
         else:
             cost = self._detach_cost + 4 * self._d * len(self._rows)
         if self._pack.slots:
@@ -818,11 +820,6 @@ class LazyAttention:
         spent = (per_update * (self.n_updates - self._served_at)
                  + per_row * max(len(self._rows) - self._served_rows, 0))
         return spent >= cost
-
-    def _unit_seconds(self) -> float:
-        """Seconds of one ``_pack_cost`` unit, an element read by a fresh query: as last
-        measured (:meth:`_measure_catch_ratio`), else 0.25 ns."""
-        return self._unit_s
 
     def _detach(self) -> None:
         """Enter the on-demand regime: the snapshot takes the queued rows' old values (made

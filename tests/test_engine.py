@@ -526,7 +526,7 @@ def freeze_timings(eng, ratio: float) -> None:
 
 def price_snapshot(eng, units: float) -> None:
     """Make the engine expect its first snapshot of K and V to cost ``units``."""
-    eng._copy_seconds = units / 2 * eng._unit_seconds()
+    eng._copy_seconds = units / 2 * eng._unit_s
 
 
 def test_the_first_snapshot_is_priced_as_the_engine_s_own_copies_took(monkeypatch):
