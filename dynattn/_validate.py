@@ -36,10 +36,10 @@ def resolve_dtype(dtype, *arrays) -> np.dtype:
 
 
 def as_matrix(name: str, value, dtype: np.dtype, shape: tuple | None = None,
-              timings: list | None = None) -> np.ndarray:
-    """A finite, C-contiguous 2-D copy of ``value`` (dense or scipy.sparse) in ``dtype``;
-    the seconds the copy itself took (conversions and checks aside) are appended to
-    ``timings`` if given."""
+              timings: list | None = None, pad: int = 0) -> np.ndarray:
+    """A finite, C-contiguous 2-D copy of ``value`` (dense or scipy.sparse) in ``dtype``,
+    with ``pad`` zero columns after its own; the seconds the copy itself took (conversions
+    and checks aside) are appended to ``timings`` if given."""
     if hasattr(value, "toarray") and hasattr(value, "nnz"):  # scipy.sparse, without importing it
         value = value.toarray()
     arr = np.asarray(value)
@@ -53,7 +53,7 @@ def as_matrix(name: str, value, dtype: np.dtype, shape: tuple | None = None,
         raise ValueError(f"{name} must have at least one row and one column; got {arr.shape}")
     t0 = time.perf_counter()
     with np.errstate(over="ignore"):  # reported below, naming the array
-        out = aligned_copy(arr, dtype)
+        out = aligned_copy(arr, dtype, pad)
     if timings is not None:
         timings.append(time.perf_counter() - t0)
     check_finite(name, out, source=arr)
@@ -71,11 +71,13 @@ def aligned_empty(shape: tuple, dtype) -> np.ndarray:
     return buf[start:start + size].view(dtype).reshape(shape)
 
 
-def aligned_copy(arr: np.ndarray, dtype=None) -> np.ndarray:
-    """A C-contiguous copy of ``arr`` (cast to ``dtype`` if given) on a cache line (see
-    :func:`aligned_empty`)."""
-    out = aligned_empty(arr.shape, arr.dtype if dtype is None else dtype)
-    out[...] = arr
+def aligned_copy(arr: np.ndarray, dtype=None, pad: int = 0) -> np.ndarray:
+    """A C-contiguous copy of 2-D ``arr`` (cast to ``dtype`` if given) on a cache line (see
+    :func:`aligned_empty`), followed in each row by ``pad`` zeros."""
+    n, d = arr.shape
+    out = aligned_empty((n, d + pad), arr.dtype if dtype is None else dtype)
+    out[:, :d] = arr
+    out[:, d:] = 0
     return out
 
 

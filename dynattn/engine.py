@@ -147,6 +147,10 @@ class _Pack:
     def __init__(self, d: int, dtype: np.dtype):
         self.Kp = np.empty((0, d), dtype=dtype)
         self.B = np.empty((0, 2 * d + 2), dtype=dtype)
+        self.clear()
+
+    def clear(self) -> None:
+        """Empty, keeping the capacity: regrowing after every flush cost 15 % of packing."""
         self.size = 0                          # entries in use
         self.slots = 0                         # touched rows (slots 0..slots-1) packed
         self.entry: list[int] = []             # per slot: its new-key or value-only entry
@@ -157,7 +161,7 @@ class _Pack:
         self.aug: np.ndarray | None = None     # [Kp | 1] for products that subtract m
         self.dirty: set[int] = set()           # packed slots (< slots) updated since
         self.requeue: list[int] = []           # packed slots to append again (role change)
-        self.views = (self.Kp, self.B, None)   # (Kp, B, new) in use, as _get_pack returns them
+        self.views = (self.Kp[:0], self.B[:0], None)  # (Kp, B, new) in use (_get_pack)
 
     def reserve(self, size: int) -> None:
         """Capacity for ``size`` entries (appends are amortised O(d))."""
@@ -390,8 +394,8 @@ class LazyAttention:
     def __init__(self, Q, K, V, *, scale=None, dtype=None, policy=None):
         dt = V_.resolve_dtype(dtype, Q, K, V)
         copies: list[float] = []
-        Qa = V_.as_matrix("Q", Q, dt, timings=copies)
-        n, d = Qa.shape
+        Qa = V_.as_matrix("Q", Q, dt, timings=copies, pad=1)
+        n, d = len(Qa), Qa.shape[1] - 1
         Ka = V_.as_matrix("K", K, dt, shape=(n, d), timings=copies)
         Va = V_.as_matrix("V", V, dt, shape=(n, d), timings=copies)
         copy_seconds = statistics.median(copies)
@@ -403,11 +407,12 @@ class LazyAttention:
         self._adopt(Qa, Ka, Va, scale, as_policy(policy), copy_seconds)
         self._store_exact()
 
-    def _adopt(self, Q, K, V, scale: float, policy, copy_seconds: float) -> None:
+    def _adopt(self, QA, K, V, scale: float, policy, copy_seconds: float) -> None:
         """Take owned, validated arrays (``copy_seconds``: what copying one of them into new
-        memory took); caches allocated, queue empty, counters zero."""
-        n, d = Q.shape
-        dt = Q.dtype
+        memory took), Q with a spare column, ``QA = [Q | ·]`` of shape (n, d+1); caches
+        allocated, queue empty, counters zero."""
+        n, d = K.shape
+        dt = K.dtype
         self._policy = policy
         self._dtype = dt
         self._n, self._d = n, d
@@ -419,7 +424,11 @@ class LazyAttention:
         self._marks = (np.array([1, -self._growth], dtype=dt),
                        np.array([-1, 1 + self._growth], dtype=dt))
         self._max_query_rows = (n * d) // (2 * (3 * d + 2))  # see max_query_rows
-        self._Q, self._K, self._V = Q, K, V
+        # the flush's logit product takes [Q | −m] as it stands: the stabilisers are written
+        # into the spare column rather than the queries copied beside them (3-5 % of a flush)
+        self._QA = QA
+        Q = self._Q = QA[:, :d]
+        self._K, self._V = K, V
         with np.errstate(over="ignore"):  # an infinite norm only disables a shortcut
             self._qnorm = np.sqrt(np.einsum("ij,ij->i", Q, Q))
         self._views = {}
@@ -455,6 +464,7 @@ class LazyAttention:
         self._direct = False
         # n_updates and rows queued when the queue last served a query (see _detach_pays)
         self._served_at = self._served_rows = 0
+        self._pack = _Pack(d, dt)
         self._reset_pending()
         self._n_queries = 0
         self._fresh_count, self._fresh_mark = 0, 0  # see _prefers_fresh
@@ -479,7 +489,7 @@ class LazyAttention:
         self._materialise()
         new = object.__new__(type(self))
         arrays, copies = [], []
-        for a in (self._Q, self._K, self._V):
+        for a in (self._QA, self._K, self._V):
             t0 = time.perf_counter()
             arrays.append(V_.aligned_copy(a))
             copies.append(time.perf_counter() - t0)
@@ -578,7 +588,7 @@ class LazyAttention:
     def nbytes(self) -> int:
         """Bytes held by the engine's arrays (state and pending queue; the entry log, a Python
         list of at most ``2·_max_log`` numbers, aside)."""
-        arrays = (self._Q, self._K, self._V, self._C, self._m, self._old_k, self._old_v,
+        arrays = (self._QA, self._K, self._V, self._C, self._m, self._old_k, self._old_v,
                   self._slot, self._bare_k, self._bare_v, self._moved_k, self._moved_v)
         if self._K0 is not None:
             arrays += (self._K0, self._V0)
@@ -839,7 +849,7 @@ class LazyAttention:
         self._V0[rows] = self._old_v[slots]
         self._slot[rows] = -1
         self._rows = []
-        self._pack = _Pack(self._d, self._dtype)
+        self._pack.clear()
         self._direct = True
         self._direct_big, self._direct_regret = False, 0  # see _direct_fresh
         self._query_mark = self.n_updates
@@ -939,19 +949,20 @@ class LazyAttention:
     def _reset_pending(self) -> None:
         self._pending = 0
         self._ask_policy_next()  # a flush may change the policy's answer
-        self._slot[self._rows] = -1  # O(|S|), not O(n)
+        rows = np.array(self._rows, dtype=np.intp)  # converted once, not at each use
+        self._slot[rows] = -1  # O(|S|), not O(n)
         for flags in (self._bare_k, self._bare_v, self._moved_k, self._moved_v):
-            flags[self._rows] = False
+            flags[rows] = False
         if self._K0 is not None:  # the flushed rows' values are now the caches' values
-            self._K0[self._rows] = self._K[self._rows]
-            self._V0[self._rows] = self._V[self._rows]
+            self._K0[rows] = self._K[rows]
+            self._V0[rows] = self._V[rows]
         self._rows, self._bare_rows = [], []
         self._served_rows = 0
         self._log.clear()
         self._fresh_log_len = math.inf  # see _choose_direct
         # (positions, old values) of the logged entries of bare rows, in order (_materialise)
         self._undo: list[tuple[np.ndarray, np.ndarray]] = []
-        self._pack = _Pack(self._d, self._dtype)
+        self._pack.clear()
 
     # ------------------------------------------------------------------ the correction
     def _get_pack(self) -> tuple[np.ndarray, np.ndarray, slice | np.ndarray | None]:
@@ -1151,9 +1162,7 @@ class LazyAttention:
             pack.aug = np.empty((len(Kp), self._d + 1), dtype=self._dtype)
             np.multiply(Kp, _LOG2E, out=pack.aug[:, :self._d])
             pack.aug[:, self._d] = _LOG2E
-        shape = (len(m), self._d + 1)
-        QA = self._buffer("queries", shape) if workspace else np.empty(shape, self._dtype)
-        QA[:, :self._d] = self._Q[rows]
+        QA = self._QA[rows]  # the caches' own rows when flushing (a slice), else a copy
         np.negative(m, out=QA[:, self._d])
         L = self._buffer("logits", (len(m), len(Kp))) if workspace else None
         L = np.matmul(QA, pack.aug.T, out=L)

@@ -755,7 +755,7 @@ def test_inputs_and_queued_rows_start_on_cache_lines(dtype):
     eng.set_k_row(3, np.arange(5.0))
     eng.update_v(4, 1, 0.5)
     eng.query_many([0, 1], [0, 1])  # packs the touched rows
-    arrays = (eng._Q, eng._K, eng._V, eng._old_k, eng._old_v, eng._pack.Kp, eng._pack.B)
+    arrays = (eng._QA, eng._K, eng._V, eng._old_k, eng._old_v, eng._pack.Kp, eng._pack.B)
     arrays += (eng.copy()._K, OnDemand(eng.Q, eng.K, eng.V)._K)
     eng._detach()
     arrays += (eng._K0, eng._V0)
