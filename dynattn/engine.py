@@ -462,7 +462,7 @@ class LazyAttention:
         self._V0: np.ndarray | None = None
         self._copy_seconds = copy_seconds  # what making each of them is expected to take
         self._direct = False
-        # n_updates and rows queued when the queue last served a query (see _detach_pays)
+        # n_updates and rows queued when the queue last served a query (see _detach_shortfall)
         self._served_at = self._served_rows = 0
         self._pack = _Pack(d, dt)
         self._reset_pending()
@@ -819,12 +819,13 @@ class LazyAttention:
             self._arm()
             self._flag(at)
 
-    def _detach_pays(self) -> bool:
-        """Whether the updates since the queue last served a query would have paid for
-        entering the on-demand regime and for packing the queue's packed rows again on the
-        way back (ski rental: at most twice the better choice in hindsight, for a stream that
-        stays as it is; without the pack, queries every 100 updates that a pack of 300 rows
-        served better than afresh left and rebuilt it every few queries)."""
+    def _detach_shortfall(self) -> float:
+        """What the updates since the queue last served a query still lack, in units, to have
+        paid for entering the on-demand regime and for packing the queue's packed rows again
+        on the way back; ≤ 0 once they have (ski rental: at most twice the better choice in
+        hindsight, for a stream that stays as it is; without the pack, queries every 100
+        updates that a pack of 300 rows served better than afresh left and rebuilt it every
+        few queries)."""
         if self._K0 is None:  # copies of K and V, as long as this engine's own copies took
             cost = 2 * self._copy_seconds / self._unit_s
         else:
@@ -834,7 +835,7 @@ class LazyAttention:
         per_update, per_row = self._on_demand_gain
         spent = (per_update * (self.n_updates - self._served_at)
                  + per_row * max(len(self._rows) - self._served_rows, 0))
-        return spent >= cost
+        return cost - spent
 
     def _detach(self) -> None:
         """Enter the on-demand regime: the snapshot takes the queued rows' old values (made
@@ -913,24 +914,31 @@ class LazyAttention:
         its threshold holds (``valid_until(engine)``, an update count) is asked again only
         then, or at the threshold. The log is settled at ``_max_log`` entries, so its memory
         stays bounded whatever the policy does. Here the engine also changes regime: on
-        demand while the threshold is infinite and that pays (:meth:`_detach_pays`), queued
-        as soon as it is finite.
+        demand while the threshold is infinite and that pays (:meth:`_detach_shortfall`),
+        queued as soon as it is finite. While it does not pay yet, the policy is asked again
+        by the time it could (an update adds at most one row to the queue), so the regime
+        changes when it pays, not thousands of updates later when the policy's answer lapses.
         """
         policy = self._policy
         threshold = policy.threshold(self)
         pending = self.pending
         if pending >= threshold:
             return self.flush()
-        if threshold != math.inf:
-            if self._direct:  # a flush is coming: the queue makes it incremental
-                self._attach()
-        elif not self._direct and self._detach_pays():
-            self._detach()
-        if len(self._log) >= 2 * self._max_log:
-            self._flag_log() if self._direct else self._settle()
         until = getattr(policy, "valid_until", None)
         hold = until(self) - self.n_updates if until is not None else 0
         hold = min(hold, self._max_log) if hold >= 0 else 0  # NaN or past: ask next update
+        if threshold != math.inf:
+            if self._direct:  # a flush is coming: the queue makes it incremental
+                self._attach()
+        elif not self._direct:
+            short = self._detach_shortfall()
+            if short <= 0:
+                self._detach()
+            else:
+                gain = max(sum(self._on_demand_gain), 1)
+                hold = min(hold, math.ceil(short / gain) - 1)  # asked at the update it may pay
+        if len(self._log) >= 2 * self._max_log:
+            self._flag_log() if self._direct else self._settle()
         ask = pending + 1 + hold
         ask = min(ask, pending + self._max_log - len(self._log) // 2)
         self._check_at = threshold if threshold < ask else ask

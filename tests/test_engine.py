@@ -581,6 +581,34 @@ def test_on_demand_the_policy_is_asked_when_its_answer_runs_out_whatever_the_upd
     assert eng.policy.asked == list(range(1, eng.n_updates + 1))[:-2] + [eng.n_updates]
 
 
+class Lasting(Recording):
+    """Recording, with an answer that holds for a million updates."""
+
+    def valid_until(self, engine) -> int:
+        return engine.n_updates + 10**6
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_the_regime_changes_when_it_pays_not_when_the_policy_s_answer_runs_out(rows):
+    # the engine asks again by the time the queue's cost could have paid for the snapshot
+    # (an update queues at most one row), however long the policy's answer holds
+    eng = make(n=4096, d=4, seed=2, policy=Lasting())
+    price_snapshot(eng, 60_000)
+    eng._on_demand_gain = (10, 50)
+    new_row = np.ones(4)
+    for u in range(7_000):
+        if rows:
+            eng.set_v_row(u % 4096, new_row)  # a new row each update: 60 units
+        else:
+            eng.update_v(7, 1, 0.1)  # 10 units an update; its row queued at 4,096 logged
+        if eng.regime == "on-demand":
+            break
+    # spent (updates × 10 + rows × 50) reaches the price at this update, not later
+    assert eng.n_updates == (1_000 if rows else (60_000 - 50) // 10)
+    # asked as the shortfall closes (each time by a sixth at least, here), not every update
+    assert len(eng.policy.asked) < 60
+
+
 class _Timings(deque):
     """A timing log frozen at given values (the engine's appends are ignored)."""
 
