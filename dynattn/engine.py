@@ -954,10 +954,12 @@ class LazyAttention:
         self._check_at = 0
         self._arm()
 
-    def _reset_pending(self) -> None:
+    def _reset_pending(self, rows: np.ndarray | None = None) -> None:
+        """Empty the queue; ``rows``: its rows as an index array, if the caller made one."""
         self._pending = 0
         self._ask_policy_next()  # a flush may change the policy's answer
-        rows = np.array(self._rows, dtype=np.intp)  # converted once, not at each use
+        if rows is None:  # converted once, not at each use
+            rows = np.array(self._rows, dtype=np.intp)
         self._slot[rows] = -1  # O(|S|), not O(n)
         for flags in (self._bare_k, self._bare_v, self._moved_k, self._moved_v):
             flags[rows] = False
@@ -1309,7 +1311,7 @@ class LazyAttention:
                            v_rows=int(self._moved_v[rows].sum()), flops=flops,
                            seconds=seconds, kind=kind, repaired=repaired)
         self._done += self.pending
-        self._reset_pending()
+        self._reset_pending(rows)
         self.flush_log.append(event)
         on_flush = getattr(self._policy, "on_flush", None)
         if on_flush is not None:
