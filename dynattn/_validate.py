@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import time
 
 import numpy as np
 
@@ -36,10 +35,9 @@ def resolve_dtype(dtype, *arrays) -> np.dtype:
 
 
 def as_matrix(name: str, value, dtype: np.dtype, shape: tuple | None = None,
-              timings: list | None = None, pad: int = 0) -> np.ndarray:
+              pad: int = 0) -> np.ndarray:
     """A finite, C-contiguous 2-D copy of ``value`` (dense or scipy.sparse) in ``dtype``,
-    with ``pad`` zero columns after its own; the seconds the copy itself took (conversions
-    and checks aside) are appended to ``timings`` if given."""
+    with ``pad`` zero columns after its own."""
     if hasattr(value, "toarray") and hasattr(value, "nnz"):  # scipy.sparse, without importing it
         value = value.toarray()
     arr = np.asarray(value)
@@ -51,11 +49,8 @@ def as_matrix(name: str, value, dtype: np.dtype, shape: tuple | None = None,
         raise ValueError(f"{name} has shape {arr.shape}; expected {shape}")
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(f"{name} must have at least one row and one column; got {arr.shape}")
-    t0 = time.perf_counter()
     with np.errstate(over="ignore"):  # reported below, naming the array
         out = aligned_copy(arr, dtype, pad)
-    if timings is not None:
-        timings.append(time.perf_counter() - t0)
     check_finite(name, out, source=arr)
     return out
 

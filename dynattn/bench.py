@@ -202,9 +202,8 @@ TARGET_RATE = 0.01  # query rate at which "per update" targets are judged (queri
 
 class _Never:
     """Policy that never flushes: the benchmark flushes explicitly where it needs to. Its
-    threshold is finite, past any run: with an infinite one the engine would leave its queue
-    for the on-demand regime, and the queries with k rows pending, the flushes and the memory
-    measured here are the queue's."""
+    threshold is finite, past any run (a policy's infinite threshold means "never flush"
+    too, but this one needs no special case anywhere)."""
 
     def threshold(self, engine) -> float:
         return float(2**62)

@@ -6,24 +6,17 @@ Attention is ``O = softmax(scale · Q Kᵀ) V``: with ``A = exp(scale · Q Kᵀ)
 :class:`LazyAttention` never forms an n×n array. Per row ``i`` it caches a stabiliser ``m_i``,
 the numerator ``N_i = Σ_j ã_ij v_j`` and the denominator ``s_i = Σ_j ã_ij`` with
 ``ã_ij = exp(scale · q_i·k_j − m_i)``. Updates to K or V change K and V at once but only *queue*
-the touched rows S (keeping their values as of the last flush). A query corrects the stale cache
-row exactly, in ``O(|S|·d)``, by adding the touched rows' new contributions and removing their
-old ones; a flush applies the same correction to every row as two matrix products (BLAS-3),
-``O(n·|S|·d)``.
+the touched rows S. A query corrects the stale cache row exactly, in ``O(|S|·d)``, by adding the
+touched rows' new contributions and removing their old ones; a flush applies the same
+correction to every row as two matrix products (BLAS-3), ``O(n·|S|·d)``.
 
-A single entry update does the least it can: it writes the entry and logs its position and old
-value. The log is queued when something reads the queue, in a few vectorised passes, and a row's
-old K and V rows are copied only when a correction first needs them: when queries are rare and
-answered afresh, none is ever copied, and an update costs little more than the write.
-
-When the policy will not flush and the queue has long served no query (queries rare, or
-answered afresh anyway), the engine leaves the queue for an *on-demand regime*: it keeps K and
-V as of the last flush in a snapshot (made once, O(n·d), kept in step afterwards at O(|S|·d)
-a flush) and a flag per changed row, so an update is the write and a flag (an entry's flag
-is set from its log entry, vectorised, later) and a query computes its row afresh, as a
-strategy without caches would. A flush, a finite threshold, a reader of the queue or queries
-that a correction would serve better bring the queue back from the flags and the snapshot in
-O(n + |S|·d).
+The old contributions come from a snapshot of K and V as of the last flush (2·n·d numbers,
+brought in step with K and V at each flush, O(|S|·d)). It costs memory and buys cheap updates:
+an update never copies what it overwrites, so a row write is the write and a flag, and a
+single entry update writes the entry and logs its position, its row queued later with the rest
+of the log, vectorised. When queries are rare and computed afresh (O(n·d), cheaper than
+catching corrections up on many touched rows), the engine costs what a strategy without caches
+would, plus the flags.
 
 Precision is guarded rather than hoped for: each cache row also carries guards comparing the
 mass that removals have taken out with the natural scale of what is left (``s_i`` and
@@ -206,18 +199,6 @@ class _Norm:
             return float(np.float64(self.scale) / other.scale * math.sqrt(self.ssq / other.ssq))
 
 
-def _first_of_each(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(values, return_index=True)``: the distinct values, sorted, and where each
-    first occurs. A stable sort and one comparison: np.unique's hash table costs 2-4× more on
-    the thousands of integers of a log."""
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    first = np.empty(len(ordered), dtype=bool)
-    first[:1] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
-    return ordered[first], order[first]
-
-
 def _max_norm(rows: np.ndarray) -> float:
     """Largest Euclidean norm among ``rows`` (0 for none; inf if a norm overflows)."""
     if not len(rows):
@@ -235,18 +216,16 @@ def _entry_update(which: str):
 
     def update(self, i, j, delta) -> FlushEvent | None:
         # the single update is the hot path of every stream: scalar work and a log entry only;
-        # its row joins the queue at the next read (_settle), with the others, vectorised (on
-        # demand, its row is flagged then, _flag_log)
+        # its row joins the queue at the next read (_settle), with the others, vectorised
         d = self._d
         i = V_.check_index("i", i, self._n)
         j = V_.check_index("j", j, d)
         target = self._K if on_k else self._V
-        old, new = V_.entry_sum(which, target, i, j,
-                                V_.check_scalar("delta", delta, self._dtype))
+        _, new = V_.entry_sum(which, target, i, j,
+                              V_.check_scalar("delta", delta, self._dtype))
         target[i, j] = new
         log = self._log
         log.append(i * d + j if on_k else self._nd + i * d + j)
-        log.append(old)
         if len(log) >= self._ask_at:
             return self._consult()
         return None
@@ -257,60 +236,24 @@ def _entry_update(which: str):
 
 
 def _row_update(which: str):
-    """``LazyAttention.set_k_row`` or ``set_v_row``, as :func:`_entry_update`.
-
-    :meth:`LazyAttention._set_rows` for one row, in scalars and inline (each call saved is
-    ~0.05 µs of an update that costs 1-2). A new row keeps only the old row being overwritten:
-    the other stays as it is, bare, until a correction needs it (a row rewrite of K leaves V
-    alone, and copying it costs a cache miss).
-    """
+    """``LazyAttention.set_k_row`` or ``set_v_row``, as :func:`_entry_update`: the write, and
+    the position of the row's first entry logged, as an entry update's is (its row is queued
+    with the log, and the snapshot holds what it overwrote). Queueing the row here, in scalars,
+    cost 0.3-0.5 µs more, a third of the write's own cost."""
     on_k = which == "K"
 
     def update(self, i, row) -> FlushEvent | None:
         i = V_.check_index("i", i, self._n)
-        row = V_.as_vector("row", row, self._d, self._dtype)
-        target = self._K if on_k else self._V
-        if self._direct:  # on demand, a row write is the write, a flag and a count
-            if self._log:
-                self._flag_log()
-        else:
-            if self._log:
-                self._settle()
-            k = self._slot.item(i)
-            if k < 0:
-                k = len(self._rows)
-                if k >= len(self._old_k):
-                    self._reserve(k + 1)
-                if on_k:
-                    self._old_k[k] = target[i]
-                    self._bare_v[i] = True
-                else:
-                    self._old_v[k] = target[i]
-                    self._bare_k[i] = True
-                self._bare_rows.append(i)
-                self._slot[i] = k
-                self._rows.append(i)
-            else:
-                bare = self._bare_k if on_k else self._bare_v
-                if bare.item(i):  # its old row is about to be overwritten: keep it first
-                    if self._undo:
-                        self._materialise()
-                    else:  # nothing to write back into it: the row as it is now
-                        (self._old_k if on_k else self._old_v)[k] = target[i]
-                        bare[i] = False
-                if k < self._pack.slots:
-                    self._pack.dirty.add(k)
-        (self._moved_k if on_k else self._moved_v)[i] = True
-        target[i] = row
-        self._pending += 1  # _counted(1), with the log empty
-        if self._pending >= self._check_at:
+        (self._K if on_k else self._V)[i] = V_.as_vector("row", row, self._d, self._dtype)
+        log = self._log
+        log.append(i * self._d if on_k else self._nd + i * self._d)
+        if len(log) >= self._ask_at:
             return self._consult()
-        self._ask_at -= 2
         return None
 
     return _method(update, f"set_{which.lower()}_row",
-                   f"Replace ``{which}[i]`` by ``row`` (shape (d,)); one update action, O(d). "
-                   "Returns the flush it caused, if any.")
+                   f"Replace ``{which}[i]`` by ``row`` (shape (d,)); one update action, O(d), "
+                   "logged. Returns the flush it caused, if any.")
 
 
 def _method(func, name: str, doc: str):
@@ -340,13 +283,11 @@ class LazyAttention:
     Notes
     -----
     Costs, with S the touched rows: an entry update is O(1) (a write and a log entry; its row is
-    queued later, amortised O(1), and its old K and V rows copied, O(d), once a correction
-    needs them), a row update O(d), an exact query O(|S|·d) (O(n·d) when that is cheaper), a
-    flush O(n·|S|·d) in two matrix products, a rebuild O(n²·d) in row blocks. Memory is
-    O(n·d + |S|·d) plus O(|S| + 4,096) logged entries (the log is queued at 4,096, the old
-    values kept for rows not yet copied at most 8 per row beyond that); no n×n array is formed.
-    Once the engine has used its on-demand regime (see :attr:`regime`), it keeps a snapshot of
-    K and V, 2·n·d numbers more.
+    queued later, amortised O(1)), a row update O(d), an exact query O(|S|·d) (O(n·d) when
+    that is cheaper), a flush O(n·|S|·d) in two matrix products, a rebuild O(n²·d) in row
+    blocks. Memory is O(n·d): Q, K, V, the snapshot of K and V as of the last flush and the
+    caches (about 8·n·d numbers in all), O(n) flags and at most 4,096 logged entries (the log
+    is queued then); no n×n array is formed.
 
     Examples
     --------
@@ -379,38 +320,28 @@ class LazyAttention:
     _short_log = 16
     _max_log = 4096
 
-    # Queueing costs, beyond writing, 0.2-0.5 µs an update (logging, settling the log and
-    # copying rows updated again and again, counting) and 0.5-1.5 µs a row queued (copying
-    # its old row: a cache miss, fresh pages), as much as a fresh query's pass over 2,000
-    # and 4,000 elements of K (0.15-0.3 ns each; measured at n = 1,024-16,384, d = 64).
-    # Entering the on-demand regime costs copying K and V the first time (into new memory: its
-    # page faults cost 3-30 times the copy, 4-33 ms at n = 16,384, so it is priced as long as
-    # the engine's copies of its inputs took), then the queued rows' old values and
-    # _detach_cost; it is bought as in ski rental, once what the queue cost since it last
-    # served a query would have paid for it.
-    _on_demand_gain = (2_000, 4_000)  # per update, per row queued
-    _detach_cost = 20_000
-
     def __init__(self, Q, K, V, *, scale=None, dtype=None, policy=None):
         dt = V_.resolve_dtype(dtype, Q, K, V)
-        copies: list[float] = []
-        Qa = V_.as_matrix("Q", Q, dt, timings=copies, pad=1)
+        Qa = V_.as_matrix("Q", Q, dt, pad=1)
         n, d = len(Qa), Qa.shape[1] - 1
-        Ka = V_.as_matrix("K", K, dt, shape=(n, d), timings=copies)
-        Va = V_.as_matrix("V", V, dt, shape=(n, d), timings=copies)
-        copy_seconds = statistics.median(copies)
+        Ka = V_.as_matrix("K", K, dt, shape=(n, d))
+        Va = V_.as_matrix("V", V, dt, shape=(n, d))
         if scale is None:
             scale = 1.0 / math.sqrt(d)
         scale = V_.check_scalar("scale", scale, dt)
         if scale == 0:
             raise ValueError("scale=0 makes every row uniform; use a nonzero scale")
-        self._adopt(Qa, Ka, Va, scale, as_policy(policy), copy_seconds)
+        self._adopt(Qa, Ka, Va, scale, as_policy(policy))
         self._store_exact()
+        # the snapshot is made after the build and its scratch block are gone, while the
+        # caller's inputs may still be alive: this keeps the peak at n = 50,000 under 300 MB
+        self._buffers.clear()
+        self._K0, self._V0 = V_.aligned_copy(Ka), V_.aligned_copy(Va)
 
-    def _adopt(self, QA, K, V, scale: float, policy, copy_seconds: float) -> None:
-        """Take owned, validated arrays (``copy_seconds``: what copying one of them into new
-        memory took), Q with a spare column, ``QA = [Q | ·]`` of shape (n, d+1); caches
-        allocated, queue empty, counters zero."""
+    def _adopt(self, QA, K, V, scale: float, policy) -> None:
+        """Take owned, validated arrays, Q with a spare column, ``QA = [Q | ·]`` of shape
+        (n, d+1); caches allocated, queue empty, counters zero. The caller sets the snapshot
+        ``_K0``, ``_V0`` (K and V as the caches describe them)."""
         n, d = K.shape
         dt = K.dtype
         self._policy = policy
@@ -440,30 +371,15 @@ class LazyAttention:
         self._C = np.empty((n, 2 * d + 2), dtype=dt)
         self._m = np.empty(n, dtype=dt)
         self._buffers: dict[str, np.ndarray] = {}
-        # old K and V rows of the touched rows (slot order); they keep their capacity across
-        # flushes (at most n rows): regrowing them after every flush page-faults fresh memory
-        self._old_k = np.empty((0, d), dtype=dt)
-        self._old_v = np.empty((0, d), dtype=dt)
+        self._K0, self._V0 = K, V  # the caller replaces them by copies: the snapshot
         self._slot = np.full(n, -1, dtype=np.intp)  # per row: its slot in the queue, or -1
-        self._rows: list[int] = []
-        # per row: queued without its old K row, or its old V row, yet (see _materialise)
-        self._bare_k = np.zeros(n, dtype=bool)
-        self._bare_v = np.zeros(n, dtype=bool)
+        self._rows: list[int] = []  # the touched rows, in slot order
         self._moved_k = np.zeros(n, dtype=bool)  # per row: its key changed since the flush
         self._moved_v = np.zeros(n, dtype=bool)  # per row: its value changed since the flush
-        self._bare_rows: list[int] = []  # rows queued bare (a row write may have covered one)
         self._done = 0  # update actions applied by flushes; n_updates adds the pending ones
-        # entry updates not yet queued: position (V's after K's: + n·d), value before, ...
-        # in one flat list, as cheap to append to as it gets
-        self._log: list = []
-        # the on-demand regime (see _detach): K and V as the caches describe them, in step
-        # with K and V on every row not queued, once made
-        self._K0: np.ndarray | None = None
-        self._V0: np.ndarray | None = None
-        self._copy_seconds = copy_seconds  # what making each of them is expected to take
-        self._direct = False
-        # n_updates and rows queued when the queue last served a query (see _detach_shortfall)
-        self._served_at = self._served_rows = 0
+        # positions of the entry updates not yet queued (V's after K's: + n·d), in a plain
+        # list, as cheap to append to as it gets
+        self._log: list[int] = []
         self._pack = _Pack(d, dt)
         self._reset_pending()
         self._n_queries = 0
@@ -484,25 +400,19 @@ class LazyAttention:
 
     def copy(self, policy=None) -> LazyAttention:
         """An independent engine in the same state (arrays, caches, pending queue, counters),
-        with its own ``policy`` (None: CostModel) and empty logs. O(n·d), no rebuild. Both
-        leave the on-demand regime, if this engine is in it: the copy is made of the queue."""
-        self._materialise()
+        with its own ``policy`` (None: CostModel) and empty logs. O(n·d), no rebuild."""
+        self._settle()
         new = object.__new__(type(self))
-        arrays, copies = [], []
-        for a in (self._QA, self._K, self._V):
-            t0 = time.perf_counter()
-            arrays.append(V_.aligned_copy(a))
-            copies.append(time.perf_counter() - t0)
-        new._adopt(*arrays, self._scale, as_policy(policy), statistics.median(copies))
+        new._adopt(*(V_.aligned_copy(a) for a in (self._QA, self._K, self._V)), self._scale,
+                   as_policy(policy))
+        new._K0, new._V0 = V_.aligned_copy(self._K0), V_.aligned_copy(self._V0)
         new._C[...] = self._C
         new._m[...] = self._m
         new._pending, new._done = self._pending, self._done
-        new._served_at, new._served_rows = self._served_at, self._served_rows
         new._n_queries, new._n_flushes = self._n_queries, self._n_flushes
         new._slot[...] = self._slot
         new._rows = list(self._rows)
         new._moved_k[...], new._moved_v[...] = self._moved_k, self._moved_v
-        new._old_k, new._old_v = self._old_k.copy(), self._old_v.copy()
         return new
 
     # ------------------------------------------------------------------ properties
@@ -513,7 +423,7 @@ class LazyAttention:
     Q = property(lambda self: self._views["Q"], doc="Queries (n, d), read-only view.")
     K = property(lambda self: self._views["K"], doc="Current keys (n, d), read-only view.")
     V = property(lambda self: self._views["V"], doc="Current values (n, d), read-only view.")
-    pending = property(lambda self: self._pending + len(self._log) // 2,
+    pending = property(lambda self: self._pending + len(self._log),
                        doc="Update actions since the last flush (an entry update or a row set "
                            "counts one).")
     n_updates = property(lambda self: self._done + self.pending, doc="Update actions so far.")
@@ -523,9 +433,6 @@ class LazyAttention:
     @property
     def touched_rows(self) -> int:
         """Distinct rows of K or V touched since the last flush, |S|."""
-        if self._direct:  # counted from the flags, O(n), leaving the regime as it is
-            self._flag_log()
-            return int(np.count_nonzero(self._moved_k | self._moved_v))
         self._settle()
         return len(self._rows)
 
@@ -540,11 +447,7 @@ class LazyAttention:
         return frozenset(self._moved_rows(self._moved_v).tolist())
 
     def _moved_rows(self, moved: np.ndarray) -> np.ndarray:
-        """The queued rows flagged in ``moved`` (``_moved_k`` or ``_moved_v``), O(|S|); on
-        demand, the flagged rows, O(n)."""
-        if self._direct:
-            self._flag_log()
-            return np.flatnonzero(moved)
+        """The queued rows flagged in ``moved`` (``_moved_k`` or ``_moved_v``), O(|S|)."""
         self._settle()
         rows = np.array(self._rows, dtype=np.intp)
         return rows[moved[rows]]
@@ -578,21 +481,12 @@ class LazyAttention:
         return self.flush_log[-1] if self.flush_log else None
 
     @property
-    def regime(self) -> str:
-        """``"lazy"`` while updates are queued (corrections, flushes), ``"on-demand"`` while
-        the policy will not flush and the queue serves no query: updates are then written and
-        flagged only, and queries computed afresh (see the module notes)."""
-        return "on-demand" if self._direct else "lazy"
-
-    @property
     def nbytes(self) -> int:
         """Bytes held by the engine's arrays (state and pending queue; the entry log, a Python
-        list of at most ``2·_max_log`` numbers, aside)."""
-        arrays = (self._QA, self._K, self._V, self._C, self._m, self._old_k, self._old_v,
-                  self._slot, self._bare_k, self._bare_v, self._moved_k, self._moved_v)
-        if self._K0 is not None:
-            arrays += (self._K0, self._V0)
-        return sum(a.nbytes for a in arrays) + sum(a.nbytes + v.nbytes for a, v in self._undo)
+        list of at most ``_max_log`` numbers, aside)."""
+        arrays = (self._QA, self._K, self._V, self._K0, self._V0, self._C, self._m, self._slot,
+                  self._moved_k, self._moved_v, self._pack.Kp, self._pack.B)
+        return sum(a.nbytes for a in arrays)
 
     # ------------------------------------------------------------------ updates
     update_k = _entry_update("K")
@@ -692,27 +586,13 @@ class LazyAttention:
         return self._counted(len(r))
 
     def _touch(self, rows: np.ndarray, moved: np.ndarray) -> None:
-        """Queue ``rows`` of K (``moved`` is ``_moved_k``) or V before a batch or row write:
-        the log first, and any of these rows still without its old row there gets it (the
-        write is not logged: the old row could not be rebuilt after it). On demand: flags."""
-        if self._direct:
-            moved[rows] = True
-            return
-        self._settle()
-        if self._bare_rows and self._bare_of(moved)[rows].any():
-            self._materialise()
-        self._queue(rows, keep=True)
+        """Queue ``rows`` of K (``moved`` is ``_moved_k``) or V and flag them, O(len(rows))."""
+        self._queue(rows)
         moved[rows] = True
 
-    def _bare_of(self, moved: np.ndarray) -> np.ndarray:
-        """``_bare_k`` for ``_moved_k``, ``_bare_v`` for ``_moved_v``."""
-        return self._bare_k if moved is self._moved_k else self._bare_v
-
-    def _queue(self, rows: np.ndarray, keep: bool) -> None:
-        """Queue ``rows``, O(len(rows)), vectorised: a row's first touch since the last flush
-        gives it a slot and, with ``keep``, copies its K and V rows as they are now (else it
-        is *bare*: see :meth:`_materialise`); a packed row's entries are marked for a refresh.
-        The caller flags the rows in ``_moved_k`` or ``_moved_v``."""
+    def _queue(self, rows: np.ndarray) -> None:
+        """Give the rows new to the queue a slot, vectorised, and mark the packed ones for a
+        refresh. The caller flags the rows in ``_moved_k`` or ``_moved_v``."""
         slot = self._slot
         had = slot[rows]
         new = rows[had < 0]
@@ -722,189 +602,49 @@ class LazyAttention:
         fresh = new[slot[new] == ticket]
         if len(fresh):
             start = len(self._rows)
-            stop = start + len(fresh)
-            if keep:
-                self._reserve(stop)
-                self._old_k[start:stop] = self._K[fresh]
-                self._old_v[start:stop] = self._V[fresh]
-            else:
-                self._bare_k[fresh] = True
-                self._bare_v[fresh] = True
-                self._bare_rows.extend(fresh.tolist())
-            slot[fresh] = np.arange(start, stop)
+            slot[fresh] = np.arange(start, start + len(fresh))
             self._rows.extend(fresh.tolist())
         packed = self._pack.slots
         if packed:
             self._pack.dirty.update(had[(had >= 0) & (had < packed)].tolist())
 
-    def _queue_one(self, i: int, moved: np.ndarray) -> int:
-        """:meth:`_queue` for one row with ``keep``, in scalars, flagged in ``moved``; returns
-        its slot."""
-        k = self._slot.item(i)
-        if k < 0:
-            k = len(self._rows)
-            if k >= len(self._old_k):
-                self._reserve(k + 1)
-            self._old_k[k] = self._K[i]
-            self._old_v[k] = self._V[i]
-            self._slot[i] = k
-            self._rows.append(i)
-        elif k < self._pack.slots:
-            self._pack.dirty.add(k)
-        moved[i] = True
-        return k
-
     def _settle(self) -> None:
-        """Queue the rows of the logged entry updates, keeping each entry's value from before
-        the first of them; in the on-demand regime, bring the queue back first (see
-        :meth:`_attach`).
-
-        A short log (a query after each update) goes entry by entry, the latest first: a new
-        row is copied as it is now and each entry's old value written back into the copy, so
-        the earliest is written last. A longer one is queued in a few vectorised passes, its
-        new rows bare and its entries kept for :meth:`_materialise`: copying each new row's K
-        and V at once would cost ~1 µs a row in memory traffic and page faults, wasted when
-        the rows are never packed (queries rare, answered afresh, no flush).
-        """
-        if self._direct:
-            self._attach()
+        """Queue the rows of the logged entry updates: a short log (a query after each
+        update) one by one in scalars, where NumPy's ~1 µs a call would dominate, a longer one
+        vectorised."""
+        log = self._log
+        if not log:
             return
-        if not self._log:
-            return
-        at, old = self._log[0::2], self._log[1::2]
-        self._log.clear()
         self._fresh_log_len = math.inf  # see _choose_direct
-        self._pending += len(at)
-        self._arm()
-        nd, d = self._nd, self._d
-        if len(at) <= self._short_log:
-            start, later = len(self._rows), []
-            for pos, value in zip(reversed(at), reversed(old), strict=True):
+        self._pending += len(log)
+        if len(log) <= self._short_log:
+            nd, d, slot, pack = self._nd, self._d, self._slot, self._pack
+            for pos in log:
                 is_v = pos >= nd
-                i, j = divmod(pos - nd if is_v else pos, d)
-                k = self._queue_one(i, self._moved_v if is_v else self._moved_k)
-                if k >= start:
-                    (self._old_v if is_v else self._old_k)[k, j] = value
-                elif (self._bare_v if is_v else self._bare_k)[i]:
-                    later.append((pos, value))
-            if later:
-                at, old = zip(*reversed(later), strict=True)
-                self._undo.append((np.array(at, dtype=np.intp), np.array(old, self._dtype)))
+                i = (pos - nd if is_v else pos) // d
+                k = slot.item(i)
+                if k < 0:
+                    slot[i] = len(self._rows)
+                    self._rows.append(i)
+                elif k < pack.slots:
+                    pack.dirty.add(k)
+                (self._moved_v if is_v else self._moved_k)[i] = True
         else:
-            at = np.array(at, dtype=np.intp)
-            rows, is_v = self._flag(at)
-            self._queue(rows, keep=False)
-            mine = np.where(is_v, self._bare_v[rows], self._bare_k[rows])
-            self._undo.append((at[mine], np.array(old, dtype=self._dtype)[mine]))
-        # rows updated again and again are copied once their undo log outgrows them a little:
-        # their later entries then need no undo, and the log's memory stays O(|S| + _max_log)
-        if sum(len(a) for a, _ in self._undo) > max(self._max_log, 8 * len(self._bare_rows)):
-            self._materialise()
-
-    def _flag(self, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Flag the rows of logged positions ``at`` as moved; returns ``(rows, is_v)``."""
-        is_v = at >= self._nd
-        rows = (at - self._nd * is_v) // self._d
-        self._moved_k[rows[~is_v]] = True
-        self._moved_v[rows[is_v]] = True
-        return rows, is_v
-
-    def _flag_log(self) -> None:
-        """On demand, the log's entries only flag their rows: the snapshot holds their old
-        values. O(log), vectorised."""
-        if self._log:
-            at = np.array(self._log[0::2], dtype=np.intp)
-            self._log.clear()
-            self._pending += len(at)
-            self._arm()
-            self._flag(at)
-
-    def _detach_shortfall(self) -> float:
-        """What the updates since the queue last served a query still lack, in units, to have
-        paid for entering the on-demand regime and for packing the queue's packed rows again
-        on the way back; ≤ 0 once they have (ski rental: at most twice the better choice in
-        hindsight, for a stream that stays as it is; without the pack, queries every 100
-        updates that a pack of 300 rows served better than afresh left and rebuilt it every
-        few queries)."""
-        if self._K0 is None:  # copies of K and V, as long as this engine's own copies took
-            cost = 2 * self._copy_seconds / self._unit_s
-        else:
-            cost = self._detach_cost + 4 * self._d * len(self._rows)
-        if self._pack.slots:
-            cost += self._measured(self._catch_up_units(self._pack.slots))
-        per_update, per_row = self._on_demand_gain
-        spent = (per_update * (self.n_updates - self._served_at)
-                 + per_row * max(len(self._rows) - self._served_rows, 0))
-        return cost - spent
-
-    def _detach(self) -> None:
-        """Enter the on-demand regime: the snapshot takes the queued rows' old values (made
-        first, O(n·d), if there is none), the queue is forgotten but its rows stay flagged.
-        O(|S|·d) with a snapshot."""
-        self._materialise()
-        rows = np.array(self._rows, dtype=np.intp)
-        slots = self._slot[rows]
-        if self._K0 is None:
-            self._K0, self._V0 = V_.aligned_copy(self._K), V_.aligned_copy(self._V)
-        self._K0[rows] = self._old_k[slots]
-        self._V0[rows] = self._old_v[slots]
-        self._slot[rows] = -1
-        self._rows = []
-        self._pack.clear()
-        self._direct = True
-        self._direct_big, self._direct_regret = False, 0  # see _direct_fresh
-        self._query_mark = self.n_updates
-
-    def _attach(self) -> None:
-        """Leave the on-demand regime: queue the flagged rows with their old values from the
-        snapshot, O(n + |S|·d); the snapshot stays, in step with every row not queued."""
-        self._flag_log()
-        self._direct = False
-        rows = np.flatnonzero(self._moved_k | self._moved_v)
-        self._reserve(len(rows))
-        self._old_k[:len(rows)] = self._K0[rows]
-        self._old_v[:len(rows)] = self._V0[rows]
-        self._slot[rows] = np.arange(len(rows))
-        self._rows = rows.tolist()
-        self._fresh_log_len = math.inf  # see _choose_direct
-
-    def _materialise(self) -> None:
-        """Give every bare row its missing old K or V rows as of the last flush: the rows as
-        they are now, with the undo log's earliest value of each entry written back (the log
-        holds entries of bare rows only). O((bare rows)·d + log)."""
-        self._settle()
-        if not self._bare_rows:
-            return
-        rows = np.array(self._bare_rows, dtype=np.intp)
-        slots = self._slot[rows]
-        self._reserve(len(self._rows))
-        for bare, old, now in ((self._bare_k, self._old_k, self._K),
-                               (self._bare_v, self._old_v, self._V)):
-            missing = bare[rows]
-            old[slots[missing]] = now[rows[missing]]
-            bare[rows] = False
-        if self._undo:
-            at, first = _first_of_each(np.concatenate([a for a, _ in self._undo]))
-            value = np.concatenate([v for _, v in self._undo])[first]
-            nd, d = self._nd, self._d
-            is_v = at >= nd
-            k = self._slot[(at - nd * is_v) // d]
-            self._old_k[k[~is_v], at[~is_v] % d] = value[~is_v]
-            self._old_v[k[is_v], at[is_v] % d] = value[is_v]
-        self._bare_rows, self._undo = [], []
-
-    def _reserve(self, size: int) -> None:
-        """Room for the old rows of ``size`` slots."""
-        if size > len(self._old_k):  # every slot below the capacity is in use
-            self._old_k = _grown(self._old_k, len(self._old_k), size)
-            self._old_v = _grown(self._old_v, len(self._old_v), size)
+            at = np.array(log, dtype=np.intp)
+            is_v = at >= self._nd
+            rows = (at - self._nd * is_v) // self._d
+            self._moved_k[rows[~is_v]] = True
+            self._moved_v[rows[is_v]] = True
+            self._queue(rows)
+        log.clear()
+        self._arm()
 
     def _counted(self, count: int) -> FlushEvent | None:
         """Count ``count`` update actions; ask the policy once its last answer has run out."""
         self._pending += count
-        if self._pending + len(self._log) // 2 >= self._check_at:
+        if self._pending + len(self._log) >= self._check_at:
             return self._consult()
-        self._ask_at -= 2 * count  # _arm, for what just changed
+        self._ask_at -= count  # _arm, for what just changed
         return None
 
     def _consult(self) -> FlushEvent | None:
@@ -913,11 +653,7 @@ class LazyAttention:
         Asking after every update costs as much as the update: a policy that can tell how long
         its threshold holds (``valid_until(engine)``, an update count) is asked again only
         then, or at the threshold. The log is settled at ``_max_log`` entries, so its memory
-        stays bounded whatever the policy does. Here the engine also changes regime: on
-        demand while the threshold is infinite and that pays (:meth:`_detach_shortfall`),
-        queued as soon as it is finite. While it does not pay yet, the policy is asked again
-        by the time it could (an update adds at most one row to the queue), so the regime
-        changes when it pays, not thousands of updates later when the policy's answer lapses.
+        stays bounded whatever the policy does.
         """
         policy = self._policy
         threshold = policy.threshold(self)
@@ -927,20 +663,10 @@ class LazyAttention:
         until = getattr(policy, "valid_until", None)
         hold = until(self) - self.n_updates if until is not None else 0
         hold = min(hold, self._max_log) if hold >= 0 else 0  # NaN or past: ask next update
-        if threshold != math.inf:
-            if self._direct:  # a flush is coming: the queue makes it incremental
-                self._attach()
-        elif not self._direct:
-            short = self._detach_shortfall()
-            if short <= 0:
-                self._detach()
-            else:
-                gain = max(sum(self._on_demand_gain), 1)
-                hold = min(hold, math.ceil(short / gain) - 1)  # asked at the update it may pay
-        if len(self._log) >= 2 * self._max_log:
-            self._flag_log() if self._direct else self._settle()
+        if len(self._log) >= self._max_log:
+            self._settle()
         ask = pending + 1 + hold
-        ask = min(ask, pending + self._max_log - len(self._log) // 2)
+        ask = min(ask, pending + self._max_log - len(self._log))
         self._check_at = threshold if threshold < ask else ask
         self._arm()
         return None
@@ -948,7 +674,7 @@ class LazyAttention:
     def _arm(self) -> None:
         """Turn ``_check_at`` (a pending count) into the log length at which an entry update
         consults the policy: the hot path then counts nothing itself."""
-        self._ask_at = 2 * (self._check_at - self._pending)
+        self._ask_at = self._check_at - self._pending
 
     def _ask_policy_next(self) -> None:
         self._check_at = 0
@@ -961,17 +687,15 @@ class LazyAttention:
         if rows is None:  # converted once, not at each use
             rows = np.array(self._rows, dtype=np.intp)
         self._slot[rows] = -1  # O(|S|), not O(n)
-        for flags in (self._bare_k, self._bare_v, self._moved_k, self._moved_v):
-            flags[rows] = False
-        if self._K0 is not None:  # the flushed rows' values are now the caches' values
-            self._K0[rows] = self._K[rows]
-            self._V0[rows] = self._V[rows]
-        self._rows, self._bare_rows = [], []
-        self._served_rows = 0
+        # the flushed rows' values are now the caches' values
+        for moved, now, then in ((self._moved_k, self._K, self._K0),
+                                 (self._moved_v, self._V, self._V0)):
+            changed = rows[moved[rows]]
+            then[changed] = now[changed]
+            moved[rows] = False
+        self._rows = []
         self._log.clear()
         self._fresh_log_len = math.inf  # see _choose_direct
-        # (positions, old values) of the logged entries of bare rows, in order (_materialise)
-        self._undo: list[tuple[np.ndarray, np.ndarray]] = []
         self._pack.clear()
 
     # ------------------------------------------------------------------ the correction
@@ -987,8 +711,6 @@ class LazyAttention:
         if pack.dirty or pack.slots < len(self._rows) or pack.requeue:
             t0 = time.perf_counter()
             units = self._catch_up_units()
-            if self._bare_rows:
-                self._materialise()
             pack.aug = None
             if pack.dirty:
                 self._patch(pack)
@@ -1020,9 +742,9 @@ class LazyAttention:
         if nk:
             kr = [rows[k] for k in ks]
             np.multiply(self._K[kr], self._scale, out=Kp[p:p + nk])
-            np.multiply(self._old_k[ks], self._scale, out=Kp[p + nk:q])
+            np.multiply(self._K0[kr], self._scale, out=Kp[p + nk:q])
             self._fill_new(B[p:p + nk], self._V[kr])
-            self._fill_old(B[p + nk:q], self._old_v[ks])
+            self._fill_old(B[p + nk:q], self._V0[kr])
             pack.knorm = max(pack.knorm, _max_norm(Kp[p:p + nk]))
             pos = pack.newpos = np.concatenate([pack.newpos, np.arange(p, p + nk)])
             contiguous = pos[-1] - pos[0] + 1 == len(pos)
@@ -1030,7 +752,7 @@ class LazyAttention:
         if nv:
             vr = [rows[k] for k in vs]
             np.multiply(self._K[vr], self._scale, out=Kp[q:q + nv])
-            self._fill_changed(B[q:q + nv], self._V[vr], self._old_v[vs])
+            self._fill_changed(B[q:q + nv], self._V[vr], self._V0[vr])
         grow = max(max(slots) + 1 - len(pack.entry), 0)
         pack.entry.extend([-1] * grow)
         pack.keyed.extend([False] * grow)
@@ -1044,7 +766,7 @@ class LazyAttention:
     def _patch(self, pack: _Pack) -> None:
         """Refresh the entries of packed rows updated since (a row whose key now changed too
         gets its value-only entry zeroed and is re-queued with a new and an old entry)."""
-        new_e, new_r, chg_e, chg_s = [], [], [], []
+        new_e, new_r, chg_e, chg_r = [], [], [], []
         for k in pack.dirty:
             e, r = pack.entry[k], self._rows[k]
             if pack.keyed[k]:
@@ -1055,7 +777,7 @@ class LazyAttention:
                 pack.requeue.append(k)
             else:
                 chg_e.append(e)
-                chg_s.append(k)
+                chg_r.append(r)
         pack.dirty = set()
         if new_e:
             keys = self._K[new_r] * self._dtype.type(self._scale)
@@ -1065,9 +787,8 @@ class LazyAttention:
             self._fill_new(B_new, self._V[new_r])
             pack.B[new_e] = B_new
         if chg_e:
-            rows = [self._rows[k] for k in chg_s]
             B_chg = np.empty((len(chg_e), pack.B.shape[1]), dtype=self._dtype)
-            self._fill_changed(B_chg, self._V[rows], self._old_v[chg_s])
+            self._fill_changed(B_chg, self._V[chg_r], self._V0[chg_r])
             pack.B[chg_e] = B_chg
 
     def _fill_new(self, out: np.ndarray, v: np.ndarray) -> None:
@@ -1091,9 +812,7 @@ class LazyAttention:
 
     def correction_flops(self) -> float:
         """Flops to bring one output row up to date now (logits and contributions of the
-        packed touched rows, or a fresh row past :attr:`max_query_rows` or on demand)."""
-        if self._direct:
-            return 4.0 * self._n * self._d
+        packed touched rows, or a fresh row past :attr:`max_query_rows`)."""
         self._settle()
         if not self._rows:
             return 0.0
@@ -1142,7 +861,6 @@ class LazyAttention:
         if S > (self._max_query_rows if len(idx) < _MANY_ROWS else 2 * self._max_query_rows):
             m, C = self._exact(idx, guards=False)
             return m, C, 0
-        self._served_at, self._served_rows = self._done + self._pending, S
         if S == 0:
             return self._m[idx], self._C[idx], 0
         m, C = self._m[idx], self._C[idx]
@@ -1347,11 +1065,8 @@ class LazyAttention:
         same reason, once the estimate has chosen afresh with the log unsettled, a query
         after more logged updates chooses afresh without it (the estimate would come out the
         same: it sees the log as one row; ~2 µs of a fresh query's 20 at n = 1,024), until
-        the log is settled, a flush, or a new measured ratio. On demand, see
-        :meth:`_direct_fresh`.
+        the log is settled, a flush, or a new measured ratio.
         """
-        if self._direct:
-            return self._direct_fresh()
         if self._log:
             if len(self._log) > self._fresh_log_len:
                 self._fresh_log_len = len(self._log)
@@ -1373,7 +1088,7 @@ class LazyAttention:
         if not (pack.dirty or S > pack.slots or pack.requeue or self._log):
             return False  # the pack is up to date: the common case, without a call
         catch_up = self._catch_up_units()
-        updates = self._done + self._pending + len(self._log) // 2  # n_updates, inlined
+        updates = self._done + self._pending + len(self._log)  # n_updates, inlined
         if self._fresh_mark != updates:  # what was paid before an update is sunk
             self._fresh_count, self._fresh_mark = 0, updates
         # a catch-up is mostly per-call overhead, a fresh query memory traffic: how their
@@ -1393,35 +1108,6 @@ class LazyAttention:
         if self._log:
             self._fresh_log_len = len(self._log)  # see _choose_direct
         return True
-
-    def _direct_fresh(self) -> bool:
-        """:meth:`_choose_direct` in the on-demand regime: afresh, unless queries have come
-        often enough, with few enough rows touched, that queueing again and correcting would
-        have paid for packing every touched row (ski rental over the queries since the
-        regime began). What a correction would have saved is counted only while packing the
-        rows updated since the previous query (none if no update came between) costs less
-        than a fresh query (else correcting never pays), by counting the flagged rows, O(n);
-        once a correction costs more than a fresh query, it does until the next flush, and
-        nothing is counted."""
-        if self._direct_big:
-            return True
-        updates = self.n_updates
-        fresh, since = self._n * self._d, updates - self._query_mark
-        step = self._measured(self._catch_up_units(since)) if since else 0
-        self._query_mark = updates
-        if step >= fresh:
-            return True
-        self._flag_log()
-        S = int(np.count_nonzero(self._moved_k | self._moved_v))
-        correct = 2 * (3 * self._d + 2) * S
-        if correct >= fresh:
-            self._direct_big = True
-            return True
-        self._direct_regret += max(fresh - correct - step, 0)
-        if self._direct_regret < self._measured(self._catch_up_units(S)):
-            return True
-        self._attach()
-        return False
 
     def _catch_up_units(self, rows: int | None = None) -> int:
         """A catch-up of the pack on ``rows`` rows, by default those updated since its last
@@ -1446,17 +1132,12 @@ class LazyAttention:
         value = entry_from_scratch(self._Q[i], self._K, self._V[:, j], self._scale)
         self._n_queries += 1
         seconds = time.perf_counter() - t0
-        self.query_log.append((self._logged_rows(), 1, seconds))
+        self.query_log.append((len(self._rows), 1, seconds))
         self._fresh_log.append(seconds)
         self._n_fresh += 1
         if self._n_fresh <= 3 or self._n_fresh % 16 == 0:
             self._measure_catch_ratio()
         return value
-
-    def _logged_rows(self) -> int:
-        """The touched rows a query is logged with: on demand they are not counted, and a
-        query is logged where cost models charge a fresh one, at :attr:`max_query_rows`."""
-        return self._max_query_rows if self._direct else len(self._rows)
 
     def _measure_catch_ratio(self) -> None:
         """Seconds per catch-up unit over seconds per element read afresh, as medians of the
@@ -1493,12 +1174,9 @@ class LazyAttention:
         S = len(self._rows)
         if direct:
             row = self._exact(np.array([i]), guards=False)[1][0]
-            S = self._logged_rows()
         elif S == 0:
             row = self._C[i]
-            self._served_at, self._served_rows = self._done + self._pending, 0  # log settled
         else:
-            self._served_at, self._served_rows = self._done + self._pending, S
             Kp, B, new = self._get_pack()
             L = Kp @ self._Q[i]
             m_old = m = self._m[i]
@@ -1587,15 +1265,7 @@ class LazyAttention:
         J = V_.as_selection("cols", cols, self._n)
         d = self._d
         if stale:
-            m, s = self._m[I], self._C[I, d]
-            if self._direct:  # the keys as of the last flush, without the queue
-                keys = self._K0[J]
-            else:
-                self._materialise()  # the old keys of touched columns
-                keys = self._K[J]
-                slots = self._slot[J]
-                kept = slots >= 0
-                keys[kept] = self._old_k[slots[kept]]
+            m, s, keys = self._m[I], self._C[I, d], self._K0[J]
         else:
             m, C, _ = self._current_rows(I)
             s, keys = C[:, d], self._K[J]
@@ -1644,5 +1314,5 @@ class LazyAttention:
     def __repr__(self) -> str:
         return (f"LazyAttention(n={self._n}, d={self._d}, dtype={self._dtype}, "
                 f"scale={self._scale:.4g}, pending={self.pending}, "
-                f"touched_rows={self.touched_rows}, regime={self.regime!r}, "
+                f"touched_rows={self.touched_rows}, "
                 f"flushes={self._n_flushes}, policy={self._policy!r})")
