@@ -742,7 +742,7 @@ class LazyAttention:
         pack.reserve(q + nv)
         Kp, B = pack.Kp, pack.B
         if nk:
-            kr = [rows[k] for k in ks]
+            kr = np.array([rows[k] for k in ks], dtype=np.intp)  # converted once, used 4 times
             np.multiply(self._K[kr], self._scale, out=Kp[p:p + nk])
             np.multiply(self._K0[kr], self._scale, out=Kp[p + nk:q])
             self._fill_new(B[p:p + nk], self._V[kr])
@@ -752,7 +752,7 @@ class LazyAttention:
             contiguous = pos[-1] - pos[0] + 1 == len(pos)
             pack.new = slice(int(pos[0]), int(pos[-1]) + 1) if contiguous else pos
         if nv:
-            vr = [rows[k] for k in vs]
+            vr = np.array([rows[k] for k in vs], dtype=np.intp)
             np.multiply(self._K[vr], self._scale, out=Kp[q:q + nv])
             self._fill_changed(B[q:q + nv], self._V[vr], self._V0[vr])
         grow = max(max(slots) + 1 - len(pack.entry), 0)
