@@ -204,12 +204,10 @@ TARGET_RATE = 0.01  # query rate at which "per update" targets are judged (queri
 
 
 class _Never:
-    """Policy that never flushes: the benchmark flushes explicitly where it needs to. Its
-    threshold is finite, past any run (a policy's infinite threshold means "never flush"
-    too, but this one needs no special case anywhere)."""
+    """Policy that never flushes: the benchmark flushes explicitly where it needs to."""
 
     def threshold(self, engine) -> float:
-        return float(2**62)
+        return math.inf
 
     def valid_until(self, engine) -> float:
         return math.inf
