@@ -14,9 +14,10 @@ accepted too.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
-from collections import deque
+from collections import Counter, deque
 
 import numpy as np
 
@@ -109,7 +110,7 @@ class OriginalAdaptive:
         return f"OriginalAdaptive(current={self.current})"
 
 
-_FIT_QUERIES = 512  # queries of the engine's log that a refit uses at most
+_FIT_QUERIES = 128  # queries of the engine's log that a refit uses at most
 _MIN_PERIOD = 32  # updates between two refits of the cost model, at the least
 
 
@@ -176,7 +177,7 @@ class CostModel:
             while len(self._marks) > 2 and u - self._marks[1][0] >= self.window:
                 self._marks.popleft()
             choice = self._choose(engine)
-            # a refit costs ~0.1 ms (cold, as it runs among updates), as much as a hundred
+            # a refit costs 50-100 µs (cold, as it runs among updates), as much as a hundred
             # updates: refit less often while the choice holds, soon again once it moves; the
             # period grows fourfold, reaching a default window in 3 refits rather than 6
             if choice == self.current:
@@ -204,15 +205,17 @@ class CostModel:
         if len(self._marks) < 2:  # the query rate is not measured yet
             return float(min(self.initial, self.max_threshold))
         r = self.query_rate()
-        queries = list(engine.query_log)
-        # a refit costs ~0.15 µs a logged query: it takes at most _FIT_QUERIES, evenly spread
-        queries = queries[::math.ceil(len(queries) / _FIT_QUERIES) or 1]
         if r == 0:
             # no query lately: a flush buys nothing now, and deferring it costs nothing later
             # (a deferred flush is never dearer than the flushes it replaces: past
             # max_correction_rows it becomes a rebuild, which is cheaper by that definition)
             return self.max_threshold
-        flushes = [e for e in engine.flush_log if e.kind == "incremental"][-64:]
+        queries = list(engine.query_log)
+        # the fit's sorts cost ~0.1 µs a point: it takes at most _FIT_QUERIES, evenly spread
+        queries = queries[::math.ceil(len(queries) / _FIT_QUERIES) or 1]
+        # the last 64, found from the end: the log holds up to a thousand
+        flushes = list(itertools.islice(
+            (e for e in reversed(engine.flush_log) if e.kind == "incremental"), 64))[::-1]
         if not flushes or not queries:
             return float(min(self.initial, self.max_threshold))
         # the flush fit costs ~0.1 ms: redone only after new flushes
@@ -251,51 +254,54 @@ def _fit_line(x, y, slope=None) -> tuple[float, float]:
     """Robust ``y ≈ a + b·x`` with a, b ≥ 0: a line through the medians of the lower and upper
     halves in x, so a few timings inflated by a busy machine do not move it. When x does not
     vary the slope cannot be seen: the previous ``slope`` is kept if there is one (an eager
-    engine only ever queries with nothing pending), else a and b split the cost evenly."""
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
-    if len(x) >= 4 and np.ptp(x) > 0.1 * max(np.mean(x), 1.0):
-        order = np.argsort(x, kind="stable")
-        x, y = x[order], y[order]
-        half = len(x) // 2
+    engine only ever queries with nothing pending), else a and b split the cost evenly.
+
+    In plain Python: a refit runs among updates, where NumPy's ~15 calls on a few dozen
+    points cost 40-110 µs cold (the sorts here, on at most a few hundred, 5-30 µs).
+    """
+    m = len(x)
+    if m >= 4 and max(x) - min(x) > 0.1 * max(sum(x) / m, 1.0):
+        order = sorted(range(m), key=x.__getitem__)  # stable: ties keep their order
+        x, y = [x[i] for i in order], [y[i] for i in order]
+        half = m // 2
         dx = _median(x[half:]) - _median(x[:half])
         b = max(0.0, (_median(y[half:]) - _median(y[:half])) / dx) if dx > 0 else 0.0
-        return max(0.0, _median(y - b * x)), float(b)
+        return max(0.0, _median([v - b * u for u, v in zip(x, y, strict=True)])), b
     mx, my = _median(x), _median(y)
     if slope is not None:
         return max(0.0, my - slope * mx), slope
     return 0.5 * my, 0.5 * my / max(mx, 1.0)
 
 
-def _median(a: np.ndarray) -> float:
-    """``np.median`` of a short 1-D array, without its ~10 µs of generality a call."""
-    a = np.sort(a)
+def _median(a) -> float:
+    a = sorted(a)
     k = len(a)
     return 0.5 * float(a[(k - 1) // 2] + a[k // 2])
-
-
-_GRID = np.linspace(0.0, 1.0, 64)[:, None]  # log-spaced candidates between two bounds
 
 
 def _effective_rows(updates, rows, n: int) -> float:
     """H with ``Σ rows = Σ H·(1 − e^(−k/H))``: how many rows the updates effectively spread
     over (occupancy model); at most a large multiple of n when no update ever repeated a row.
 
-    rows(H) increases with H: three log-spaced grids of 64 candidates, each evaluated at once
-    over the distinct k (a policy flushes at few), pin H to within 1e-4 in ~40–80 µs (a
-    60-step bisection took ~270 µs, paid after every new flush).
+    rows(H) increases with H: bisection on log H to a bracket of ratio 1 + 4e-5, over the few
+    distinct k a policy flushes at, in plain Python (~10-20 µs; NumPy grids took 130-170 µs
+    cold, among updates).
     """
-    k, count = np.unique(np.asarray(updates, dtype=float), return_counts=True)
-    count = count.astype(float)
-    target = float(np.sum(rows))
+    counts = Counter(updates)
+    target = float(sum(rows))
+
+    def total(h):
+        return sum(c * h * -math.expm1(-k / h) for k, c in counts.items())
+
     lo, hi = 1e-3, 64.0 * n
-    if target >= count @ (hi * -np.expm1(-k / hi)):
+    if target >= total(hi):
         return hi
-    for _ in range(3):
-        H = lo * (hi / lo) ** _GRID
-        total = (H * -np.expm1(-k / H)) @ count
-        i = int(np.searchsorted(total, target))  # the first candidate reaching the target
-        lo, hi = float(H[max(i - 1, 0), 0]), float(H[min(i, len(H) - 1), 0])
+    for _ in range(math.ceil(math.log2(math.log(hi / lo) / 4e-5))):
+        mid = math.sqrt(lo * hi)
+        if total(mid) < target:
+            lo = mid
+        else:
+            hi = mid
     return math.sqrt(lo * hi)
 
 
