@@ -13,8 +13,8 @@ correction to every row as two matrix products (BLAS-3), ``O(n·|S|·d)``.
 The old contributions come from a snapshot of K and V as of the last flush (2·n·d numbers,
 brought in step with K and V at each flush, O(|S|·d)). It costs memory and buys cheap updates:
 an update never copies what it overwrites, so a row write is the write and a flag, and a
-single entry update writes the entry and logs its position, its row queued later with the rest
-of the log, vectorised. When queries are rare and computed afresh (O(n·d), cheaper than
+single entry update writes the entry and logs its row, queued later with the rest of the log,
+vectorised. When queries are rare and computed afresh (O(n·d), cheaper than
 catching corrections up on many touched rows), the engine costs what a strategy without caches
 would, plus the flags.
 
@@ -218,15 +218,15 @@ def _entry_update(which: str):
     def update(self, i, j, delta) -> FlushEvent | None:
         # the single update is the hot path of every stream: scalar work and a log entry only;
         # its row joins the queue at the next read (_settle), with the others, vectorised
-        d = self._d
-        i = V_.check_index("i", i, self._n)
-        j = V_.check_index("j", j, d)
+        n = self._n
+        i = V_.check_index("i", i, n)
+        j = V_.check_index("j", j, self._d)
         target = self._K if on_k else self._V
         _, new = V_.entry_sum(which, target, i, j,
                               V_.check_scalar("delta", delta, self._dtype))
         target[i, j] = new
         log = self._log
-        log.append(i * d + j if on_k else self._nd + i * d + j)
+        log.append(i if on_k else n + i)
         if len(log) >= self._ask_at:
             return self._consult()
         return None
@@ -238,16 +238,17 @@ def _entry_update(which: str):
 
 def _row_update(which: str):
     """``LazyAttention.set_k_row`` or ``set_v_row``, as :func:`_entry_update`: the write, and
-    the position of the row's first entry logged, as an entry update's is (its row is queued
-    with the log, and the snapshot holds what it overwrote). Queueing the row here, in scalars,
+    the row logged, as an entry update's is (queued with the log; the snapshot holds what it
+    overwrote). Queueing the row here, in scalars,
     cost 0.3-0.5 µs more, a third of the write's own cost."""
     on_k = which == "K"
 
     def update(self, i, row) -> FlushEvent | None:
-        i = V_.check_index("i", i, self._n)
+        n = self._n
+        i = V_.check_index("i", i, n)
         (self._K if on_k else self._V)[i] = V_.as_vector("row", row, self._d, self._dtype)
         log = self._log
-        log.append(i * self._d if on_k else self._nd + i * self._d)
+        log.append(i if on_k else n + i)
         if len(log) >= self._ask_at:
             return self._consult()
         return None
@@ -350,7 +351,6 @@ class LazyAttention:
         self._policy = policy
         self._dtype = dt
         self._n, self._d = n, d
-        self._nd = n * d  # log positions of V entries start here
         self._scale = scale
         self._growth = _GROWTH[dt]
         # s and its guard for a new and an old entry (_fill_new, _fill_old): as arrays, since
@@ -381,9 +381,9 @@ class LazyAttention:
         self._moved = np.zeros(2 * n, dtype=bool)
         self._moved_k, self._moved_v = self._moved[:n], self._moved[n:]
         self._done = 0  # update actions applied by flushes; n_updates adds the pending ones
-        # positions of the entry updates not yet queued (V's after K's: + n·d), in an array
-        # of int64: as cheap to append to as a list, and NumPy reads it at once (a list of
-        # 4,096 took 58 µs to convert, 14 ns an update)
+        # the rows of the updates not yet queued, as flags (K's row i, V's n + i: the index of
+        # its flag in _moved), in an array of int64: as cheap to append to as a list, and
+        # NumPy reads it at once (a list of 4,096 took 58 µs to convert, 14 ns an update)
         self._log = array("q")
         self._pack = _Pack(d, dt)
         self._reset_pending()
@@ -488,7 +488,7 @@ class LazyAttention:
     @property
     def nbytes(self) -> int:
         """Bytes held by the engine's arrays (state and pending queue; the entry log, at most
-        ``_max_log`` 8-byte positions, aside)."""
+        ``_max_log`` 8-byte flags, aside)."""
         arrays = (self._QA, self._K, self._V, self._K0, self._V0, self._C, self._m, self._slot,
                   self._moved, self._pack.Kp, self._pack.B)
         return sum(a.nbytes for a in arrays)
@@ -622,12 +622,10 @@ class LazyAttention:
             return
         self._fresh_log_len = math.inf  # see _choose_direct
         self._pending += len(log)
-        # a position's flag, K's and V's rows in one array, is its position // d
-        n, d, moved = self._n, self._d, self._moved
+        n, moved = self._n, self._moved
         if len(log) <= self._short_log:
             slot, pack = self._slot, self._pack
-            for pos in log:
-                flag = pos // d
+            for flag in log:
                 i = flag - n if flag >= n else flag
                 k = slot.item(i)
                 if k < 0:
@@ -637,7 +635,7 @@ class LazyAttention:
                     pack.dirty.add(k)
                 moved[flag] = True
         else:
-            flags = np.array(log, dtype=np.intp) // d  # a copy, from the log's buffer
+            flags = np.array(log, dtype=np.intp)  # a copy, from the log's buffer
             moved[flags] = True
             self._queue(flags - n * (flags >= n))
         del log[:]
