@@ -12,11 +12,10 @@ correction to every row as two matrix products (BLAS-3), ``O(n·|S|·d)``.
 
 The old contributions come from a snapshot of K and V as of the last flush (2·n·d numbers,
 brought in step with K and V at each flush, O(|S|·d)). It costs memory and buys cheap updates:
-an update never copies what it overwrites, so a row write is the write and a flag, and a
-single entry update writes the entry and logs its row, queued later with the rest of the log,
-vectorised. When queries are rare and computed afresh (O(n·d), cheaper than
-catching corrections up on many touched rows), the engine costs what a strategy without caches
-would, plus the flags.
+an update never copies what it overwrites: an entry update or a row write is the write and its
+row logged, queued later with the rest of the log, vectorised. When queries are rare and
+computed afresh (O(n·d), cheaper than catching corrections up on many touched rows), the engine
+costs what a strategy without caches would, plus the log.
 
 Precision is guarded rather than hoped for: each cache row also carries guards comparing the
 mass that removals have taken out with the natural scale of what is left (``s_i`` and
@@ -239,8 +238,8 @@ def _entry_update(which: str):
 def _row_update(which: str):
     """``LazyAttention.set_k_row`` or ``set_v_row``, as :func:`_entry_update`: the write, and
     the row logged, as an entry update's is (queued with the log; the snapshot holds what it
-    overwrote). Queueing the row here, in scalars,
-    cost 0.3-0.5 µs more, a third of the write's own cost."""
+    overwrote). Queueing the row here, in scalars, cost 0.3-0.5 µs more, a third of the
+    write's own cost."""
     on_k = which == "K"
 
     def update(self, i, row) -> FlushEvent | None:
