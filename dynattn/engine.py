@@ -40,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _validate as V_
+from ._blas import add_product
 from .policies import as_policy
 from .reference import entry_from_scratch
 
@@ -874,7 +875,8 @@ class LazyAttention:
         """Bring cache rows ``(m, C)`` of ``rows`` from the last flush to now, in place.
 
         ``C ← e^(m − m')·C + exp(Q[rows] Kpᵀ − m') B`` with ``m'`` the rescaled stabiliser:
-        new contributions in, old ones out, guards moved, all in two matrix products. Returns
+        new contributions in, old ones out, guards moved, all in two matrix products, the
+        second accumulating into C where NumPy's BLAS allows (:mod:`dynattn._blas`). Returns
         the rows that lost precision (see :meth:`_lost_precision`). With ``workspace`` the
         temporaries live in reused buffers (the flush's hot loop). ``m`` and ``C`` must be
         writable arrays (copies, or views of the caches when flushing).
@@ -905,7 +907,8 @@ class LazyAttention:
                     m[grew] += up / _LOG2E
                     L[grew] -= up[:, None]
         np.exp2(L, out=L)
-        C += np.matmul(L, B, out=self._buffer("product", C.shape) if workspace else None)
+        if not add_product(C, L, B):  # where NumPy's BLAS is out of reach: a temporary
+            C += np.matmul(L, B, out=self._buffer("product", C.shape) if workspace else None)
         return self._lost_precision(C)
 
     def _buffer(self, name: str, shape: tuple[int, int]) -> np.ndarray:
