@@ -118,7 +118,10 @@ class Plan:
     query_reps : int
     flush_ns, flush_rows : tuple of int
         Sizes and touched-row counts of item 3.
-    flush_reps : int
+    flush_reps : dict
+        Repeats of each flush size in item 3, per n (and of the products it is compared with):
+        more where a flush lasts milliseconds, whose best of 5 moved by ±5 % between runs on
+        this shared machine.
     demo_reps : int
     rss_n, rss_updates : int
         Item 5's engine size and update count.
@@ -150,7 +153,7 @@ class Plan:
     query_reps: int
     flush_ns: tuple
     flush_rows: tuple
-    flush_reps: int
+    flush_reps: dict
     demo_reps: int
     rss_n: int
     rss_updates: int
@@ -172,7 +175,8 @@ PLANS = {
         warmup_cost=2112, warmup_adaptive=1024, query_samples=32, cost_repeats=2,
         recompute_ns=(1024, 4096), recompute_updates=3, lazy_vs_recompute_n=4096,
         query_n=16384, query_pending=_PENDING, query_reps=201,
-        flush_ns=(4096, 16384, 65536), flush_rows=_KS, flush_reps=5, demo_reps=5,
+        flush_ns=(4096, 16384, 65536), flush_rows=_KS,
+        flush_reps={4096: 15, 16384: 9, 65536: 5}, demo_reps=5,
         rss_n=50_000, rss_updates=1000, dashboard_ns=(1024, 8192), dashboard_ticks=30),
     "quick": Plan(
         mode="quick", d=64, dtypes=("float64", "float32"), update_ns=(1024, 4096),
@@ -181,7 +185,7 @@ PLANS = {
         warmup_cost=2112, warmup_adaptive=512, query_samples=16, cost_repeats=1,
         recompute_ns=(1024,), recompute_updates=3, lazy_vs_recompute_n=4096,
         query_n=4096, query_pending=_PENDING, query_reps=101,
-        flush_ns=(4096,), flush_rows=_KS, flush_reps=2, demo_reps=3,
+        flush_ns=(4096,), flush_rows=_KS, flush_reps={4096: 3}, demo_reps=3,
         rss_n=8192, rss_updates=500, dashboard_ns=(1024,), dashboard_ticks=10),
     "tiny": Plan(
         mode="tiny", d=16, dtypes=("float64", "float32"), update_ns=(128,),
@@ -190,7 +194,7 @@ PLANS = {
         warmup_cost=2112, warmup_adaptive=64, query_samples=8, cost_repeats=1,
         recompute_ns=(128,), recompute_updates=2, lazy_vs_recompute_n=128,
         query_n=128, query_pending=(1, 8, 64), query_reps=11,
-        flush_ns=(128,), flush_rows=(8, 32), flush_reps=1, demo_reps=1,
+        flush_ns=(128,), flush_rows=(8, 32), flush_reps={128: 1}, demo_reps=1,
         rss_n=256, rss_updates=50, dashboard_ns=(64,), dashboard_ticks=2, gemm_size=256),
 }
 
@@ -651,7 +655,7 @@ def _flush_efficiency(plan: Plan, n: int, dtype: str, ctx: dict, log) -> list[di
     flushes: dict[int, list] = {S: [] for S in sizes}
     # the repeats go round all sizes in turn, so one slow spell of the shared machine (they
     # last seconds) does not hit every repeat of one size
-    for _ in range(plan.flush_reps):
+    for _ in range(plan.flush_reps[n]):
         for S in sizes:
             rows = rng.choice(n, S, replace=False)
             half = S // 2
@@ -669,7 +673,7 @@ def _flush_efficiency(plan: Plan, n: int, dtype: str, ctx: dict, log) -> list[di
         # the flush's own count: each touched row one entry, a row whose key changed two
         gemm_s, exp_s, exp_elements = _reference(ev.kind, Qs, np.array(engine.K),
                                                  np.array(engine.V), ev.rows + ev.k_rows, rng,
-                                                 plan.flush_reps)
+                                                 plan.flush_reps[n])
         row = {"n": n, "dtype": dtype, "rows": ev.rows, "kind": ev.kind, "flush_s": ev.seconds,
                "flush_median_s": statistics.median(e.seconds for e in events),
                "flops": ev.flops, "repaired": ev.repaired,
@@ -1112,7 +1116,9 @@ def render_markdown(res: dict, summary: bool = False) -> str:
         side = m["plan"]["gemm_size"]
         parts.append(f"GEMM peak ({side}³): {peaks}. Efficiency = flush GFLOP/s ÷ GFLOP/s of the "
                      "flush's two matrix products alone (same shapes, dtype, preallocated; best of "
-                     f"{m['plan']['flush_reps']} for both). "
+                     + ", ".join(f"{reps} at n = {int(n):,}"
+                                 for n, reps in m["plan"]["flush_reps"].items())
+                     + " for both). "
                      "Bound = (GEMMs + exponentials: exp2 in a correction, exp in a rebuild) "
                      "÷ flush time.")
         rows = [[f"{f['n']:,}", f["dtype"], f["rows"], f["kind"], f"{f['flush_s'] * 1e3:.2f} ms",
