@@ -365,6 +365,7 @@ class LazyAttention:
         self._K, self._V = K, V
         with np.errstate(over="ignore"):  # an infinite norm only disables a shortcut
             self._qnorm = np.sqrt(np.einsum("ij,ij->i", Q, Q))
+        self._qnorm_max = float(self._qnorm.max(initial=0.0))  # Q never changes
         self._views = {}
         for name, arr in (("Q", Q), ("K", K), ("V", V)):
             view = arr.view()
@@ -897,7 +898,9 @@ class LazyAttention:
         np.negative(m, out=QA[:, self._d])
         L = self._buffer("logits", (len(m), len(Kp))) if workspace else None
         L = np.matmul(QA, pack.aug.T, out=L)
-        if new is not None:
+        # one bound for the whole block first: the rows' own bounds cost four passes over them
+        lowest = m.min(initial=math.inf)
+        if new is not None and self._qnorm_max * pack.knorm > lowest + _SHIFT_SLACK:
             near = np.flatnonzero(self._qnorm[rows] * pack.knorm > m + _SHIFT_SLACK)
             if len(near):  # online softmax: rescale only the rows whose maximum moved
                 top = L[near][:, new].max(axis=1)

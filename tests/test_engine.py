@@ -600,6 +600,27 @@ def test_large_logits_never_overflow(magnitude):
     assert np.abs(orc.Q @ orc.K.T).max() > magnitude / 4  # the logits really were large
 
 
+def test_a_flush_rescales_a_row_whose_stabiliser_is_far_below_the_others():
+    # row 0's logits are all 0 (its stabiliser m = 0) while every other row's maximum is 2,000;
+    # a key update lifts one of row 0's logits to 1,200: only rescaling that row keeps its
+    # exponential finite. A bound taken over the whole block must use the lowest m (with the
+    # highest, 1,200 < 2,000 + slack would skip the rows' own test, and row 0 would overflow
+    # into a repair)
+    n, d = 8, 4
+    Q = np.zeros((n, d))
+    Q[0, 0], Q[1:, 1] = 40.0, 40.0
+    K = np.zeros((n, d))
+    K[0, 1] = 100.0
+    V = np.random.default_rng(0).random((n, d))
+    eng = LazyAttention(Q, K, V, scale=0.5, policy=None)
+    eng.update_k(3, 0, 60.0)
+    K[3, 0] = 60.0
+    event = eng.flush()
+    assert event.kind == "incremental" and event.repaired == 0
+    np.testing.assert_allclose(eng.output(stale=True), dense_attention(Q, K, V, scale=0.5),
+                               rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("correct_single", [False, True])
 def test_cancellation_dominant_key_changed_stays_exact(correct_single):
     # row 0 puts all its mass on key 0 (logit 500 against about 0); then key 0 goes away
