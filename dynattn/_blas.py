@@ -29,11 +29,14 @@ def add_product(C: np.ndarray, A: np.ndarray, B: np.ndarray) -> bool:
     """``C += A @ B`` in place by one BLAS call; False, with C untouched, where it cannot.
 
     A (m, k), B (k, p) and C (m, p) must share a dtype, float32 or float64, be row-major with
-    unit column stride (row strides may be larger), and C must be writable. Costs the GEMM's
+    unit column stride (row strides may be larger), and C must be writable and share no
+    memory with A or B (BLAS would read what it has overwritten). Costs the GEMM's
     ``2·m·k·p`` flops and nothing more: no temporary, no second pass over C.
     """
     gemm = _gemm(C.dtype)
     if gemm is None or not (A.dtype == B.dtype == C.dtype and C.flags.writeable):
+        return False
+    if np.may_share_memory(C, A) or np.may_share_memory(C, B):
         return False
     lds = [_leading(X) for X in (A, B, C)]
     if None in lds:

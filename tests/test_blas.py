@@ -46,7 +46,7 @@ def test_add_product_adds_the_product_and_touches_nothing_else(m, k, p, pads, dt
 
 
 @pytest.mark.parametrize("case", ["fortran C", "fortran A", "mixed dtypes", "float16",
-                                  "read-only C", "shapes", "3-D"])
+                                  "read-only C", "shapes", "3-D", "B inside C"])
 def test_add_product_declines_what_it_cannot_do_and_leaves_c_alone(case):
     rng = np.random.default_rng(0)
     A, B, C = (rng.standard_normal(s) for s in ((4, 3), (3, 5), (4, 5)))
@@ -64,6 +64,8 @@ def test_add_product_declines_what_it_cannot_do_and_leaves_c_alone(case):
         B = B[:2]
     elif case == "3-D":
         A = A[None]
+    elif case == "B inside C":
+        B = C[:3]  # BLAS would read rows of B it has already overwritten
     before = C.copy()
     assert _blas.add_product(C, A, B) is False
     np.testing.assert_array_equal(C, before)
