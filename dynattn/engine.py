@@ -899,8 +899,8 @@ class LazyAttention:
         L = self._buffer("logits", (len(m), len(Kp))) if workspace else None
         L = np.matmul(QA, pack.aug.T, out=L)
         # one bound for the whole block first: the rows' own bounds cost four passes over them
-        lowest = m.min(initial=math.inf)
-        if new is not None and self._qnorm_max * pack.knorm > lowest + _SHIFT_SLACK:
+        if new is not None and (self._qnorm_max * pack.knorm
+                                > m.min(initial=math.inf) + _SHIFT_SLACK):
             near = np.flatnonzero(self._qnorm[rows] * pack.knorm > m + _SHIFT_SLACK)
             if len(near):  # online softmax: rescale only the rows whose maximum moved
                 top = L[near][:, new].max(axis=1)
