@@ -92,13 +92,18 @@ def _gemm(dtype: np.dtype):
     return gemm if np.allclose(C, expected, rtol=1e-5, atol=1e-5) else None
 
 
+def _numpy_built_with_wheel_blas() -> bool:
+    """Whether NumPy's build configuration names scipy-openblas with 64-bit integers."""
+    config = getattr(getattr(np, "__config__", None), "CONFIG", {})
+    blas = config.get("Build Dependencies", {}).get("blas", {})
+    return (blas.get("name") == "scipy-openblas"
+            and "USE64BITINT" in blas.get("openblas configuration", ""))
+
+
 @functools.cache
 def _numpy_openblas():
     """NumPy's bundled scipy-openblas (ILP64), as a ctypes library, or None."""
-    config = getattr(getattr(np, "__config__", None), "CONFIG", {})
-    blas = config.get("Build Dependencies", {}).get("blas", {})
-    if blas.get("name") != "scipy-openblas" or "USE64BITINT" not in blas.get(
-            "openblas configuration", ""):
+    if not _numpy_built_with_wheel_blas():
         return None
     root = pathlib.Path(np.__file__).parent
     # wheels keep it beside the package (Linux, Windows) or inside it (macOS)

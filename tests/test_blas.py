@@ -10,10 +10,7 @@ from hypothesis import strategies as st
 from dynattn import _blas
 from dynattn import engine as engine_module
 
-numpy_blas = getattr(np, "__config__", None)
-numpy_blas = getattr(numpy_blas, "CONFIG", {}).get("Build Dependencies", {}).get("blas", {})
-NUMPY_WHEEL_BLAS = (numpy_blas.get("name") == "scipy-openblas"
-                    and "USE64BITINT" in numpy_blas.get("openblas configuration", ""))
+NUMPY_WHEEL_BLAS = _blas._numpy_built_with_wheel_blas()  # as NumPy's PyPI wheels, in CI
 
 
 def _view(rng, dtype, shape, pad):
