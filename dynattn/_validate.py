@@ -23,8 +23,11 @@ def resolve_dtype(dtype, *arrays) -> np.dtype:
     """
     if dtype is None:
         kinds = [getattr(a, "dtype", None) for a in arrays]
-        return SUPPORTED_DTYPES[0] if kinds and all(k == np.float32 for k in kinds) else \
-            SUPPORTED_DTYPES[1]
+        return (
+            SUPPORTED_DTYPES[0]
+            if kinds and all(k == np.float32 for k in kinds)
+            else SUPPORTED_DTYPES[1]
+        )
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
@@ -34,8 +37,9 @@ def resolve_dtype(dtype, *arrays) -> np.dtype:
     return dt
 
 
-def as_matrix(name: str, value, dtype: np.dtype, shape: tuple | None = None,
-              pad: int = 0) -> np.ndarray:
+def as_matrix(
+    name: str, value, dtype: np.dtype, shape: tuple | None = None, pad: int = 0
+) -> np.ndarray:
     """A finite, C-contiguous 2-D copy of ``value`` (dense or scipy.sparse) in ``dtype``,
     with ``pad`` zero columns after its own."""
     if hasattr(value, "toarray") and hasattr(value, "nnz"):  # scipy.sparse, without importing it
@@ -63,7 +67,7 @@ def aligned_empty(shape: tuple, dtype) -> np.ndarray:
     size = math.prod(shape) * dtype.itemsize
     buf = np.empty(size + _LINE, dtype=np.uint8)
     start = -buf.ctypes.data % _LINE
-    return buf[start:start + size].view(dtype).reshape(shape)
+    return buf[start : start + size].view(dtype).reshape(shape)
 
 
 def aligned_copy(arr: np.ndarray, dtype=None, pad: int = 0) -> np.ndarray:
@@ -90,8 +94,7 @@ def check_finite(name: str, arr: np.ndarray, source=None) -> None:
         bad = np.argwhere(~np.isfinite(arr))[0]
         where = tuple(int(b) for b in bad)
         shown = (source if source is not None else arr)[where] if arr.ndim else arr
-        raise ValueError(f"{name} must be finite; {name}{list(where)} = {shown!r} "
-                         f"(in {arr.dtype})")
+        raise ValueError(f"{name} must be finite; {name}{list(where)} = {shown!r} (in {arr.dtype})")
 
 
 def check_index(name: str, value, bound: int) -> int:
@@ -129,12 +132,14 @@ def entry_sum(which: str, target: np.ndarray, i: int, j: int, delta: float):
     limit = FINITE_LIMIT[dt]
     if -limit <= total <= limit:
         return before, old + step
-    raise ValueError(f"delta={delta!r} would make {which}[{i}, {j}] = {total!r}, "
-                     f"not finite in {dt}")
+    raise ValueError(
+        f"delta={delta!r} would make {which}[{i}, {j}] = {total!r}, not finite in {dt}"
+    )
 
 
-def entry_sums(which: str, target: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-               deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def entry_sums(
+    which: str, target: np.ndarray, rows: np.ndarray, cols: np.ndarray, deltas: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Flat positions and final values of ``target[rows, cols] += deltas`` on a C-contiguous
     2-D ``target`` (repeated entries accumulate in order, as ``np.add.at`` would), checked
     finite as a whole before anything is written; the first bad entry is named."""
@@ -150,8 +155,10 @@ def entry_sums(which: str, target: np.ndarray, rows: np.ndarray, cols: np.ndarra
     ok = np.abs(final) <= FINITE_LIMIT[target.dtype]
     if not ok.all():
         k = int(np.flatnonzero(~ok)[0])
-        raise ValueError(f"deltas would make {which}[{flat[k] // d}, {flat[k] % d}] = "
-                         f"{final[k]!r}, not finite in {target.dtype}")
+        raise ValueError(
+            f"deltas would make {which}[{flat[k] // d}, {flat[k] % d}] = "
+            f"{final[k]!r}, not finite in {target.dtype}"
+        )
     return flat, final
 
 

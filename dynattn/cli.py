@@ -26,8 +26,21 @@ PROG = "python -m dynattn simulate"
 
 # SimulationConfig parameters offered as --options (scale is the --unscaled flag; preset
 # 'file' is chosen by --file).
-_OPTIONS = ("n", "d", "preset", "stream", "policy", "threshold", "tolerance",
-            "updates_per_tick", "queries_per_tick", "k_share", "delta_scale", "dtype", "seed")
+_OPTIONS = (
+    "n",
+    "d",
+    "preset",
+    "stream",
+    "policy",
+    "threshold",
+    "tolerance",
+    "updates_per_tick",
+    "queries_per_tick",
+    "k_share",
+    "delta_scale",
+    "dtype",
+    "seed",
+)
 
 
 def _bounded(name: str):
@@ -46,8 +59,10 @@ def _bounded(name: str):
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
         if not math.isfinite(value) or too_low or too_high:
-            interval = (f"{'(' if low_open else '['}{'-inf' if low is None else low}, "
-                        f"{'inf' if high is None else high}{')' if high_open else ']'}")
+            interval = (
+                f"{'(' if low_open else '['}{'-inf' if low is None else low}, "
+                f"{'inf' if high is None else high}{')' if high_open else ']'}"
+            )
             raise argparse.ArgumentTypeError(f"{name}={text} must be in {interval}")
         return value
 
@@ -78,11 +93,14 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     The parser's ``func`` default is :func:`run_simulate`.
     """
     parser = subparsers.add_parser(
-        "simulate", help="compare lazy, eager, on-demand and recompute on one workload",
+        "simulate",
+        help="compare lazy, eager, on-demand and recompute on one workload",
         description="Simulate ticks of K/V updates and exact queries, print the cumulative "
-                    "cost of each exact strategy and optionally write the timeline as CSV.")
-    parser.add_argument("--ticks", type=_positive_int, default=500,
-                        help="ticks to simulate (default: %(default)s)")
+        "cost of each exact strategy and optionally write the timeline as CSV.",
+    )
+    parser.add_argument(
+        "--ticks", type=_positive_int, default=500, help="ticks to simulate (default: %(default)s)"
+    )
     for name in _OPTIONS:
         p = SimulationConfig.param[name]
         flag = "--" + name.replace("_", "-")
@@ -92,15 +110,29 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
             parser.add_argument(flag, choices=choices, default=p.default, help=help_text)
         else:
             parser.add_argument(flag, type=_bounded(name), default=p.default, help=help_text)
-    parser.add_argument("--unscaled", action="store_true",
-                        help="use scale 1 (the original prototype's logits) instead of 1/sqrt(d)")
-    parser.add_argument("--file", metavar="NPZ",
-                        help="start from the arrays Q, K, V of this .npz file (its shape sets n "
-                             "and d; --n, --d and --preset are then ignored)")
-    parser.add_argument("--history", type=_positive_int, default=None,
-                        help="ticks kept in the timeline (default: all ticks)")
-    parser.add_argument("--csv", type=_output_path, metavar="PATH",
-                        help="write the timeline (one line per tick) to this CSV file")
+    parser.add_argument(
+        "--unscaled",
+        action="store_true",
+        help="use scale 1 (the original prototype's logits) instead of 1/sqrt(d)",
+    )
+    parser.add_argument(
+        "--file",
+        metavar="NPZ",
+        help="start from the arrays Q, K, V of this .npz file (its shape sets n "
+        "and d; --n, --d and --preset are then ignored)",
+    )
+    parser.add_argument(
+        "--history",
+        type=_positive_int,
+        default=None,
+        help="ticks kept in the timeline (default: all ticks)",
+    )
+    parser.add_argument(
+        "--csv",
+        type=_output_path,
+        metavar="PATH",
+        help="write the timeline (one line per tick) to this CSV file",
+    )
     parser.set_defaults(func=run_simulate)
     return parser
 
@@ -145,12 +177,18 @@ def summary(sim: Simulation, csv_path: str | None = None) -> str:
         "",
         f"{'cumulative cost':<18}{'seconds':>12}{'flops':>12}{'s / lazy':>10}{'flops / lazy':>14}",
     ]
-    for label, key in (("lazy", "lazy"), ("eager", "eager"), ("on-demand", "ondemand"),
-                       ("recompute (est.)", "recompute")):
+    for label, key in (
+        ("lazy", "lazy"),
+        ("eager", "eager"),
+        ("on-demand", "ondemand"),
+        ("recompute (est.)", "recompute"),
+    ):
         seconds, flops = final[f"{key}_seconds"], final[f"{key}_flops"]
-        lines.append(f"{label:<18}{seconds:>12.4g}{flops:>12.3g}"
-                     f"{_ratio(seconds, final['lazy_seconds']):>10}"
-                     f"{_ratio(flops, final['lazy_flops']):>14}")
+        lines.append(
+            f"{label:<18}{seconds:>12.4g}{flops:>12.3g}"
+            f"{_ratio(seconds, final['lazy_seconds']):>10}"
+            f"{_ratio(flops, final['lazy_flops']):>14}"
+        )
     if csv_path:
         lines += ["", f"timeline: {csv_path} ({len(sim.timeline)} ticks)"]
     return "\n".join(lines)

@@ -49,8 +49,15 @@ class EnhancedDynamicAttention:
         Updates queued since the last flush.
     """
 
-    def __init__(self, Q, K, V, initial_threshold: int = 10, sparsity_threshold: float = 0.1,
-                 adaptive_threshold_func=None):
+    def __init__(
+        self,
+        Q,
+        K,
+        V,
+        initial_threshold: int = 10,
+        sparsity_threshold: float = 0.1,
+        adaptive_threshold_func=None,
+    ):
         if not (isinstance(sparsity_threshold, numbers.Real) and 0 <= sparsity_threshold <= 1):
             raise ValueError(f"sparsity_threshold={sparsity_threshold!r} must be in [0, 1]")
         keep = initial_threshold
@@ -121,8 +128,7 @@ class EnhancedDynamicAttention:
         ``engine.approximation_error()``.
         """
         exact = dense_attention(self.engine.Q, self.engine.K, self.engine.V, scale=1.0)
-        return float(np.linalg.norm(self.get_attention_matrix() - exact)
-                     / np.linalg.norm(exact))
+        return float(np.linalg.norm(self.get_attention_matrix() - exact) / np.linalg.norm(exact))
 
 
 def demo_workload() -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
@@ -181,23 +187,29 @@ def run_demo(out=print) -> dict:
 
     exact = dense_attention(att.Q, att.K, att.V, scale=1.0)
     report = {
-        "O_0_0": o00, "O_500_25": o500,
-        "dense_O_0_0": float(exact[0, 0]), "dense_O_500_25": float(exact[500, 25]),
+        "O_0_0": o00,
+        "O_500_25": o500,
+        "dense_O_0_0": float(exact[0, 0]),
+        "dense_O_500_25": float(exact[500, 25]),
         "approximation_error": att.get_approximation_error(),
         "stale_error": att.engine.approximation_error().relative,
-        "threshold": att.lazy_threshold, "flushes": att.engine.n_flushes,
-        "pending": att.engine.pending, "seconds": seconds,
-        "default_policy_answers": default_answers, "default_policy_seconds": default_seconds,
+        "threshold": att.lazy_threshold,
+        "flushes": att.engine.n_flushes,
+        "pending": att.engine.pending,
+        "seconds": seconds,
+        "default_policy_answers": default_answers,
+        "default_policy_seconds": default_seconds,
         "default_policy_flushes": engine.n_flushes,
     }
     out("Original demo workload (n=1000, d=50, seed 42, 100 × (10 K + 10 V) updates)")
     out(f"  Position (0, 0):    {o00:.15f}   dense recomputation {exact[0, 0]:.15f}")
     out(f"  Position (500, 25): {o500:.15f}   dense recomputation {exact[500, 25]:.15f}")
     out(f"  Approximation error (exact answers vs dense): {report['approximation_error']:.3e}")
-    out(f"  Stale-cache error ({report['pending']} updates pending): "
-        f"{report['stale_error']:.3e}")
+    out(f"  Stale-cache error ({report['pending']} updates pending): {report['stale_error']:.3e}")
     out(f"  Final lazy threshold: {report['threshold']}   flushes: {report['flushes']}")
     out(f"  Workload wall time: {seconds * 1e3:.1f} ms (the prototype's threshold rule)")
-    out(f"  Same workload, default policy (cost model): {default_seconds * 1e3:.1f} ms, "
-        f"{engine.n_flushes} flushes, the same answers")
+    out(
+        f"  Same workload, default policy (cost model): {default_seconds * 1e3:.1f} ms, "
+        f"{engine.n_flushes} flushes, the same answers"
+    )
     return report

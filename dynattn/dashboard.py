@@ -48,23 +48,43 @@ SLOW_FRAME = 2.0
 #: Window sides offered for the heatmaps (clipped to n).
 WINDOWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 #: Error-budget tolerances offered by the tolerance slider (a log scale in discrete steps).
-TOLERANCES = tuple(10.0 ** e for e in range(-8, 1))
+TOLERANCES = tuple(10.0**e for e in range(-8, 1))
 #: The four maintenance strategies whose cumulative costs the simulation records.
-STRATEGIES = {"lazy": "lazy", "eager": "eager", "ondemand": "on demand",
-              "recompute": "recompute"}
+STRATEGIES = {"lazy": "lazy", "eager": "eager", "ondemand": "on demand", "recompute": "recompute"}
 #: Tick-record columns kept in the browser-side time series.
-SERIES = ("tick", "rel_error", "max_abs_error", "pending", "flushed", "flush_rows",
-          *(f"{s}_{unit}" for unit in ("seconds", "flops") for s in STRATEGIES))
+SERIES = (
+    "tick",
+    "rel_error",
+    "max_abs_error",
+    "pending",
+    "flushed",
+    "flush_rows",
+    *(f"{s}_{unit}" for unit in ("seconds", "flops") for s in STRATEGIES),
+)
 #: Simulation settings shown as controls, in the order of the sidebar.
-SIM_CONTROLS = ("policy", "threshold", "tolerance", "updates_per_tick", "queries_per_tick",
-                "stream", "preset", "n", "d", "scale", "seed", "k_share", "delta_scale", "dtype")
+SIM_CONTROLS = (
+    "policy",
+    "threshold",
+    "tolerance",
+    "updates_per_tick",
+    "queries_per_tick",
+    "stream",
+    "preset",
+    "n",
+    "d",
+    "scale",
+    "seed",
+    "k_share",
+    "delta_scale",
+    "dtype",
+)
 
 _POLICY_NOTES = {
     "cost": "Picks the threshold itself from the measured costs of flushes and queries "
-            "(current value in the counters).",
+    "(current value in the counters).",
     "fixed": "Flushes whenever this many updates are pending (1 = eager).",
     "adaptive": "The original prototype's rule: the threshold follows the recent batch sizes "
-                "(between 10 and 100).",
+    "(between 10 and 100).",
     "error": "Flushes before the estimated relative error of the caches exceeds ε.",
 }
 _VIEWS = {"attention weights P": "weights", "output O = PV": "output"}
@@ -73,16 +93,32 @@ _KDIMS = {
     "output": (hv.Dimension("feature", label="feature c"), hv.Dimension("query", label="query i")),
 }
 # Value dimensions of each heatmap: its own value first (coloured), the others for the hover.
-_ROLES = {"lazy": ("lazy", "exact", "diff"), "exact": ("exact", "lazy", "diff"),
-          "diff": ("diff", "lazy", "exact")}
+_ROLES = {
+    "lazy": ("lazy", "exact", "diff"),
+    "exact": ("exact", "lazy", "diff"),
+    "diff": ("diff", "lazy", "exact"),
+}
 _VALUE_LABELS = {"lazy": "lazy (stale)", "exact": "exact", "diff": "|lazy − exact|"}
-_TITLES = {"lazy": "Lazy: what the caches say", "exact": "Exact: the true values",
-           "diff": "Difference |lazy − exact|"}
+_TITLES = {
+    "lazy": "Lazy: what the caches say",
+    "exact": "Exact: the true values",
+    "diff": "Difference |lazy − exact|",
+}
 _CMAPS = {"weights": "viridis", "output": "coolwarm", "diff": "Reds"}
 _HEAT_SIZE = (330, 270)  # pixels per heatmap: three fit beside the sidebar at 1366 wide
-_SERIES_OPTS = {"width": 330, "height": 220, "legend_position": "top_left", "show_grid": True,
-                "legend_opts": {"background_fill_alpha": 0.6, "label_text_font_size": "8pt",
-                                "spacing": 0, "padding": 4, "glyph_height": 12}}
+_SERIES_OPTS = {
+    "width": 330,
+    "height": 220,
+    "legend_position": "top_left",
+    "show_grid": True,
+    "legend_opts": {
+        "background_fill_alpha": 0.6,
+        "label_text_font_size": "8pt",
+        "spacing": 0,
+        "padding": 4,
+        "glyph_height": 12,
+    },
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,21 +200,23 @@ class Window:
     def bounds(self) -> tuple[float, float, float, float]:
         """Image bounds ``(left, bottom, right, top)`` in matrix coordinates: entry ``(i, j)``
         (or the block starting there) is centred near ``x = j``, ``y = i``."""
-        return (self.c0 - 0.5, self.r0 - 0.5, self.c0 + self.cols - 0.5,
-                self.r0 + self.rows - 0.5)
+        return (self.c0 - 0.5, self.r0 - 0.5, self.c0 + self.cols - 0.5, self.r0 + self.rows - 0.5)
 
     def describe(self, row_name: str, col_name: str) -> str:
         """One line for the page, e.g. ``queries 0–127 × keys 0–127, every value``."""
-        text = (f"{row_name} {self.r0}–{self.r0 + self.rows - 1} × "
-                f"{col_name} {self.c0}–{self.c0 + self.cols - 1}")
+        text = (
+            f"{row_name} {self.r0}–{self.r0 + self.rows - 1} × "
+            f"{col_name} {self.c0}–{self.c0 + self.cols - 1}"
+        )
         if self.fr == self.fc == 1:
             return text + ", every value shown"
-        return (text + f", in blocks of {self.fr}×{self.fc} (lazy and exact: block means; "
-                "difference: block maxima)")
+        return (
+            text + f", in blocks of {self.fr}×{self.fc} (lazy and exact: block means; "
+            "difference: block maxima)"
+        )
 
 
-def plan_window(n_rows: int, n_cols: int, rows: int, cols: int, r0: int = 0,
-                c0: int = 0) -> Window:
+def plan_window(n_rows: int, n_cols: int, rows: int, cols: int, r0: int = 0, c0: int = 0) -> Window:
     """Fit a requested window into an ``n_rows × n_cols`` matrix and choose its blocks.
 
     The window is clipped to the matrix, its start moved so that it fits, and each side
@@ -289,8 +327,13 @@ def heat_image(data: dict, role: str) -> hv.Image:
     # inverted so that query 0 is at the top, hence the flip. One stacked array with bounds
     # builds several times faster than coordinate arrays, which are checked for regularity.
     stacked = np.dstack([data[name][::-1] for name in names])
-    return hv.Image(stacked, bounds=data["bounds"], kdims=list(_KDIMS[data["view"]]),
-                    vdims=vdims, label=_TITLES[role])
+    return hv.Image(
+        stacked,
+        bounds=data["bounds"],
+        kdims=list(_KDIMS[data["view"]]),
+        vdims=vdims,
+        label=_TITLES[role],
+    )
 
 
 def _positive(values: pd.Series) -> np.ndarray:
@@ -315,16 +358,20 @@ def error_plot(data: pd.DataFrame, log: bool) -> hv.Overlay:
         Curves of ``rel_error`` (relative Frobenius) and ``max_abs_error``, and ``VLines``.
     """
     layers = []
-    for col, label, color in (("rel_error", "relative (Frobenius)", "#1f77b4"),
-                              ("max_abs_error", "max abs", "#d62728")):
+    for col, label, color in (
+        ("rel_error", "relative (Frobenius)", "#1f77b4"),
+        ("max_abs_error", "max abs", "#d62728"),
+    ):
         values = _positive(data[col]) if log else data[col].to_numpy(dtype=float)
         points = (data["tick"].to_numpy(), values)
         error = hv.Dimension("error", label="error")
         # Markers too: on a log axis a nonzero tick between two exact ones has no line.
-        layers += [hv.Curve(points, "tick", error, label=label).opts(color=color,
-                                                                     backend="bokeh"),
-                   hv.Scatter(points, "tick", error, label=label).opts(color=color, size=3,
-                                                                       backend="bokeh")]
+        layers += [
+            hv.Curve(points, "tick", error, label=label).opts(color=color, backend="bokeh"),
+            hv.Scatter(points, "tick", error, label=label).opts(
+                color=color, size=3, backend="bokeh"
+            ),
+        ]
     flushes = hv.VLines(data.loc[data["flushed"] > 0, "tick"].to_numpy(), kdims=["tick"])
     flushes = flushes.opts(color="#888888", alpha=0.35, line_width=1, backend="bokeh")
     return hv.Overlay([*layers, flushes])
@@ -345,10 +392,12 @@ def pending_plot(data: pd.DataFrame) -> hv.Overlay:
         per flushing tick, as tall as the number of rows recomputed.
     """
     flushed = data.loc[data["flushed"] > 0]
-    pending = hv.Curve(data, "tick", hv.Dimension("pending", label="count"),
-                       label="pending").opts(interpolation="steps-post", backend="bokeh")
-    spikes = hv.Spikes(flushed, "tick", hv.Dimension("flush_rows", label="count"),
-                       label="flush (rows)")
+    pending = hv.Curve(data, "tick", hv.Dimension("pending", label="count"), label="pending").opts(
+        interpolation="steps-post", backend="bokeh"
+    )
+    spikes = hv.Spikes(
+        flushed, "tick", hv.Dimension("flush_rows", label="count"), label="flush (rows)"
+    )
     return pending * spikes
 
 
@@ -373,8 +422,9 @@ def cost_plot(data: pd.DataFrame, unit: str, log: bool) -> hv.NdOverlay:
     for key, label in STRATEGIES.items():
         col = data[f"{key}_{unit}"]
         values = _positive(col) if log else col.to_numpy(dtype=float)
-        curves[label] = hv.Curve((tick, values), "tick",
-                                 hv.Dimension("cost", label=f"cumulative {unit}"))
+        curves[label] = hv.Curve(
+            (tick, values), "tick", hv.Dimension("cost", label=f"cumulative {unit}")
+        )
     return hv.NdOverlay(curves, kdims="strategy")
 
 
@@ -430,32 +480,79 @@ class Dashboard(pn.viewable.Viewer):
     simulation rejects leaves it untouched, resets the control and explains why on the page.
     """
 
-    view = param.Selector(default="weights", objects=_VIEWS, doc="""
-        Matrix shown in the heatmaps: the attention weights P or the output O = PV.""")
-    window = param.Selector(default=128, objects=list(WINDOWS), doc="""
+    view = param.Selector(
+        default="weights",
+        objects=_VIEWS,
+        doc="""
+        Matrix shown in the heatmaps: the attention weights P or the output O = PV.""",
+    )
+    window = param.Selector(
+        default=128,
+        objects=list(WINDOWS),
+        doc="""
         Side of the heatmap window in rows and columns (clipped to n; above 512 the
-        window is shown in blocks).""")
-    row0 = param.Integer(default=0, bounds=(0, 1), label="first query row", doc="""
-        First row (query) of the heatmap window.""")
-    col0 = param.Integer(default=0, bounds=(0, 1), label="first key column", doc="""
-        First column (key) of the heatmap window (weights view only).""")
-    playing = param.Boolean(default=False, doc="""
-        Whether frames run periodically (``Dashboard(playing=True)`` starts playing).""")
-    ticks_per_frame = param.Integer(default=1, bounds=(1, 64), doc="""
-        Simulation ticks per frame; the page is rendered once per frame.""")
-    period = param.Integer(default=250, bounds=(50, 2000), label="frame period (ms)", doc="""
-        Time between frames while playing.""")
-    log_error = param.Boolean(default=True, label="log scale", doc="""
-        Logarithmic error axis (errors span many orders of magnitude).""")
-    cost_unit = param.Selector(default="seconds", objects=["seconds", "flops"], doc="""
-        Unit of the cumulative cost plot.""")
-    log_cost = param.Boolean(default=True, label="log scale", doc="""
-        Logarithmic cost axis (a full recompute costs orders of magnitude more).""")
-    blas_threads = param.Integer(default=1, bounds=(1, None), allow_None=True, doc="""
+        window is shown in blocks).""",
+    )
+    row0 = param.Integer(
+        default=0,
+        bounds=(0, 1),
+        label="first query row",
+        doc="""
+        First row (query) of the heatmap window.""",
+    )
+    col0 = param.Integer(
+        default=0,
+        bounds=(0, 1),
+        label="first key column",
+        doc="""
+        First column (key) of the heatmap window (weights view only).""",
+    )
+    playing = param.Boolean(
+        default=False,
+        doc="""
+        Whether frames run periodically (``Dashboard(playing=True)`` starts playing).""",
+    )
+    ticks_per_frame = param.Integer(
+        default=1,
+        bounds=(1, 64),
+        doc="""
+        Simulation ticks per frame; the page is rendered once per frame.""",
+    )
+    period = param.Integer(
+        default=250,
+        bounds=(50, 2000),
+        label="frame period (ms)",
+        doc="""
+        Time between frames while playing.""",
+    )
+    log_error = param.Boolean(
+        default=True,
+        label="log scale",
+        doc="""
+        Logarithmic error axis (errors span many orders of magnitude).""",
+    )
+    cost_unit = param.Selector(
+        default="seconds",
+        objects=["seconds", "flops"],
+        doc="""
+        Unit of the cumulative cost plot.""",
+    )
+    log_cost = param.Boolean(
+        default=True,
+        label="log scale",
+        doc="""
+        Logarithmic cost axis (a full recompute costs orders of magnitude more).""",
+    )
+    blas_threads = param.Integer(
+        default=1,
+        bounds=(1, None),
+        allow_None=True,
+        doc="""
         BLAS threads used by a frame's model work (None: leave the library default). One
         thread by default: a dashboard's matrices are small, a server runs several sessions,
         and idle BLAS threads busy-waiting for work slowed a tick more than tenfold on a
-        loaded two-core machine.""")
+        loaded two-core machine.""",
+    )
 
     def __init__(self, simulation: Simulation | None = None, points: int = 2000, **params):
         super().__init__(**params)
@@ -469,15 +566,17 @@ class Dashboard(pn.viewable.Viewer):
         self._clim: tuple[float, float] | None = None  # refitted when the view changes
         self.last_frame: Frame | None = None
         self._render_ms: float | None = None
-        self._series = hv.streams.Buffer(pd.DataFrame({c: np.zeros(0) for c in SERIES}),
-                                         length=points, index=False)
+        self._series = hv.streams.Buffer(
+            pd.DataFrame({c: np.zeros(0) for c in SERIES}), length=points, index=False
+        )
         self._heat_pipe: hv.streams.Pipe | None = None
         self._heatmaps: dict[str, hv.DynamicMap] = {}
         self._build_widgets()
         self._build_panes()
         self._layout = self._build_layout()
-        self._callback = pn.state.add_periodic_callback(self._on_frame, period=self.period,
-                                                        start=False)
+        self._callback = pn.state.add_periodic_callback(
+            self._on_frame, period=self.period, start=False
+        )
         self._session = pn.state.curdoc.session_context if pn.state.curdoc else None
         if self._session is not None:  # outside a server there is no session to clean up
             pn.state.on_session_destroyed(self._on_session_destroyed)
@@ -504,8 +603,9 @@ class Dashboard(pn.viewable.Viewer):
         with self._blas.limit(limits=self.blas_threads, user_api="blas"):
             records = [self.sim.step() for _ in range(ticks)]
             heat = self._heat_payload()
-        rows = pd.DataFrame([{c: r[c] for c in SERIES} for r in records], columns=list(SERIES),
-                            dtype=float)
+        rows = pd.DataFrame(
+            [{c: r[c] for c in SERIES} for r in records], columns=list(SERIES), dtype=float
+        )
         seconds = time.perf_counter() - t0
         frame = Frame(rows, heat, self._stats(seconds, ticks), seconds, ticks)
         self.last_frame = frame
@@ -549,7 +649,9 @@ class Dashboard(pn.viewable.Viewer):
         """The dashboard in a page template (for ``panel serve``); all resources are local."""
         return pn.template.BootstrapTemplate(
             title="dynattn · lazy dynamic attention, live",
-            sidebar=[self._sidebar], main=[self._main], sidebar_width=280,
+            sidebar=[self._sidebar],
+            main=[self._main],
+            sidebar_width=280,
         )
 
     def __panel__(self):
@@ -574,25 +676,42 @@ class Dashboard(pn.viewable.Viewer):
         floor = 64 * np.finfo(eng.dtype).eps * max(abs(self._clim[0]), abs(self._clim[1]))
         dmax = float(data["diff"].max()) if data["diff"].size else 0.0
         col_name = "keys" if self.view == "weights" else "features"
-        return {"view": self.view, "bounds": win.bounds, **data, "clim": self._clim,
-                "dlim": (0.0, max(dmax, floor)), "dmax": dmax,
-                "window": f"**Window:** {win.describe('queries', col_name)} "
-                          f"(n = {eng.n}, d = {eng.d}). Largest difference: {dmax:.3g}."}
+        return {
+            "view": self.view,
+            "bounds": win.bounds,
+            **data,
+            "clim": self._clim,
+            "dlim": (0.0, max(dmax, floor)),
+            "dmax": dmax,
+            "window": f"**Window:** {win.describe('queries', col_name)} "
+            f"(n = {eng.n}, d = {eng.d}). Largest difference: {dmax:.3g}.",
+        }
 
     def _stats(self, seconds: float, ticks: int) -> dict:
         eng, sim = self.sim.engine, self.sim
         last = eng.last_flush
         tail = sim.timeline.tail(1)
-        cost = {s: float(tail[f"{s}_seconds"][0]) if len(tail["tick"]) else 0.0
-                for s in STRATEGIES}
-        speedup = {s: cost[s] / cost["lazy"] if cost["lazy"] > 0 else None
-                   for s in ("eager", "ondemand", "recompute")}
+        cost = {s: float(tail[f"{s}_seconds"][0]) if len(tail["tick"]) else 0.0 for s in STRATEGIES}
+        speedup = {
+            s: cost[s] / cost["lazy"] if cost["lazy"] > 0 else None
+            for s in ("eager", "ondemand", "recompute")
+        }
         return {
-            "ticks": sim.tick, "updates": eng.n_updates, "pending": eng.pending,
-            "touched_rows": eng.touched_rows, "flushes": eng.n_flushes,
-            "threshold": eng.threshold, "queries": eng.n_queries,
-            "last_flush": None if last is None else
-            {"rows": last.rows, "seconds": last.seconds, "flops": last.flops, "kind": last.kind},
+            "ticks": sim.tick,
+            "updates": eng.n_updates,
+            "pending": eng.pending,
+            "touched_rows": eng.touched_rows,
+            "flushes": eng.n_flushes,
+            "threshold": eng.threshold,
+            "queries": eng.n_queries,
+            "last_flush": None
+            if last is None
+            else {
+                "rows": last.rows,
+                "seconds": last.seconds,
+                "flops": last.flops,
+                "kind": last.kind,
+            },
             "speedup": speedup,
             "tick_ms": 1e3 * seconds / max(ticks, 1) if ticks else None,
             "render_ms": self._render_ms,
@@ -602,7 +721,8 @@ class Dashboard(pn.viewable.Viewer):
     def _build_widgets(self) -> None:
         form = self.form
         self.play_toggle = pn.widgets.Toggle.from_param(
-            self.param.playing, label="▶ Play", color="success")
+            self.param.playing, label="▶ Play", color="success"
+        )
         self.step_button = pn.widgets.Button(label="Step one tick")
         self.flush_button = pn.widgets.Button(label="Flush now", color="warning")
         self.reset_button = pn.widgets.Button(label="Reset", color="danger")
@@ -615,53 +735,64 @@ class Dashboard(pn.viewable.Viewer):
 
         w = pn.widgets
         self.controls = {
-            "policy": w.RadioButtonGroup.from_param(form.param.policy, color="primary",
-                                                    variant="outline"),
-            "threshold": w.IntSlider.from_param(form.param.threshold,
-                                                label="threshold (pending updates)"),
-            "tolerance": w.DiscreteSlider.from_param(form.param.tolerance,
-                                                     options=list(TOLERANCES),
-                                                     label="tolerance ε (relative error)"),
-            "updates_per_tick": w.IntSlider.from_param(form.param.updates_per_tick,
-                                                       label="updates per tick"),
-            "queries_per_tick": w.IntSlider.from_param(form.param.queries_per_tick,
-                                                       label="queries per tick"),
+            "policy": w.RadioButtonGroup.from_param(
+                form.param.policy, color="primary", variant="outline"
+            ),
+            "threshold": w.IntSlider.from_param(
+                form.param.threshold, label="threshold (pending updates)"
+            ),
+            "tolerance": w.DiscreteSlider.from_param(
+                form.param.tolerance, options=list(TOLERANCES), label="tolerance ε (relative error)"
+            ),
+            "updates_per_tick": w.IntSlider.from_param(
+                form.param.updates_per_tick, label="updates per tick"
+            ),
+            "queries_per_tick": w.IntSlider.from_param(
+                form.param.queries_per_tick, label="queries per tick"
+            ),
             "stream": w.Select.from_param(form.param.stream, label="update stream"),
             "preset": w.Select.from_param(form.param.preset, label="Q, K, V preset"),
             # Size changes rebuild everything: apply them only when the slider is released.
-            "n": w.IntSlider.from_param(form.param.n, label="n (sequence length)",
-                                        throttled=True),
-            "d": w.IntSlider.from_param(form.param.d, label="d (head dimension)",
-                                        throttled=True),
+            "n": w.IntSlider.from_param(form.param.n, label="n (sequence length)", throttled=True),
+            "d": w.IntSlider.from_param(form.param.d, label="d (head dimension)", throttled=True),
             "scale": w.Select.from_param(form.param.scale, label="logit scale"),
             "seed": w.IntInput.from_param(form.param.seed, label="seed"),
-            "k_share": w.FloatSlider.from_param(form.param.k_share,
-                                                label="share of updates to K"),
-            "delta_scale": w.FloatInput.from_param(form.param.delta_scale,
-                                                   label="update size (std of δ)"),
+            "k_share": w.FloatSlider.from_param(form.param.k_share, label="share of updates to K"),
+            "delta_scale": w.FloatInput.from_param(
+                form.param.delta_scale, label="update size (std of δ)"
+            ),
             "dtype": w.Select.from_param(form.param.dtype, label="precision"),
         }
         self._policy_note = pn.pane.Markdown("", margin=(0, 10))
         self.file_input = w.FileInput(accept=".npz", multiple=False)
         self.file_input.param.watch(self._on_file, "value")
-        self.download = w.FileDownload(callback=self._timeline_csv,
-                                       filename="dynattn_timeline.csv",
-                                       label="Download timeline (CSV)", color="primary")
-        self.view_buttons = w.RadioButtonGroup.from_param(self.param.view, variant="outline",
-                                                          color="primary")
+        self.download = w.FileDownload(
+            callback=self._timeline_csv,
+            filename="dynattn_timeline.csv",
+            label="Download timeline (CSV)",
+            color="primary",
+        )
+        self.view_buttons = w.RadioButtonGroup.from_param(
+            self.param.view, variant="outline", color="primary"
+        )
         self.window_select = w.Select.from_param(self.param.window, label="window", width=90)
         self.row_slider = w.IntSlider.from_param(self.param.row0, width=200)
         self.col_slider = w.IntSlider.from_param(self.param.col0, width=200)
-        self.alert = pn.pane.Alert("", alert_type="danger", visible=False,
-                                   sizing_mode="stretch_width", margin=(5, 10))
+        self.alert = pn.pane.Alert(
+            "", alert_type="danger", visible=False, sizing_mode="stretch_width", margin=(5, 10)
+        )
         self._window_text = pn.pane.Markdown("", margin=(0, 10), sizing_mode="stretch_width")
         self._counters = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 10))
         self.speedups = {
-            key: pn.indicators.Number(label=f"vs {STRATEGIES[key]}", value=0.0,
-                                      format="{value:.1f}×", font_size="22pt",
-                                      title_size="10pt", colors=[(1.0, "#b2182b"),
-                                                                 (math.inf, "#1a7837")],
-                                      margin=(0, 12))
+            key: pn.indicators.Number(
+                label=f"vs {STRATEGIES[key]}",
+                value=0.0,
+                format="{value:.1f}×",
+                font_size="22pt",
+                title_size="10pt",
+                colors=[(1.0, "#b2182b"), (math.inf, "#1a7837")],
+                margin=(0, 12),
+            )
             for key in ("eager", "ondemand", "recompute")
         }
 
@@ -670,31 +801,50 @@ class Dashboard(pn.viewable.Viewer):
         self._error_pane = pn.pane.HoloViews(self._error_dmap(), backend="bokeh", margin=0)
         self._pending_pane = pn.pane.HoloViews(
             hv.DynamicMap(pending_plot, streams=[self._series]).opts(
-                {"Curve": {"color": "#2166ac", "tools": ["hover"]},
-                 "Spikes": {"color": "#d6604d", "line_width": 2, "tools": ["hover"]},
-                 "Overlay": {"title": "Pending updates and flushes", **_SERIES_OPTS}},
-                backend="bokeh"),
-            backend="bokeh", margin=0)
+                {
+                    "Curve": {"color": "#2166ac", "tools": ["hover"]},
+                    "Spikes": {"color": "#d6604d", "line_width": 2, "tools": ["hover"]},
+                    "Overlay": {"title": "Pending updates and flushes", **_SERIES_OPTS},
+                },
+                backend="bokeh",
+            ),
+            backend="bokeh",
+            margin=0,
+        )
         self._cost_pane = pn.pane.HoloViews(self._cost_dmap(), backend="bokeh", margin=0)
         self.param.watch(self._on_error_axis, "log_error")
         self.param.watch(self._on_cost_axis, ["cost_unit", "log_cost"])
 
     def _error_dmap(self) -> hv.DynamicMap:
-        return hv.DynamicMap(functools.partial(error_plot, log=self.log_error),
-                             streams=[self._series]).opts(
-            {"Scatter": {"tools": ["hover"]},
-             "Overlay": {"logy": self.log_error, **_SERIES_OPTS,
-                         "title": "Lazy output error (grey = flush)"}},
-            backend="bokeh")
+        return hv.DynamicMap(
+            functools.partial(error_plot, log=self.log_error), streams=[self._series]
+        ).opts(
+            {
+                "Scatter": {"tools": ["hover"]},
+                "Overlay": {
+                    "logy": self.log_error,
+                    **_SERIES_OPTS,
+                    "title": "Lazy output error (grey = flush)",
+                },
+            },
+            backend="bokeh",
+        )
 
     def _cost_dmap(self) -> hv.DynamicMap:
-        return hv.DynamicMap(functools.partial(cost_plot, unit=self.cost_unit,
-                                               log=self.log_cost),
-                             streams=[self._series]).opts(
-            {"Curve": {"tools": ["hover"]},
-             "NdOverlay": {"logy": self.log_cost, **_SERIES_OPTS,
-                           "title": f"Cumulative cost ({self.cost_unit})"}},
-            backend="bokeh")
+        return hv.DynamicMap(
+            functools.partial(cost_plot, unit=self.cost_unit, log=self.log_cost),
+            streams=[self._series],
+        ).opts(
+            {
+                "Curve": {"tools": ["hover"]},
+                "NdOverlay": {
+                    "logy": self.log_cost,
+                    **_SERIES_OPTS,
+                    "title": f"Cumulative cost ({self.cost_unit})",
+                },
+            },
+            backend="bokeh",
+        )
 
     def _build_layout(self) -> pn.Row:
         c = self.controls
@@ -705,43 +855,79 @@ class Dashboard(pn.viewable.Viewer):
             pn.widgets.IntSlider.from_param(self.param.ticks_per_frame, label="ticks per frame"),
             pn.widgets.IntSlider.from_param(self.param.period),
         )
-        policy = pn.Column("### Flush policy", c["policy"], c["threshold"], c["tolerance"],
-                           self._policy_note)
+        policy = pn.Column(
+            "### Flush policy", c["policy"], c["threshold"], c["tolerance"], self._policy_note
+        )
         workload = pn.Column(
-            "### Workload", c["updates_per_tick"], c["queries_per_tick"], c["stream"],
-            c["preset"], c["n"], c["d"], c["scale"], c["seed"],
-            pn.pane.Markdown("Your own Q, K, V (`.npz` with arrays `Q`, `K`, `V`, each n×d):",
-                             margin=(5, 10, 0, 10)),
+            "### Workload",
+            c["updates_per_tick"],
+            c["queries_per_tick"],
+            c["stream"],
+            c["preset"],
+            c["n"],
+            c["d"],
+            c["scale"],
+            c["seed"],
+            pn.pane.Markdown(
+                "Your own Q, K, V (`.npz` with arrays `Q`, `K`, `V`, each n×d):",
+                margin=(5, 10, 0, 10),
+            ),
             self.file_input,
         )
-        advanced = pn.Card(c["k_share"], c["delta_scale"], c["dtype"], title="Advanced",
-                           collapsed=True, sizing_mode="stretch_width")
-        self._sidebar = pn.Column(run, policy, workload, advanced, "### Export", self.download,
-                                  sizing_mode="stretch_width")
+        advanced = pn.Card(
+            c["k_share"],
+            c["delta_scale"],
+            c["dtype"],
+            title="Advanced",
+            collapsed=True,
+            sizing_mode="stretch_width",
+        )
+        self._sidebar = pn.Column(
+            run,
+            policy,
+            workload,
+            advanced,
+            "### Export",
+            self.download,
+            sizing_mode="stretch_width",
+        )
         buttons = (self.play_toggle, self.step_button, self.flush_button, self.reset_button)
         for widget in (*c.values(), *buttons, self.file_input, self.download, *run[3:]):
             widget.sizing_mode = "stretch_width"  # the sidebar's width, never wider
 
-        counters_row = pn.Row(self._counters,
-                              pn.Column(pn.pane.Markdown("**Lazy speed-up** (cumulative time)",
-                                                         margin=(0, 12)),
-                                        pn.Row(*self.speedups.values())))
-        heat_controls = pn.Row(self.view_buttons, self.window_select, self.row_slider,
-                               self.col_slider, align="center")
-        live = pn.Column(
-            self.alert, counters_row, heat_controls, self._window_text, self._heat_pane,
-            pn.Row(
-                pn.Column(self._error_pane,
-                          pn.widgets.Checkbox.from_param(self.param.log_error)),
-                pn.Column(self._pending_pane),
-                pn.Column(self._cost_pane,
-                          pn.Row(pn.widgets.RadioButtonGroup.from_param(
-                                     self.param.cost_unit, variant="outline", width=160),
-                                 pn.widgets.Checkbox.from_param(self.param.log_cost))),
+        counters_row = pn.Row(
+            self._counters,
+            pn.Column(
+                pn.pane.Markdown("**Lazy speed-up** (cumulative time)", margin=(0, 12)),
+                pn.Row(*self.speedups.values()),
             ),
         )
-        self._main = pn.Tabs(("Live", live), ("What am I looking at?", _explanation()),
-                             dynamic=False)
+        heat_controls = pn.Row(
+            self.view_buttons, self.window_select, self.row_slider, self.col_slider, align="center"
+        )
+        live = pn.Column(
+            self.alert,
+            counters_row,
+            heat_controls,
+            self._window_text,
+            self._heat_pane,
+            pn.Row(
+                pn.Column(self._error_pane, pn.widgets.Checkbox.from_param(self.param.log_error)),
+                pn.Column(self._pending_pane),
+                pn.Column(
+                    self._cost_pane,
+                    pn.Row(
+                        pn.widgets.RadioButtonGroup.from_param(
+                            self.param.cost_unit, variant="outline", width=160
+                        ),
+                        pn.widgets.Checkbox.from_param(self.param.log_cost),
+                    ),
+                ),
+            ),
+        )
+        self._main = pn.Tabs(
+            ("Live", live), ("What am I looking at?", _explanation()), dynamic=False
+        )
         return pn.Row(self._sidebar, self._main)
 
     def _rebuild_heatmaps(self) -> None:
@@ -758,21 +944,37 @@ class Dashboard(pn.viewable.Viewer):
             cmap = _CMAPS["diff" if role == "diff" else self.view]
             # Bokeh names an image's own (coloured) value "image"; the others keep their names.
             fields = {name: "@image" if name == role else f"@{{{name}}}" for name in _ROLES}
-            hover = [("query i", "$y{0}"), (col_label, "$x{0}"),
-                     ("lazy", fields["lazy"] + "{%.5g}"), ("exact", fields["exact"] + "{%.5g}"),
-                     ("|lazy − exact|", fields["diff"] + "{%.3g}")]
+            hover = [
+                ("query i", "$y{0}"),
+                (col_label, "$x{0}"),
+                ("lazy", fields["lazy"] + "{%.5g}"),
+                ("exact", fields["exact"] + "{%.5g}"),
+                ("|lazy − exact|", fields["diff"] + "{%.3g}"),
+            ]
             formatters = {field: "printf" for field in fields.values()}
-            dmap = hv.DynamicMap(functools.partial(heat_image, role=role),
-                                 streams=[self._heat_pipe])
+            dmap = hv.DynamicMap(
+                functools.partial(heat_image, role=role), streams=[self._heat_pipe]
+            )
             # Equal plot sizes with a colour bar each give equal image frames; lazy and exact
             # show the same (shared) colour range.
             self._heatmaps[role] = dmap.opts(
-                cmap=cmap, framewise=True, invert_yaxis=True, width=_HEAT_SIZE[0],
-                height=_HEAT_SIZE[1], tools=["hover"], hover_tooltips=hover,
-                hover_formatters=formatters, title=_TITLES[role], colorbar=True,
-                clabel=_VALUE_LABELS[role], cformatter="%.2g", backend="bokeh")
-        self._heat_pane.object = hv.Layout(list(self._heatmaps.values())).cols(3).opts(
-            shared_axes=True, backend="bokeh")
+                cmap=cmap,
+                framewise=True,
+                invert_yaxis=True,
+                width=_HEAT_SIZE[0],
+                height=_HEAT_SIZE[1],
+                tools=["hover"],
+                hover_tooltips=hover,
+                hover_formatters=formatters,
+                title=_TITLES[role],
+                colorbar=True,
+                clabel=_VALUE_LABELS[role],
+                cformatter="%.2g",
+                backend="bokeh",
+            )
+        self._heat_pane.object = (
+            hv.Layout(list(self._heatmaps.values())).cols(3).opts(shared_axes=True, backend="bokeh")
+        )
         self.render(frame)
 
     # ------------------------------------------------------------------ event handlers
@@ -789,8 +991,11 @@ class Dashboard(pn.viewable.Viewer):
         if frame.seconds > SLOW_FRAME:
             # The server answers clicks only between frames: never let them queue for long.
             self.playing = False
-            self._say(f"Paused: one frame took {frame.seconds:.1f} s with these settings. "
-                      "Use “Step one tick”, or lower n, d or the updates per tick.", "warning")
+            self._say(
+                f"Paused: one frame took {frame.seconds:.1f} s with these settings. "
+                "Use “Step one tick”, or lower n, d or the updates per tick.",
+                "warning",
+            )
 
     def _on_play(self, event=None) -> None:
         if self.playing:
@@ -812,12 +1017,14 @@ class Dashboard(pn.viewable.Viewer):
         def flush():
             self.sim.flush_now()
             self.step(0)  # render at once: the difference map goes blank
+
         self._guarded("Flush", flush)
 
     def _on_reset(self, event=None) -> None:
         def reset():
             self.sim.reset()
             self._restart_view()
+
         self._guarded("Reset", reset)
 
     def _on_view_change(self, *events) -> None:
@@ -854,9 +1061,12 @@ class Dashboard(pn.viewable.Viewer):
         if changes.keys() & set(REBUILD_PARAMS):
             self._restart_view()
             if self.playing:
-                self._say(f"Rebuilt Q, K, V for n = {self.sim.engine.n}, "
-                          f"d = {self.sim.engine.d}; the run restarted at tick 0 and keeps "
-                          "playing.", "info")
+                self._say(
+                    f"Rebuilt Q, K, V for n = {self.sim.engine.n}, "
+                    f"d = {self.sim.engine.d}; the run restarted at tick 0 and keeps "
+                    "playing.",
+                    "info",
+                )
 
     def _on_file(self, event) -> None:
         if not event.new:
@@ -870,8 +1080,9 @@ class Dashboard(pn.viewable.Viewer):
         self._sync_form()
         self._restart_view()
         eng = self.sim.engine
-        self._say(f"Loaded {name}: n = {eng.n}, d = {eng.d}. The run restarted at tick 0.",
-                  "success")
+        self._say(
+            f"Loaded {name}: n = {eng.n}, d = {eng.d}. The run restarted at tick 0.", "success"
+        )
 
     def _on_session_destroyed(self, session_context) -> None:
         """Stop the frames as soon as the browser tab goes away."""
@@ -898,8 +1109,10 @@ class Dashboard(pn.viewable.Viewer):
         try:
             func()
         except Exception as exc:
-            self._say(f"{action} failed ({type(exc).__name__}: {exc}). The previous state is "
-                      "kept; try Reset if the view looks wrong.")
+            self._say(
+                f"{action} failed ({type(exc).__name__}: {exc}). The previous state is "
+                "kept; try Reset if the view looks wrong."
+            )
         else:
             self._clear_alert()
 
@@ -927,8 +1140,10 @@ class Dashboard(pn.viewable.Viewer):
         spare_cols = (n - win.cols) if self.view == "weights" else 0
         self._syncing = True
         try:
-            for name, spare, slider in (("row0", spare_rows, self.row_slider),
-                                        ("col0", spare_cols, self.col_slider)):
+            for name, spare, slider in (
+                ("row0", spare_rows, self.row_slider),
+                ("col0", spare_cols, self.col_slider),
+            ):
                 # A slider needs end > start; with nothing to scroll it is shown disabled.
                 self.param[name].bounds = (0, max(spare, 1))
                 setattr(self, name, min(getattr(self, name), max(spare, 0)))
@@ -948,8 +1163,10 @@ class Dashboard(pn.viewable.Viewer):
         for key, number in self.speedups.items():
             ratio = stats["speedup"][key]
             # before the first tick there is no ratio: show a dash rather than a red 0.0×
-            number.param.update(value=0.0 if ratio is None else round(ratio, 2),
-                                format="–" if ratio is None else "{value:.1f}×")
+            number.param.update(
+                value=0.0 if ratio is None else round(ratio, 2),
+                format="–" if ratio is None else "{value:.1f}×",
+            )
 
     def _timeline_csv(self) -> io.StringIO:
         buf = io.StringIO()
@@ -992,22 +1209,33 @@ def _fmt_flops(flops: float) -> str:
 def _counters_html(s: dict) -> str:
     """The counter strip: small label above a large number, in a grid."""
     last = s["last_flush"]
-    last_text = ("none yet" if last is None else
-                 f"{1e3 * last['seconds']:.2f} ms · {last['rows']} rows · "
-                 f"{_fmt_flops(last['flops'])}")
+    last_text = (
+        "none yet"
+        if last is None
+        else f"{1e3 * last['seconds']:.2f} ms · {last['rows']} rows · {_fmt_flops(last['flops'])}"
+    )
     tick_text = "–" if s["tick_ms"] is None else f"{s['tick_ms']:.1f} ms"
     render_text = "–" if s["render_ms"] is None else f"{s['render_ms']:.0f} ms"
-    cells = [("ticks", f"{s['ticks']:,}"), ("updates", f"{s['updates']:,}"),
-             ("pending updates", f"{s['pending']:,}"),
-             ("touched rows |S|", f"{s['touched_rows']:,}"), ("flushes", f"{s['flushes']:,}"),
-             ("threshold", _fmt_threshold(s["threshold"])), ("last flush", last_text),
-             ("tick: model + plot data", tick_text), ("frame render", render_text)]
+    cells = [
+        ("ticks", f"{s['ticks']:,}"),
+        ("updates", f"{s['updates']:,}"),
+        ("pending updates", f"{s['pending']:,}"),
+        ("touched rows |S|", f"{s['touched_rows']:,}"),
+        ("flushes", f"{s['flushes']:,}"),
+        ("threshold", _fmt_threshold(s["threshold"])),
+        ("last flush", last_text),
+        ("tick: model + plot data", tick_text),
+        ("frame render", render_text),
+    ]
     body = "".join(
         f"<div><div style='font-size:11px;color:#666'>{label}</div>"
         f"<div style='font-size:16px;font-weight:600;white-space:nowrap'>{value}</div></div>"
-        for label, value in cells)
-    return ("<div style='display:grid;grid-template-columns:repeat(5,max-content);"
-            f"column-gap:16px;row-gap:2px'>{body}</div>")
+        for label, value in cells
+    )
+    return (
+        "<div style='display:grid;grid-template-columns:repeat(5,max-content);"
+        f"column-gap:16px;row-gap:2px'>{body}</div>"
+    )
 
 
 def _explanation() -> pn.pane.Markdown:

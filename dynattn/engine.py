@@ -145,16 +145,16 @@ class _Pack:
 
     def clear(self) -> None:
         """Empty, keeping the capacity: regrowing after every flush cost 15 % of packing."""
-        self.size = 0                          # entries in use
-        self.slots = 0                         # touched rows (slots 0..slots-1) packed
-        self.entry: list[int] = []             # per slot: its new-key or value-only entry
-        self.keyed: list[bool] = []            # per slot: packed as a row whose key changed
+        self.size = 0  # entries in use
+        self.slots = 0  # touched rows (slots 0..slots-1) packed
+        self.entry: list[int] = []  # per slot: its new-key or value-only entry
+        self.keyed: list[bool] = []  # per slot: packed as a row whose key changed
         self.newpos = np.empty(0, dtype=np.int64)
         self.new: slice | np.ndarray | None = None
-        self.knorm = 0.0                       # bound on the norms of the new-key entries
-        self.aug: np.ndarray | None = None     # [Kp | 1] for products that subtract m
-        self.dirty: set[int] = set()           # packed slots (< slots) updated since
-        self.requeue: list[int] = []           # packed slots to append again (role change)
+        self.knorm = 0.0  # bound on the norms of the new-key entries
+        self.aug: np.ndarray | None = None  # [Kp | 1] for products that subtract m
+        self.dirty: set[int] = set()  # packed slots (< slots) updated since
+        self.requeue: list[int] = []  # packed slots to append again (role change)
         self.views = (self.Kp[:0], self.B[:0], None)  # (Kp, B, new) in use (_get_pack)
 
     def reserve(self, size: int) -> None:
@@ -182,7 +182,7 @@ class _Norm:
 
     def __init__(self):
         self.scale = 0.0  # max |x| so far
-        self.ssq = 0.0    # Σ (x / scale)²
+        self.ssq = 0.0  # Σ (x / scale)²
 
     def add(self, x: np.ndarray) -> None:
         big = float(np.abs(x).max()) if x.size else 0.0
@@ -222,8 +222,7 @@ def _entry_update(which: str):
         i = V_.check_index("i", i, n)
         j = V_.check_index("j", j, self._d)
         target = self._K if on_k else self._V
-        _, new = V_.entry_sum(which, target, i, j,
-                              V_.check_scalar("delta", delta, self._dtype))
+        _, new = V_.entry_sum(which, target, i, j, V_.check_scalar("delta", delta, self._dtype))
         target[i, j] = new
         log = self._log
         log.append(i if on_k else n + i)
@@ -231,9 +230,11 @@ def _entry_update(which: str):
             return self._consult()
         return None
 
-    return _method(update, f"update_{which.lower()}",
-                   f"Add ``delta`` to ``{which}[i, j]``; logged, O(1). Returns the flush it "
-                   "caused, if any.")
+    return _method(
+        update,
+        f"update_{which.lower()}",
+        f"Add ``delta`` to ``{which}[i, j]``; logged, O(1). Returns the flush it caused, if any.",
+    )
 
 
 def _row_update(which: str):
@@ -253,9 +254,12 @@ def _row_update(which: str):
             return self._consult()
         return None
 
-    return _method(update, f"set_{which.lower()}_row",
-                   f"Replace ``{which}[i]`` by ``row`` (shape (d,)); one update action, O(d), "
-                   "logged. Returns the flush it caused, if any.")
+    return _method(
+        update,
+        f"set_{which.lower()}_row",
+        f"Replace ``{which}[i]`` by ``row`` (shape (d,)); one update action, O(d), "
+        "logged. Returns the flush it caused, if any.",
+    )
 
 
 def _method(func, name: str, doc: str):
@@ -355,8 +359,10 @@ class LazyAttention:
         self._growth = _GROWTH[dt]
         # s and its guard for a new and an old entry (_fill_new, _fill_old): as arrays, since
         # a tuple is converted at every call, and a catch-up after one update is all such calls
-        self._marks = (np.array([1, -self._growth], dtype=dt),
-                       np.array([-1, 1 + self._growth], dtype=dt))
+        self._marks = (
+            np.array([1, -self._growth], dtype=dt),
+            np.array([-1, 1 + self._growth], dtype=dt),
+        )
         self._max_query_rows = (n * d) // (2 * (3 * d + 2))  # see max_query_rows
         # the flush's logit product takes [Q | −m] as it stands: the stabilisers are written
         # into the spare column rather than the queries copied beside them (3-5 % of a flush)
@@ -409,8 +415,11 @@ class LazyAttention:
         with its own ``policy`` (None: CostModel) and empty logs. O(n·d), no rebuild."""
         self._settle()
         new = object.__new__(type(self))
-        new._adopt(*(V_.aligned_copy(a) for a in (self._QA, self._K, self._V)), self._scale,
-                   as_policy(policy))
+        new._adopt(
+            *(V_.aligned_copy(a) for a in (self._QA, self._K, self._V)),
+            self._scale,
+            as_policy(policy),
+        )
         new._K0, new._V0 = V_.aligned_copy(self._K0), V_.aligned_copy(self._V0)
         new._C[...] = self._C
         new._m[...] = self._m
@@ -429,9 +438,10 @@ class LazyAttention:
     Q = property(lambda self: self._views["Q"], doc="Queries (n, d), read-only view.")
     K = property(lambda self: self._views["K"], doc="Current keys (n, d), read-only view.")
     V = property(lambda self: self._views["V"], doc="Current values (n, d), read-only view.")
-    pending = property(lambda self: self._pending + len(self._log),
-                       doc="Update actions since the last flush (an entry update or a row set "
-                           "counts one).")
+    pending = property(
+        lambda self: self._pending + len(self._log),
+        doc="Update actions since the last flush (an entry update or a row set counts one).",
+    )
     n_updates = property(lambda self: self._done + self.pending, doc="Update actions so far.")
     n_queries = property(lambda self: self._n_queries, doc="Exact entries/rows queried so far.")
     n_flushes = property(lambda self: self._n_flushes, doc="Flushes so far (rebuilds included).")
@@ -490,8 +500,19 @@ class LazyAttention:
     def nbytes(self) -> int:
         """Bytes held by the engine's arrays (state and pending queue; the entry log, at most
         ``_max_log`` 8-byte flags, aside)."""
-        arrays = (self._QA, self._K, self._V, self._K0, self._V0, self._C, self._m, self._slot,
-                  self._moved, self._pack.Kp, self._pack.B)
+        arrays = (
+            self._QA,
+            self._K,
+            self._V,
+            self._K0,
+            self._V0,
+            self._C,
+            self._m,
+            self._slot,
+            self._moved,
+            self._pack.Kp,
+            self._pack.B,
+        )
         return sum(a.nbytes for a in arrays)
 
     # ------------------------------------------------------------------ updates
@@ -535,8 +556,10 @@ class LazyAttention:
         if cols is None and deltas is None:
             r, c, dl = self._split_tuples(rows)
         elif cols is None or deltas is None:
-            raise TypeError(f"update_{which.lower()}_many needs rows, cols and deltas, or one "
-                            "sequence of (i, j, delta) tuples")
+            raise TypeError(
+                f"update_{which.lower()}_many needs rows, cols and deltas, or one "
+                "sequence of (i, j, delta) tuples"
+            )
         else:
             r = V_.as_indices("rows", rows, self._n)
             c = V_.as_indices("cols", cols, self._d)
@@ -560,16 +583,20 @@ class LazyAttention:
         try:
             rows, cols, deltas = zip(*items, strict=True)
         except (TypeError, ValueError):
-            k = next(k for k, u in enumerate(items)
-                     if not (isinstance(u, (tuple, list)) and len(u) == 3))
+            k = next(
+                k for k, u in enumerate(items) if not (isinstance(u, (tuple, list)) and len(u) == 3)
+            )
             raise ValueError(f"updates[{k}]={items[k]!r} is not an (i, j, delta) triple") from None
         out = []
-        for pos, (name, values, bound) in enumerate(
-                (("i", rows, self._n), ("j", cols, self._d))):
+        for pos, (name, values, bound) in enumerate((("i", rows, self._n), ("j", cols, self._d))):
             arr = np.asarray(values)
             if arr.dtype.kind not in "iu" or ((arr < 0) | (arr >= bound)).any():
-                arr = np.array([V_.check_index(f"updates[{k}][{pos}] ({name})", v, bound)
-                                for k, v in enumerate(values)])
+                arr = np.array(
+                    [
+                        V_.check_index(f"updates[{k}][{pos}] ({name})", v, bound)
+                        for k, v in enumerate(values)
+                    ]
+                )
             out.append(arr.astype(np.int64, copy=False))
         dl = np.asarray(deltas)
         ok = dl.dtype.kind in "biuf"
@@ -578,8 +605,13 @@ class LazyAttention:
                 dl = dl.astype(self._dtype)
             ok = np.isfinite(dl).all()
         if not ok:
-            dl = np.array([V_.check_scalar(f"updates[{k}][2] (delta)", v, self._dtype)
-                           for k, v in enumerate(deltas)], dtype=self._dtype)
+            dl = np.array(
+                [
+                    V_.check_scalar(f"updates[{k}][2] (delta)", v, self._dtype)
+                    for k, v in enumerate(deltas)
+                ],
+                dtype=self._dtype,
+            )
         return out[0], out[1], dl
 
     def _set_rows(self, target, moved, rows, values):
@@ -691,8 +723,10 @@ class LazyAttention:
             rows = np.array(self._rows, dtype=np.intp)
         self._slot[rows] = -1  # O(|S|), not O(n)
         # the flushed rows' values are now the caches' values
-        for moved, now, then in ((self._moved_k, self._K, self._K0),
-                                 (self._moved_v, self._V, self._V0)):
+        for moved, now, then in (
+            (self._moved_k, self._K, self._K0),
+            (self._moved_v, self._V, self._V0),
+        ):
             changed = rows[moved[rows]]
             then[changed] = now[changed]
             moved[rows] = False
@@ -725,7 +759,7 @@ class LazyAttention:
             self._n_catch += 1
             if self._n_catch <= 3 or self._n_catch % 16 == 0:
                 self._measure_catch_ratio()
-            pack.views = (pack.Kp[:pack.size], pack.B[:pack.size], pack.new)
+            pack.views = (pack.Kp[: pack.size], pack.B[: pack.size], pack.new)
         return pack.views
 
     def _append(self, pack: _Pack, slots: list[int]) -> None:
@@ -744,18 +778,18 @@ class LazyAttention:
         Kp, B = pack.Kp, pack.B
         if nk:
             kr = np.array([rows[k] for k in ks], dtype=np.intp)  # converted once, used 4 times
-            np.multiply(self._K[kr], self._scale, out=Kp[p:p + nk])
-            np.multiply(self._K0[kr], self._scale, out=Kp[p + nk:q])
-            self._fill_new(B[p:p + nk], self._V[kr])
-            self._fill_old(B[p + nk:q], self._V0[kr])
-            pack.knorm = max(pack.knorm, _max_norm(Kp[p:p + nk]))
+            np.multiply(self._K[kr], self._scale, out=Kp[p : p + nk])
+            np.multiply(self._K0[kr], self._scale, out=Kp[p + nk : q])
+            self._fill_new(B[p : p + nk], self._V[kr])
+            self._fill_old(B[p + nk : q], self._V0[kr])
+            pack.knorm = max(pack.knorm, _max_norm(Kp[p : p + nk]))
             pos = pack.newpos = np.concatenate([pack.newpos, np.arange(p, p + nk)])
             contiguous = pos[-1] - pos[0] + 1 == len(pos)
             pack.new = slice(int(pos[0]), int(pos[-1]) + 1) if contiguous else pos
         if nv:
             vr = np.array([rows[k] for k in vs], dtype=np.intp)
-            np.multiply(self._K[vr], self._scale, out=Kp[q:q + nv])
-            self._fill_changed(B[q:q + nv], self._V[vr], self._V0[vr])
+            np.multiply(self._K[vr], self._scale, out=Kp[q : q + nv])
+            self._fill_changed(B[q : q + nv], self._V[vr], self._V0[vr])
         grow = max(max(slots) + 1 - len(pack.entry), 0)
         pack.entry.extend([-1] * grow)
         pack.keyed.extend([False] * grow)
@@ -797,21 +831,21 @@ class LazyAttention:
     def _fill_new(self, out: np.ndarray, v: np.ndarray) -> None:
         d, g = self._d, self._growth
         out[:, :d] = v
-        out[:, d:d + 2] = self._marks[0]
-        np.multiply(np.abs(v), -g, out=out[:, d + 2:])
+        out[:, d : d + 2] = self._marks[0]
+        np.multiply(np.abs(v), -g, out=out[:, d + 2 :])
 
     def _fill_old(self, out: np.ndarray, v: np.ndarray) -> None:
         d, g = self._d, self._growth
         np.negative(v, out=out[:, :d])
-        out[:, d:d + 2] = self._marks[1]
-        np.multiply(np.abs(v), 1 + g, out=out[:, d + 2:])
+        out[:, d : d + 2] = self._marks[1]
+        np.multiply(np.abs(v), 1 + g, out=out[:, d + 2 :])
 
     def _fill_changed(self, out: np.ndarray, v: np.ndarray, v_old: np.ndarray) -> None:
         d, g = self._d, self._growth
         np.subtract(v, v_old, out=out[:, :d])
-        out[:, d:d + 2] = 0  # the key did not move: s is untouched, nothing cancels in it
-        np.multiply(np.abs(v_old), 1 + g, out=out[:, d + 2:])
-        out[:, d + 2:] -= g * np.abs(v)
+        out[:, d : d + 2] = 0  # the key did not move: s is untouched, nothing cancels in it
+        np.multiply(np.abs(v_old), 1 + g, out=out[:, d + 2 :])
+        out[:, d + 2 :] -= g * np.abs(v)
 
     def correction_flops(self) -> float:
         """Flops to bring one output row up to date now (logits and contributions of the
@@ -892,15 +926,16 @@ class LazyAttention:
         pack = self._pack
         if pack.aug is None:
             pack.aug = np.empty((len(Kp), self._d + 1), dtype=self._dtype)
-            np.multiply(Kp, _LOG2E, out=pack.aug[:, :self._d])
+            np.multiply(Kp, _LOG2E, out=pack.aug[:, : self._d])
             pack.aug[:, self._d] = _LOG2E
         QA = self._QA[rows]  # the caches' own rows when flushing (a slice), else a copy
         np.negative(m, out=QA[:, self._d])
         L = self._buffer("logits", (len(m), len(Kp))) if workspace else None
         L = np.matmul(QA, pack.aug.T, out=L)
         # one bound for the whole block first: the rows' own bounds cost four passes over them
-        if new is not None and (self._qnorm_max * pack.knorm
-                                > m.min(initial=math.inf) + _SHIFT_SLACK):
+        if new is not None and (
+            self._qnorm_max * pack.knorm > m.min(initial=math.inf) + _SHIFT_SLACK
+        ):
             near = np.flatnonzero(self._qnorm[rows] * pack.knorm > m + _SHIFT_SLACK)
             if len(near):  # online softmax: rescale only the rows whose maximum moved
                 top = L[near][:, new].max(axis=1)
@@ -936,18 +971,19 @@ class LazyAttention:
         s = C[:, d]
         # the usual case in two whole-block reductions (NaN fails both): row-wise reductions
         # over short rows cost as much as the exponentials of a small flush
-        if len(C) == 0 or (s.min() > 0 and C[:, d + 1:].max() <= 0):
+        if len(C) == 0 or (s.min() > 0 and C[:, d + 1 :].max() <= 0):
             return np.zeros(len(C), dtype=bool)
         bad = ~(s > 0) | ~(C[:, d + 1] <= 0)  # negated comparisons also catch NaN
-        bad |= (C[:, d + 2:] > 0).any(axis=1)
+        bad |= (C[:, d + 2 :] > 0).any(axis=1)
         return bad
 
     def _logits(self, idx: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """``(scale · Q[idx]) @ keys.T`` for display windows of the weights."""
         return (self._Q[idx] * self._dtype.type(self._scale)) @ keys.T
 
-    def _exact(self, idx: np.ndarray, out_m=None, out_C=None,
-               guards: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def _exact(
+        self, idx: np.ndarray, out_m=None, out_C=None, guards: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact cache rows for ``idx`` from scratch: O(len(idx)·n·d), in row blocks.
 
         Writes into ``out_m``/``out_C`` (indexed like ``idx``) when given, so a full rebuild
@@ -963,7 +999,7 @@ class LazyAttention:
         scale = self._dtype.type(self._scale)
         for a in range(0, len(idx), step):
             blk = slice(a, a + step)
-            L = work[:len(idx[blk])]
+            L = work[: len(idx[blk])]
             np.matmul(self._Q[idx[blk]] * scale, self._K.T, out=L)
             mb = L.max(axis=1)
             L -= mb[:, None]
@@ -973,10 +1009,10 @@ class LazyAttention:
             L.sum(axis=1, out=C[blk, d])
             if guards:
                 np.multiply(C[blk, d], -self._growth, out=C[blk, d + 1])
-                np.matmul(L, abs_v, out=C[blk, d + 2:])
-                C[blk, d + 2:] *= -self._growth
+                np.matmul(L, abs_v, out=C[blk, d + 2 :])
+                C[blk, d + 2 :] *= -self._growth
             else:
-                C[blk, d + 1:] = 0
+                C[blk, d + 1 :] = 0
         return m, C
 
     def _store_exact(self) -> None:
@@ -1030,11 +1066,18 @@ class LazyAttention:
         seconds = time.perf_counter() - t0
         self._n_flushes += 1
         rows = np.array(self._rows, dtype=np.intp)
-        event = FlushEvent(index=self._n_flushes, at_update=self.n_updates,
-                           updates=self.pending, rows=len(rows),
-                           k_rows=int(self._moved_k[rows].sum()),
-                           v_rows=int(self._moved_v[rows].sum()), flops=flops,
-                           seconds=seconds, kind=kind, repaired=repaired)
+        event = FlushEvent(
+            index=self._n_flushes,
+            at_update=self.n_updates,
+            updates=self.pending,
+            rows=len(rows),
+            k_rows=int(self._moved_k[rows].sum()),
+            v_rows=int(self._moved_v[rows].sum()),
+            flops=flops,
+            seconds=seconds,
+            kind=kind,
+            repaired=repaired,
+        )
         self._done += self.pending
         self._reset_pending(rows)
         self.flush_log.append(event)
@@ -1162,10 +1205,11 @@ class LazyAttention:
         """Output row ``O[i]`` (shape (d,)); exact in O(|S|·d), or cached if ``stale``."""
         i = V_.check_index("i", i, self._n)
         row = self._row(i, stale)
-        return row[:self._d] / row[self._d]
+        return row[: self._d] / row[self._d]
 
-    def _row(self, i: int, stale: bool, col: int | None = None,
-             direct: bool | None = None) -> np.ndarray:
+    def _row(
+        self, i: int, stale: bool, col: int | None = None, direct: bool | None = None
+    ) -> np.ndarray:
         """One cache row, current unless ``stale``: the single-query fast path.
 
         Same arithmetic as :meth:`_current_rows` on one row, with vector operations only,
@@ -1201,7 +1245,8 @@ class LazyAttention:
             d = self._d
             # _lost_precision for one row, in scalars: it costs more than the query otherwise
             if not (row[d] > 0 and row[d + 1] <= 0) or not (
-                    row[d + 2:].max() <= 0 if col is None else row[d + 2 + col] <= 0):
+                row[d + 2 :].max() <= 0 if col is None else row[d + 2 + col] <= 0
+            ):
                 row = self._exact(np.array([i]))[1][0]
         self._n_queries += 1
         self.query_log.append((S, 1, time.perf_counter() - t0))
@@ -1233,7 +1278,7 @@ class LazyAttention:
 
     def _out(self, C: np.ndarray) -> np.ndarray:
         """Output rows ``N / s`` from cache rows."""
-        return C[:, :self._d] / C[:, self._d, None]
+        return C[:, : self._d] / C[:, self._d, None]
 
     def output(self, stale: bool = False) -> np.ndarray:
         """The whole output O (shape (n, d)): exact in O(n·|S|·d), or the cached view."""
@@ -1321,7 +1366,9 @@ class LazyAttention:
         return ErrorReport(rel, norm_diff.scale)
 
     def __repr__(self) -> str:
-        return (f"LazyAttention(n={self._n}, d={self._d}, dtype={self._dtype}, "
-                f"scale={self._scale:.4g}, pending={self.pending}, "
-                f"touched_rows={self.touched_rows}, "
-                f"flushes={self._n_flushes}, policy={self._policy!r})")
+        return (
+            f"LazyAttention(n={self._n}, d={self._d}, dtype={self._dtype}, "
+            f"scale={self._scale:.4g}, pending={self.pending}, "
+            f"touched_rows={self.touched_rows}, "
+            f"flushes={self._n_flushes}, policy={self._policy!r})"
+        )

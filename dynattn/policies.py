@@ -21,8 +21,14 @@ from collections import Counter, deque
 
 import numpy as np
 
-__all__ = ["CostModel", "ErrorBudget", "Fixed", "OriginalAdaptive", "adaptive_threshold",
-           "as_policy"]
+__all__ = [
+    "CostModel",
+    "ErrorBudget",
+    "Fixed",
+    "OriginalAdaptive",
+    "adaptive_threshold",
+    "as_policy",
+]
 
 
 def adaptive_threshold(avg_updates: int, matrix_size: int) -> int:
@@ -52,8 +58,11 @@ class Fixed:
             raise ValueError(f"k={k!r} must be an integer >= 1")
         self._k = int(k)
 
-    k = property(lambda self: self._k, doc="The threshold (read-only: engines rely on it "
-                                            "holding; assign a new policy to change it).")
+    k = property(
+        lambda self: self._k,
+        doc="The threshold (read-only: engines rely on it "
+        "holding; assign a new policy to change it).",
+    )
 
     def threshold(self, engine) -> float:
         return self._k
@@ -212,22 +221,24 @@ class CostModel:
             return self.max_threshold
         queries = list(engine.query_log)
         # the fit's sorts cost ~0.1 µs a point: it takes at most _FIT_QUERIES, evenly spread
-        queries = queries[::math.ceil(len(queries) / _FIT_QUERIES) or 1]
+        queries = queries[:: math.ceil(len(queries) / _FIT_QUERIES) or 1]
         # the last 64, found from the end: the log holds up to a thousand
-        flushes = list(itertools.islice(
-            (e for e in reversed(engine.flush_log) if e.kind == "incremental"), 64))[::-1]
+        flushes = list(
+            itertools.islice((e for e in reversed(engine.flush_log) if e.kind == "incremental"), 64)
+        )[::-1]
         if not flushes or not queries:
             return float(min(self.initial, self.max_threshold))
         # the flush fit (~35 µs cold, most of it H's bisection): redone only after new flushes
         if self._flush_fit[0] is not flushes[-1]:
-            f0, f1 = _fit_line([e.rows for e in flushes], [e.seconds for e in flushes],
-                               self.fitted.get("f1"))
-            H = _effective_rows([e.updates for e in flushes], [e.rows for e in flushes],
-                                engine.n)
+            f0, f1 = _fit_line(
+                [e.rows for e in flushes], [e.seconds for e in flushes], self.fitted.get("f1")
+            )
+            H = _effective_rows([e.updates for e in flushes], [e.rows for e in flushes], engine.n)
             self._flush_fit = (flushes[-1], (f0, f1, H))
         f0, f1, H = self._flush_fit[1]
-        q0, q1 = _fit_line([s for s, _, _ in queries], [t / c for _, c, t in queries],
-                           self.fitted.get("q1"))
+        q0, q1 = _fit_line(
+            [s for s, _, _ in queries], [t / c for _, c, t in queries], self.fitted.get("q1")
+        )
         fmax, smax = engine.max_correction_rows, engine.max_query_rows
         # a query never costs more than computing it afresh: the line, fitted mostly where
         # few rows are pending (and catch-ups steepen it), must not extrapolate past that
@@ -400,5 +411,7 @@ def as_policy(policy):
         return policy
     if callable(policy):
         return _CallablePolicy(policy)
-    raise TypeError(f"policy={policy!r} must be None, an int, a callable engine -> threshold, "
-                    "or an object with threshold(engine)")
+    raise TypeError(
+        f"policy={policy!r} must be None, an int, a callable engine -> threshold, "
+        "or an object with threshold(engine)"
+    )

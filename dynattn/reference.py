@@ -42,7 +42,7 @@ def dense_attention(Q, K, V, scale=None, dtype=np.float64, block: int = 256) -> 
     V = np.asarray(V, dtype=dtype)
     out = np.empty((Q.shape[0], V.shape[1]), dtype=dtype)
     for a in range(0, Q.shape[0], block):
-        out[a:a + block] = dense_weights(Q[a:a + block], K, scale, dtype) @ V
+        out[a : a + block] = dense_weights(Q[a : a + block], K, scale, dtype) @ V
     return out
 
 

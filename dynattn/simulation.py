@@ -32,26 +32,52 @@ from .policies import CostModel, ErrorBudget, Fixed, OriginalAdaptive
 from .strategies import OnDemand, dense_recompute_seconds
 from .workloads import PRESETS, STREAMS, UpdateStream, WorkloadError, load_npz, make_qkv
 
-__all__ = ["POLICIES", "SCALES", "TIMELINE_COLUMNS", "TIME_COLUMNS", "Simulation",
-           "REBUILD_PARAMS", "SimulationConfig", "Timeline"]
+__all__ = [
+    "POLICIES",
+    "SCALES",
+    "TIMELINE_COLUMNS",
+    "TIME_COLUMNS",
+    "Simulation",
+    "REBUILD_PARAMS",
+    "SimulationConfig",
+    "Timeline",
+]
 
 POLICIES = ("cost", "fixed", "adaptive", "error")
 SCALES = ("1/sqrt(d)", "1 (unscaled)")
 
 #: Columns of a tick record, in order. Costs are cumulative since the last rebuild.
 TIMELINE_COLUMNS = (
-    "tick", "updates", "pending", "touched_rows", "flushed", "flush_rows", "flush_seconds",
-    "flush_flops", "threshold", "rel_error", "max_abs_error",
-    "lazy_seconds", "eager_seconds", "ondemand_seconds", "recompute_seconds",
-    "lazy_flops", "eager_flops", "ondemand_flops", "recompute_flops",
+    "tick",
+    "updates",
+    "pending",
+    "touched_rows",
+    "flushed",
+    "flush_rows",
+    "flush_seconds",
+    "flush_flops",
+    "threshold",
+    "rel_error",
+    "max_abs_error",
+    "lazy_seconds",
+    "eager_seconds",
+    "ondemand_seconds",
+    "recompute_seconds",
+    "lazy_flops",
+    "eager_flops",
+    "ondemand_flops",
+    "recompute_flops",
     "tick_seconds",
 )
 _INT_COLUMNS = frozenset(("tick", "updates", "pending", "touched_rows", "flushed", "flush_rows"))
 _COST_COLUMNS = TIMELINE_COLUMNS[11:19]
 #: Columns holding measured times: the only ones that differ between two identical runs
 #: (with the ``cost`` policy, flush decisions follow measured times, so more columns do).
-TIME_COLUMNS = ("flush_seconds", *(c for c in _COST_COLUMNS if c.endswith("seconds")),
-                "tick_seconds")
+TIME_COLUMNS = (
+    "flush_seconds",
+    *(c for c in _COST_COLUMNS if c.endswith("seconds")),
+    "tick_seconds",
+)
 
 #: Parameters whose change rebuilds every strategy (and restarts the timeline).
 REBUILD_PARAMS = ("n", "d", "preset", "seed", "scale", "dtype")
@@ -68,34 +94,59 @@ class SimulationConfig(param.Parameterized):
 
     n = param.Integer(256, bounds=(2, 8192), doc="Rows of Q, K and V (sequence length).")
     d = param.Integer(32, bounds=(1, 256), doc="Columns of Q, K and V (head dimension).")
-    preset = param.Selector(default="gaussian", objects=[*PRESETS, "file"],
-                            doc="Initial Q, K, V (see workloads.make_qkv); 'file' uses the "
-                                "arrays of the last Simulation.load_npz.")
-    stream = param.Selector(default="entries", objects=list(STREAMS),
-                            doc="Kind of update stream (see workloads.UpdateStream).")
-    policy = param.Selector(default="cost", objects=list(POLICIES),
-                            doc="Flush policy of the lazy engine: CostModel, Fixed(threshold), "
-                                "OriginalAdaptive or ErrorBudget(tolerance).")
-    threshold = param.Integer(10, bounds=(1, 2048),
-                              doc="Pending update actions that trigger a flush ('fixed').")
-    tolerance = param.Number(1e-3, bounds=(1e-8, 1.0),
-                             doc="Relative error allowed in the stale caches ('error').")
-    updates_per_tick = param.Integer(16, bounds=(1, 1024),
-                                     doc="Update actions per tick (the mean for 'bursts').")
-    k_share = param.Number(0.5, bounds=(0.0, 1.0),
-                           doc="Probability that an update goes to K rather than V.")
-    queries_per_tick = param.Integer(4, bounds=(0, 1024),
-                                     doc="Exact output entries queried per tick.")
-    delta_scale = param.Number(0.1, bounds=(0.0, 1e6), inclusive_bounds=(False, True),
-                               softbounds=(1e-3, 10.0),
-                               doc="Standard deviation of entry updates.")
-    scale = param.Selector(default=SCALES[0], objects=list(SCALES),
-                           doc="Logit scale: 1/sqrt(d), or 1 as in the original prototype.")
-    dtype = param.Selector(default="float64", objects=["float64", "float32"],
-                           doc="Working precision of every strategy.")
+    preset = param.Selector(
+        default="gaussian",
+        objects=[*PRESETS, "file"],
+        doc="Initial Q, K, V (see workloads.make_qkv); 'file' uses the "
+        "arrays of the last Simulation.load_npz.",
+    )
+    stream = param.Selector(
+        default="entries",
+        objects=list(STREAMS),
+        doc="Kind of update stream (see workloads.UpdateStream).",
+    )
+    policy = param.Selector(
+        default="cost",
+        objects=list(POLICIES),
+        doc="Flush policy of the lazy engine: CostModel, Fixed(threshold), "
+        "OriginalAdaptive or ErrorBudget(tolerance).",
+    )
+    threshold = param.Integer(
+        10, bounds=(1, 2048), doc="Pending update actions that trigger a flush ('fixed')."
+    )
+    tolerance = param.Number(
+        1e-3, bounds=(1e-8, 1.0), doc="Relative error allowed in the stale caches ('error')."
+    )
+    updates_per_tick = param.Integer(
+        16, bounds=(1, 1024), doc="Update actions per tick (the mean for 'bursts')."
+    )
+    k_share = param.Number(
+        0.5, bounds=(0.0, 1.0), doc="Probability that an update goes to K rather than V."
+    )
+    queries_per_tick = param.Integer(
+        4, bounds=(0, 1024), doc="Exact output entries queried per tick."
+    )
+    delta_scale = param.Number(
+        0.1,
+        bounds=(0.0, 1e6),
+        inclusive_bounds=(False, True),
+        softbounds=(1e-3, 10.0),
+        doc="Standard deviation of entry updates.",
+    )
+    scale = param.Selector(
+        default=SCALES[0],
+        objects=list(SCALES),
+        doc="Logit scale: 1/sqrt(d), or 1 as in the original prototype.",
+    )
+    dtype = param.Selector(
+        default="float64",
+        objects=["float64", "float32"],
+        doc="Working precision of every strategy.",
+    )
     seed = param.Integer(0, bounds=(0, None), doc="Seed of the preset and the update stream.")
-    history = param.Integer(10_000, bounds=(1, None),
-                            doc="Ticks kept in the timeline (older ones are dropped).")
+    history = param.Integer(
+        10_000, bounds=(1, None), doc="Ticks kept in the timeline (older ones are dropped)."
+    )
 
 
 class Timeline:
@@ -165,11 +216,13 @@ class Timeline:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity={capacity!r} must be an integer >= 1")
         kept = self.tail(min(self._size, capacity)) if self._data else {}
-        self._data = {c: np.zeros(capacity, dtype=np.int64 if c in _INT_COLUMNS else np.float64)
-                      for c in self.columns}
+        self._data = {
+            c: np.zeros(capacity, dtype=np.int64 if c in _INT_COLUMNS else np.float64)
+            for c in self.columns
+        }
         self._size = len(kept[self.columns[0]]) if kept else 0
         for c, values in kept.items():
-            self._data[c][:self._size] = values
+            self._data[c][: self._size] = values
         self._capacity = capacity
         self._start = 0
 
@@ -204,8 +257,10 @@ class Timeline:
         try:
             import pandas as pd
         except ImportError as exc:
-            raise ImportError("Timeline.to_dataframe needs pandas; install it with "
-                              "`pip install pandas`, or use Timeline.as_dict()") from exc
+            raise ImportError(
+                "Timeline.to_dataframe needs pandas; install it with "
+                "`pip install pandas`, or use Timeline.as_dict()"
+            ) from exc
         return pd.DataFrame(self.as_dict(), columns=list(self.columns))
 
 
@@ -224,8 +279,9 @@ def _read_csv(f, name: str) -> dict[str, np.ndarray]:
     lines = list(reader)
     bad = next((k for k, line in enumerate(lines) if len(line) != len(header)), None)
     if bad is not None:
-        raise ValueError(f"{name}: line {bad + 2} has {len(lines[bad])} fields; "
-                         f"the header has {len(header)}")
+        raise ValueError(
+            f"{name}: line {bad + 2} has {len(lines[bad])} fields; the header has {len(header)}"
+        )
     columns = list(zip(*lines, strict=True)) if lines else [()] * len(header)
     out = {}
     for c, values in zip(header, columns, strict=True):
@@ -306,9 +362,11 @@ class Simulation:
             if file_qkv is None:
                 raise ValueError("preset='file' needs arrays: call Simulation.load_npz first")
             if file_qkv[0].shape != (cfg.n, cfg.d):
-                raise ValueError(f"preset 'file' fixes n and d to the file's shape "
-                                 f"{file_qkv[0].shape}; got n={cfg.n}, d={cfg.d} (choose a "
-                                 "generated preset to change them)")
+                raise ValueError(
+                    f"preset 'file' fixes n and d to the file's shape "
+                    f"{file_qkv[0].shape}; got n={cfg.n}, d={cfg.d} (choose a "
+                    "generated preset to change them)"
+                )
             qkv = file_qkv
         else:
             qkv = make_qkv(cfg.preset, cfg.n, cfg.d, seed=cfg.seed, dtype=cfg.dtype)
@@ -316,8 +374,9 @@ class Simulation:
         engine = LazyAttention(*qkv, scale=scale, dtype=cfg.dtype, policy=self._make_policy())
         eager = engine.copy(policy=Fixed(1))  # same caches, no second O(n²·d) build
         ondemand = OnDemand(*qkv, scale=scale, dtype=cfg.dtype)
-        recompute = dense_recompute_seconds(engine.Q, engine.K, engine.V, scale=engine.scale,
-                                            dtype=engine.dtype)
+        recompute = dense_recompute_seconds(
+            engine.Q, engine.K, engine.V, scale=engine.scale, dtype=engine.dtype
+        )
         stream = self._make_stream()
         timeline = Timeline(cfg.history)
         # nothing above touched self: commit
@@ -341,8 +400,15 @@ class Simulation:
 
     def _make_stream(self) -> UpdateStream:
         cfg = self.config
-        return UpdateStream(cfg.stream, cfg.n, cfg.d, updates_per_tick=cfg.updates_per_tick,
-                            k_share=cfg.k_share, delta_scale=cfg.delta_scale, seed=cfg.seed)
+        return UpdateStream(
+            cfg.stream,
+            cfg.n,
+            cfg.d,
+            updates_per_tick=cfg.updates_per_tick,
+            k_share=cfg.k_share,
+            delta_scale=cfg.delta_scale,
+            seed=cfg.seed,
+        )
 
     def _set_quietly(self, values: dict) -> None:
         """Set config values without triggering this simulation's own watchers (other
@@ -371,8 +437,11 @@ class Simulation:
     def _on_policy_param(self, *events) -> None:
         changed = {e.name for e in events}
         active = self.config.policy
-        if self._muted or not ("policy" in changed or (active == "fixed" and "threshold" in changed)
-                               or (active == "error" and "tolerance" in changed)):
+        if self._muted or not (
+            "policy" in changed
+            or (active == "fixed" and "threshold" in changed)
+            or (active == "error" and "tolerance" in changed)
+        ):
             return
         self.engine.policy = self._make_policy()
 
@@ -396,8 +465,10 @@ class Simulation:
         for name, value in shape.items():
             low, high = self.config.param[name].bounds
             if not low <= value <= high:
-                raise WorkloadError(f"the file's Q, K, V have {name}={value}; the simulation "
-                                    f"needs {low} <= {name} <= {high}")
+                raise WorkloadError(
+                    f"the file's Q, K, V have {name}={value}; the simulation "
+                    f"needs {low} <= {name} <= {high}"
+                )
         old = {k: getattr(self.config, k) for k in ("preset", "n", "d")}
         self._set_quietly({"preset": "file", **shape})
         self._rebuild_or_revert(old, qkv)
@@ -460,18 +531,28 @@ class Simulation:
 
         error = engine.approximation_error()
         record = {
-            "tick": self.tick, "updates": updates.n_updates, "pending": engine.pending,
-            "touched_rows": engine.touched_rows, "flushed": int(bool(events)),
+            "tick": self.tick,
+            "updates": updates.n_updates,
+            "pending": engine.pending,
+            "touched_rows": engine.touched_rows,
+            "flushed": int(bool(events)),
             "flush_rows": sum(e.rows for e in events),
             "flush_seconds": sum(e.seconds for e in events),
             "flush_flops": sum(e.flops for e in events),
-            "threshold": engine.threshold, "rel_error": error.relative,
-            "max_abs_error": error.max_abs, **totals,
+            "threshold": engine.threshold,
+            "rel_error": error.relative,
+            "max_abs_error": error.max_abs,
+            **totals,
         }
         record["tick_seconds"] = time.perf_counter() - t_start
         self.timeline.append(record)
-        self.last_answers = {"rows": rows, "cols": cols, "lazy": lazy, "eager": eager,
-                             "ondemand": ondemand}
+        self.last_answers = {
+            "rows": rows,
+            "cols": cols,
+            "lazy": lazy,
+            "eager": eager,
+            "ondemand": ondemand,
+        }
         self.tick += 1
         return record
 
@@ -494,8 +575,10 @@ class Simulation:
 
     def __repr__(self) -> str:
         cfg = self.config
-        return (f"Simulation(n={cfg.n}, d={cfg.d}, preset={cfg.preset!r}, "
-                f"stream={cfg.stream!r}, policy={cfg.policy!r}, tick={self.tick})")
+        return (
+            f"Simulation(n={cfg.n}, d={cfg.d}, preset={cfg.preset!r}, "
+            f"stream={cfg.stream!r}, policy={cfg.policy!r}, tick={self.tick})"
+        )
 
 
 def _timed(func, *args):

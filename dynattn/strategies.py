@@ -30,8 +30,7 @@ from . import _validate as V_
 from .engine import _BLOCK_ELEMENTS, _GROWTH  # the engine's guard bound g and block size
 from .reference import dense_attention, entry_from_scratch
 
-__all__ = ["EagerDense", "OnDemand", "Recompute", "dense_recompute_seconds",
-           "eager_dense_nbytes"]
+__all__ = ["EagerDense", "OnDemand", "Recompute", "dense_recompute_seconds", "eager_dense_nbytes"]
 
 # How far (in logits) an entry of Ã may rise above its row's stabiliser: e^64 (float64) and
 # e^16 (float32) times n stay far below overflow, and recomputing a row whenever a logit beat
@@ -100,12 +99,14 @@ class _Baseline:
         self._v_changed(i, old)
 
     def _check_entry(self, i, j, delta) -> tuple[int, int, float]:
-        return (V_.check_index("i", i, self.n), V_.check_index("j", j, self.d),
-                V_.check_scalar("delta", delta, self.dtype))
+        return (
+            V_.check_index("i", i, self.n),
+            V_.check_index("j", j, self.d),
+            V_.check_scalar("delta", delta, self.dtype),
+        )
 
     def _check_row(self, i, row) -> tuple[int, np.ndarray]:
-        return (V_.check_index("i", i, self.n),
-                V_.as_vector("row", row, self.d, self.dtype))
+        return (V_.check_index("i", i, self.n), V_.as_vector("row", row, self.d, self.dtype))
 
     def _k_changed(self, i: int, old_row: np.ndarray) -> None:
         raise NotImplementedError
@@ -147,8 +148,10 @@ class _Baseline:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(n={self.n}, d={self.d}, dtype={self.dtype}, "
-                f"scale={self.scale:.4g})")
+        return (
+            f"{type(self).__name__}(n={self.n}, d={self.d}, dtype={self.dtype}, "
+            f"scale={self.scale:.4g})"
+        )
 
 
 class OnDemand(_Baseline):
@@ -214,8 +217,9 @@ class OnDemand(_Baseline):
         c = V_.as_indices("cols", cols, self.d)
         if len(c) != len(r):
             raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
-        flat, final = V_.entry_sums(which, target, r, c,
-                                    V_.as_vector("deltas", deltas, len(r), self.dtype))
+        flat, final = V_.entry_sums(
+            which, target, r, c, V_.as_vector("deltas", deltas, len(r), self.dtype)
+        )
         target.ravel()[flat] = final
 
     def _set(self, target, rows, values) -> None:
@@ -297,10 +301,10 @@ class EagerDense(_Baseline):
         n = self.n
         step = max(1, _BLOCK_ELEMENTS // n)
         for a in range(0, n, step):
-            self._m[a:a + step] = (self._Qs[a:a + step] @ self._K.T).max(axis=1)
+            self._m[a : a + step] = (self._Qs[a : a + step] @ self._K.T).max(axis=1)
         for a in range(0, n, step):
-            block = self._At[a:a + step]
-            np.matmul(self._K[a:a + step], self._Qs.T, out=block)
+            block = self._At[a : a + step]
+            np.matmul(self._K[a : a + step], self._Qs.T, out=block)
             block -= self._m
             np.exp(block, out=block)
         np.matmul(self._At.T, self._weights(), out=self._C)
@@ -310,8 +314,8 @@ class EagerDense(_Baseline):
         d, g = self.d, self._g
         W = np.empty((self.n, 2 * d + 2), dtype=self.dtype)
         W[:, :d] = self._V
-        W[:, d:d + 2] = (1.0, -g)
-        np.multiply(np.abs(self._V), -g, out=W[:, d + 2:])
+        W[:, d : d + 2] = (1.0, -g)
+        np.multiply(np.abs(self._V), -g, out=W[:, d + 2 :])
         return W
 
     def _contributions(self, new_v: np.ndarray, old_v: np.ndarray) -> np.ndarray:
@@ -319,8 +323,12 @@ class EagerDense(_Baseline):
         value out): weights times these rows move N, s and both guards."""
         d, g = self.d, self._g
         B = np.empty((2, 2 * d + 2), dtype=self.dtype)
-        B[0, :d], B[0, d:d + 2], B[0, d + 2:] = new_v, (1.0, -g), -g * np.abs(new_v)
-        B[1, :d], B[1, d:d + 2], B[1, d + 2:] = -old_v, (-1.0, 1.0 + g), (1.0 + g) * np.abs(old_v)
+        B[0, :d], B[0, d : d + 2], B[0, d + 2 :] = new_v, (1.0, -g), -g * np.abs(new_v)
+        B[1, :d], B[1, d : d + 2], B[1, d + 2 :] = (
+            -old_v,
+            (-1.0, 1.0 + g),
+            (1.0 + g) * np.abs(old_v),
+        )
         return B
 
     def _k_changed(self, i: int, old_row: np.ndarray) -> None:
@@ -347,7 +355,7 @@ class EagerDense(_Baseline):
         b = np.zeros((1, 2 * d + 2), dtype=self.dtype)
         with np.errstate(over="ignore"):  # a guard that overflows is +inf: recomputed
             b[0, :d] = new_row - old_row
-            b[0, d + 2:] = (1.0 + g) * np.abs(old_row) - g * np.abs(new_row)
+            b[0, d + 2 :] = (1.0 + g) * np.abs(old_row) - g * np.abs(new_row)
         self._repair(self._add_product(self._At[i][:, None], b))
 
     def _v_entry_changed(self, i: int, j: int, old: float) -> None:
@@ -368,19 +376,19 @@ class EagerDense(_Baseline):
         # an infinite or NaN sum (a huge row) fails the guard test below and is recomputed
         with np.errstate(over="ignore", invalid="ignore"):
             for a in range(0, self.n, step):
-                C = self._C[a:a + step]
-                out = self._block[:len(C)]
-                np.matmul(A[a:a + step], B, out=out)
+                C = self._C[a : a + step]
+                out = self._block[: len(C)]
+                np.matmul(A[a : a + step], B, out=out)
                 C += out
                 # s > 0 and every guard <= 0 in two reductions; NaN fails both comparisons
-                flagged |= not (C[:, d].min() > 0 and C[:, d + 1:].max() <= 0)
+                flagged |= not (C[:, d].min() > 0 and C[:, d + 1 :].max() <= 0)
         return self._lost_precision() if flagged else None
 
     def _lost_precision(self) -> np.ndarray:
         """Rows whose guards say the subtraction may have cancelled digits (or not finite)."""
         C, d = self._C, self.d
         bad = ~(C[:, d] > 0) | ~(C[:, d + 1] <= 0)
-        bad |= ~(C[:, d + 2:] <= 0).all(axis=1)
+        bad |= ~(C[:, d + 2 :] <= 0).all(axis=1)
         return bad
 
     def _repair(self, bad: np.ndarray | None) -> None:
@@ -392,7 +400,7 @@ class EagerDense(_Baseline):
         W = self._weights()
         step = max(1, _BLOCK_ELEMENTS // self.n)
         for a in range(0, len(idx), step):
-            rows = idx[a:a + step]
+            rows = idx[a : a + step]
             L = self._Qs[rows] @ self._K.T
             m = L.max(axis=1)
             L -= m[:, None]
@@ -410,7 +418,7 @@ class EagerDense(_Baseline):
 
     def _rows(self, idx: np.ndarray) -> np.ndarray:
         C = self._C[idx]
-        return C[:, :self.d] / C[:, self.d, None]
+        return C[:, : self.d] / C[:, self.d, None]
 
 
 class Recompute(_Baseline):
@@ -458,8 +466,9 @@ def _read_only(arr: np.ndarray) -> np.ndarray:
     return view
 
 
-def dense_recompute_seconds(Q, K, V, *, scale=None, dtype=np.float64,
-                            sample_rows: int = 512) -> float:
+def dense_recompute_seconds(
+    Q, K, V, *, scale=None, dtype=np.float64, sample_rows: int = 512
+) -> float:
     """Measured seconds of one full dense recompute of ``O = softmax(scale·Q Kᵀ) V``.
 
     Times :func:`~dynattn.reference.dense_attention` on the first ``min(n, sample_rows)`` rows

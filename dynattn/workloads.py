@@ -58,8 +58,9 @@ def _check_int(name: str, value, low: int) -> int:
     return int(value)
 
 
-def _check_real(name: str, value, low: float, high: float, *, open_low: bool = False,
-                open_high: bool = False) -> float:
+def _check_real(
+    name: str, value, low: float, high: float, *, open_low: bool = False, open_high: bool = False
+) -> float:
     """A finite float in the interval from ``low`` to ``high`` (ends open or closed)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}={value!r} must be a real number")
@@ -231,8 +232,10 @@ def load_npz(path_or_file, *, max_bytes: int = MAX_NPZ_BYTES, dtype=None):
         members = {key: _member(name, archive, key) for key in ("Q", "K", "V")}
         unpacked = sum(m.file_size for m in members.values())
         if unpacked > max_bytes:
-            raise WorkloadError(f"{name}: Q, K and V too large when decompressed "
-                                f"({unpacked} bytes > max_bytes={max_bytes})")
+            raise WorkloadError(
+                f"{name}: Q, K and V too large when decompressed "
+                f"({unpacked} bytes > max_bytes={max_bytes})"
+            )
         raw = {key: _read_array(name, archive, key) for key in members}
     shapes = {key: arr.shape for key, arr in raw.items()}
     if len(set(shapes.values())) != 1:
@@ -245,8 +248,10 @@ def load_npz(path_or_file, *, max_bytes: int = MAX_NPZ_BYTES, dtype=None):
             cast = np.ascontiguousarray(arr, dtype=dt)
         if not np.isfinite(cast).all():
             where = tuple(int(i) for i in np.argwhere(~np.isfinite(cast))[0])
-            raise WorkloadError(f"{name}: array {key!r} must be finite; {key}{list(where)} = "
-                                f"{arr[where]!r} (in {dt})")
+            raise WorkloadError(
+                f"{name}: array {key!r} must be finite; {key}{list(where)} = "
+                f"{arr[where]!r} (in {dt})"
+            )
         out.append(cast)
     return tuple(out)
 
@@ -298,13 +303,15 @@ def _read_array(name: str, archive, key: str) -> np.ndarray:
     if not isinstance(arr, np.ndarray):  # numpy returns a member without a .npy header as bytes
         raise WorkloadError(f"{name}: array {key!r} is not stored in .npy format")
     if arr.dtype.kind not in "iuf":
-        raise WorkloadError(f"{name}: array {key!r} has dtype {arr.dtype}; "
-                            "expected real numbers (integer or float)")
+        raise WorkloadError(
+            f"{name}: array {key!r} has dtype {arr.dtype}; expected real numbers (integer or float)"
+        )
     if arr.ndim != 2:
         raise WorkloadError(f"{name}: array {key!r} must be 2-D (n, d); got shape {arr.shape}")
     if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise WorkloadError(f"{name}: array {key!r} must have n >= 1 rows and d >= 1 columns; "
-                            f"got shape {arr.shape}")
+        raise WorkloadError(
+            f"{name}: array {key!r} must have n >= 1 rows and d >= 1 columns; got shape {arr.shape}"
+        )
     return arr
 
 
@@ -349,8 +356,7 @@ class TickUpdates:
     @property
     def n_updates(self) -> int:
         """Number of update actions: one per entry update and one per rewritten row."""
-        return (self.k_rows.size + self.v_rows.size + self.k_set_rows.size
-                + self.v_set_rows.size)
+        return self.k_rows.size + self.v_rows.size + self.k_set_rows.size + self.v_set_rows.size
 
     def apply(self, engine) -> list:
         """Apply the updates through the engine's batch methods, skipping empty parts.
@@ -392,8 +398,9 @@ class TickUpdates:
             (engine.set_k_row, (self.k_set_rows.tolist(), self.k_set_values)),
             (engine.set_v_row, (self.v_set_rows.tolist(), self.v_set_values)),
         )
-        results = (method(*args) for method, columns in parts
-                   for args in zip(*columns, strict=True))
+        results = (
+            method(*args) for method, columns in parts for args in zip(*columns, strict=True)
+        )
         return [event for event in results if event is not None]
 
 
@@ -455,11 +462,24 @@ class UpdateStream:
     ((2,), dtype('int64'))
     """
 
-    def __init__(self, kind: str, n: int, d: int, *, updates_per_tick: int = 16,
-                 k_share: float = 0.5, delta_scale: float = 0.1, seed: int = 0,
-                 row_scale: float = 1.0, band_fraction: float = 0.01, band_share: float = 0.99,
-                 drift: float = 0.25, burst_period: int = 64, burst_duty: float = 0.125,
-                 burst_contrast: float = 16.0):
+    def __init__(
+        self,
+        kind: str,
+        n: int,
+        d: int,
+        *,
+        updates_per_tick: int = 16,
+        k_share: float = 0.5,
+        delta_scale: float = 0.1,
+        seed: int = 0,
+        row_scale: float = 1.0,
+        band_fraction: float = 0.01,
+        band_share: float = 0.99,
+        drift: float = 0.25,
+        burst_period: int = 64,
+        burst_duty: float = 0.125,
+        burst_contrast: float = 16.0,
+    ):
         self.kind = _check_choice("kind", kind, STREAMS)
         self.n = _check_int("n", n, 1)
         self.d = _check_int("d", d, 1)
@@ -472,15 +492,18 @@ class UpdateStream:
         self.band_share = _check_real("band_share", band_share, 0.0, 1.0)
         self.drift = _check_real("drift", drift, -np.inf, np.inf)
         self.burst_period = _check_int("burst_period", burst_period, 1)
-        self.burst_duty = _check_real("burst_duty", burst_duty, 0.0, 1.0, open_low=True,
-                                      open_high=True)
+        self.burst_duty = _check_real(
+            "burst_duty", burst_duty, 0.0, 1.0, open_low=True, open_high=True
+        )
         self.burst_contrast = _check_real("burst_contrast", burst_contrast, 1.0, np.inf)
         self.band_width = max(1, round(self.band_fraction * self.n))
 
     def __repr__(self) -> str:
-        return (f"UpdateStream({self.kind!r}, n={self.n}, d={self.d}, "
-                f"updates_per_tick={self.updates_per_tick}, k_share={self.k_share}, "
-                f"seed={self.seed})")
+        return (
+            f"UpdateStream({self.kind!r}, n={self.n}, d={self.d}, "
+            f"updates_per_tick={self.updates_per_tick}, k_share={self.k_share}, "
+            f"seed={self.seed})"
+        )
 
     def _rng(self, key: int, tick) -> np.random.Generator:
         tick = _check_int("tick", tick, 0)
@@ -515,15 +538,22 @@ class UpdateStream:
                 k_set_rows=k_rows,
                 k_set_values=self.row_scale * rng.standard_normal((k_rows.size, self.d)),
                 v_set_rows=v_rows,
-                v_set_values=self.row_scale * rng.standard_normal((v_rows.size, self.d)))
+                v_set_values=self.row_scale * rng.standard_normal((v_rows.size, self.d)),
+            )
         if self.kind == "hotspot":
             rows = self._hotspot_rows(rng, tick, count)
         else:
             rows = rng.integers(0, self.n, count, dtype=np.int64)
         cols = rng.integers(0, self.d, count, dtype=np.int64)
         deltas = self.delta_scale * rng.standard_normal(count)
-        return TickUpdates(k_rows=rows[:n_k], k_cols=cols[:n_k], k_deltas=deltas[:n_k],
-                           v_rows=rows[n_k:], v_cols=cols[n_k:], v_deltas=deltas[n_k:])
+        return TickUpdates(
+            k_rows=rows[:n_k],
+            k_cols=cols[:n_k],
+            k_deltas=deltas[:n_k],
+            v_rows=rows[n_k:],
+            v_cols=cols[n_k:],
+            v_deltas=deltas[n_k:],
+        )
 
     def _distinct_rows(self, rng: np.random.Generator, m: int) -> np.ndarray:
         return np.sort(rng.choice(self.n, size=min(m, self.n), replace=False)).astype(np.int64)
@@ -544,5 +574,7 @@ class UpdateStream:
         """
         count = _check_int("count", count, 0)
         rng = self._rng(_QUERIES_KEY, tick)
-        return (rng.integers(0, self.n, count, dtype=np.int64),
-                rng.integers(0, self.d, count, dtype=np.int64))
+        return (
+            rng.integers(0, self.n, count, dtype=np.int64),
+            rng.integers(0, self.d, count, dtype=np.int64),
+        )

@@ -17,9 +17,16 @@ import urllib.request
 
 import pytest
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium_path() -> str:
@@ -28,11 +35,12 @@ def chromium_path() -> str:
     A CI run that silently skipped every browser test would prove nothing, hence the
     failure there.
     """
-    path = "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else shutil.which(
-        "chromium")
+    path = "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else shutil.which("chromium")
     if path is None:
-        reason = ("no Chromium at /usr/bin/chromium or on PATH (apt-get install chromium); "
-                  "browser tests need it")
+        reason = (
+            "no Chromium at /usr/bin/chromium or on PATH (apt-get install chromium); "
+            "browser tests need it"
+        )
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
@@ -57,8 +65,16 @@ def served(apps: dict, timeout: float = 30.0, **serve_kwargs):
     import panel as pn
 
     port = free_port()
-    server = pn.serve(apps, port=port, address="127.0.0.1", threaded=True, show=False,
-                      websocket_origin=[f"127.0.0.1:{port}"], liveness=True, **serve_kwargs)
+    server = pn.serve(
+        apps,
+        port=port,
+        address="127.0.0.1",
+        threaded=True,
+        show=False,
+        websocket_origin=[f"127.0.0.1:{port}"],
+        liveness=True,
+        **serve_kwargs,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _answers(f"{base}/liveness"), timeout, "the Panel server to start")
@@ -104,8 +120,7 @@ def chromium(width: int = 1366, height: int = 768):
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
             errors: list[str] = []
-            page.on("console",
-                    lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             yield page, errors
         finally:
@@ -114,6 +129,5 @@ def chromium(width: int = 1366, height: int = 768):
 
 def wait_for_bokeh(page, timeout_ms: int = 30_000) -> None:
     """Wait until BokehJS has a document and at least one canvas is drawn."""
-    page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0",
-                           timeout=timeout_ms)
+    page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=timeout_ms)
     page.locator(".bk-Canvas").first.wait_for(timeout=timeout_ms)

@@ -25,8 +25,21 @@ def tiny_run(tmp_path_factory):
 
 def test_json_has_every_section_and_the_machine(tiny_run):
     _, res = tiny_run
-    assert {"meta", "updates", "builds", "queries", "query_baselines", "flush", "gemm_peak",
-            "recompute", "lazy_vs_recompute", "demo", "memory", "targets", "notes"} <= set(res)
+    assert {
+        "meta",
+        "updates",
+        "builds",
+        "queries",
+        "query_baselines",
+        "flush",
+        "gemm_peak",
+        "recompute",
+        "lazy_vs_recompute",
+        "demo",
+        "memory",
+        "targets",
+        "notes",
+    } <= set(res)
     machine = res["meta"]["machine"]
     assert machine["cpus"] >= 1 and machine["blas"] and "loadavg_end" in machine
     assert res["meta"]["mode"] == "tiny" and res["meta"]["d"] == 16
@@ -35,8 +48,15 @@ def test_json_has_every_section_and_the_machine(tiny_run):
 def test_every_cell_has_every_strategy(tiny_run):
     _, res = tiny_run
     plan = bench.PLANS["tiny"]
-    strategies = {"on-demand", "eager O(nd)", "eager Ã", "lazy adaptive", "lazy cost",
-                  "lazy error", "recompute"} | {f"lazy k={k}" for k in plan.ks}
+    strategies = {
+        "on-demand",
+        "eager O(nd)",
+        "eager Ã",
+        "lazy adaptive",
+        "lazy cost",
+        "lazy error",
+        "recompute",
+    } | {f"lazy k={k}" for k in plan.ks}
     cells = {}
     for row in res["updates"]:
         key = (row["n"], row["dtype"], row["stream"], row["rate"])
@@ -45,9 +65,9 @@ def test_every_cell_has_every_strategy(tiny_run):
         if row["strategy"] in ("lazy cost", "on-demand"):  # timed in turns, real queries
             assert row["method"].startswith("interleaved") and "taking turns" in row["method"]
         else:
-            assert math.isclose(row["per_total"],
-                                row["per_update"] + row["rate"] * row["per_query"],
-                                rel_tol=1e-9), row
+            assert math.isclose(
+                row["per_total"], row["per_update"] + row["rate"] * row["per_query"], rel_tol=1e-9
+            ), row
     assert len(cells) == len(plan.update_ns) * len(plan.dtypes) * 3 * 3
     assert all(found == strategies for found in cells.values())
 
@@ -108,12 +128,22 @@ def test_drive_lets_targets_take_turns_in_alternating_order():
     calls = []
     src = bench._Actions("entries", 8, 2, np.float64, seed=0)
     actions = [(code, args) for code, args in src.take(5)]
-    bench._drive([_Recorder("a", calls), _Recorder("b", calls)], actions, [1, 3],
-                 src.positions(2), turn=1)
+    bench._drive(
+        [_Recorder("a", calls), _Recorder("b", calls)], actions, [1, 3], src.positions(2), turn=1
+    )
     # updates 0-1 then a query, 2-3 and a query, then update 4: a, b, then b, a, then a, b
-    assert _turns(calls) == [("a", "update"), ("a", "query"), ("b", "update"), ("b", "query"),
-                             ("b", "update"), ("b", "query"), ("a", "update"), ("a", "query"),
-                             ("a", "update"), ("b", "update")]
+    assert _turns(calls) == [
+        ("a", "update"),
+        ("a", "query"),
+        ("b", "update"),
+        ("b", "query"),
+        ("b", "update"),
+        ("b", "query"),
+        ("a", "update"),
+        ("a", "query"),
+        ("a", "update"),
+        ("b", "update"),
+    ]
     assert calls.count(("a", "update_k")) + calls.count(("a", "update_v")) == 5
 
 
@@ -121,12 +151,18 @@ def test_drive_turns_last_at_least_turn_updates_up_to_a_query():
     calls = []
     src = bench._Actions("entries", 8, 2, np.float64, seed=0)
     actions = [(code, args) for code, args in src.take(10)]
-    bench._drive([_Recorder("a", calls), _Recorder("b", calls)], actions, [1, 3, 5, 7],
-                 src.positions(4), turn=4)
+    bench._drive(
+        [_Recorder("a", calls), _Recorder("b", calls)],
+        actions,
+        [1, 3, 5, 7],
+        src.positions(4),
+        turn=4,
+    )
     # turns: updates 0-3 with two queries, 4-7 with two, then 8-9 (a turn ends at a query)
     both = [("a", "update"), ("a", "query")] * 2, [("b", "update"), ("b", "query")] * 2
-    assert _turns(calls) == (both[0] + both[1] + both[1] + both[0]
-                             + [("a", "update"), ("b", "update")])
+    assert _turns(calls) == (
+        both[0] + both[1] + both[1] + both[0] + [("a", "update"), ("b", "update")]
+    )
     assert sum(who == "b" and what != "query" for who, what in calls) == 10
 
 
@@ -147,8 +183,9 @@ def test_drive_pauses_the_cycle_collector_while_it_times():
 def test_interleaved_pairs_on_demand_with_the_engine():
     Q, K, V = make_qkv("gaussian", 64, 4, seed=1)
     src = bench._Actions("hotspot", 64, 4, np.float64, seed=0)
-    out = bench._interleaved({"lazy cost": LazyAttention(Q, K, V), "on-demand": OnDemand(Q, K, V)},
-                             src, 40, 100, 0.1)
+    out = bench._interleaved(
+        {"lazy cost": LazyAttention(Q, K, V), "on-demand": OnDemand(Q, K, V)}, src, 40, 100, 0.1
+    )
     lazy, od = out["lazy cost"], out["on-demand"]
     assert lazy["queries"] == od["queries"] == 10
     assert lazy["threshold_end"] is not None and od["threshold_end"] is None

@@ -17,33 +17,52 @@ def _view(rng, dtype, shape, pad):
     """A (shape) array whose rows sit ``pad`` elements apart beyond their length (a column
     slice of a wider array), and the wider array itself."""
     base = rng.standard_normal((shape[0], shape[1] + pad)).astype(dtype)
-    return base[:, pad // 2: pad // 2 + shape[1]], base
+    return base[:, pad // 2 : pad // 2 + shape[1]], base
 
 
 @settings(max_examples=200, deadline=None)
-@given(m=st.integers(0, 9), k=st.integers(0, 9), p=st.integers(0, 9),
-       pads=st.tuples(*[st.integers(0, 3)] * 3), dtype=st.sampled_from([np.float32, np.float64]),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    m=st.integers(0, 9),
+    k=st.integers(0, 9),
+    p=st.integers(0, 9),
+    pads=st.tuples(*[st.integers(0, 3)] * 3),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_add_product_adds_the_product_and_touches_nothing_else(m, k, p, pads, dtype, seed):
     rng = np.random.default_rng(seed)
-    (A, _), (B, _), (C, C_base) = (_view(rng, dtype, shape, pad) for shape, pad in
-                                   zip(((m, k), (k, p), (m, p)), pads, strict=True))
+    (A, _), (B, _), (C, C_base) = (
+        _view(rng, dtype, shape, pad)
+        for shape, pad in zip(((m, k), (k, p), (m, p)), pads, strict=True)
+    )
     before = C_base.copy()
     want = C.astype(np.float64) + A.astype(np.float64) @ B.astype(np.float64)
     if _blas.add_product(C, A, B):
         tol = 1e-5 if dtype == np.float32 else 1e-12
-        np.testing.assert_allclose(C, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max(
-            initial=0.0)))
+        np.testing.assert_allclose(
+            C, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max(initial=0.0))
+        )
         outside = np.ones(C_base.shape, dtype=bool)
-        outside[:, pads[2] // 2: pads[2] // 2 + p] = False
+        outside[:, pads[2] // 2 : pads[2] // 2 + p] = False
         np.testing.assert_array_equal(C_base[outside], before[outside])
     else:
         np.testing.assert_array_equal(C_base, before)
         assert not NUMPY_WHEEL_BLAS  # with NumPy's wheel BLAS every case here is supported
 
 
-@pytest.mark.parametrize("case", ["fortran C", "fortran A", "mixed dtypes", "float16",
-                                  "read-only C", "shapes", "3-D", "B inside C"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "fortran C",
+        "fortran A",
+        "mixed dtypes",
+        "float16",
+        "read-only C",
+        "shapes",
+        "3-D",
+        "B inside C",
+    ],
+)
 def test_add_product_declines_what_it_cannot_do_and_leaves_c_alone(case):
     rng = np.random.default_rng(0)
     A, B, C = (rng.standard_normal(s) for s in ((4, 3), (3, 5), (4, 5)))
@@ -83,8 +102,9 @@ def test_flushes_and_queries_match_without_the_accumulating_product(monkeypatch,
     n, d = 48, 8
     Q, K, V = (rng.standard_normal((n, d)).astype(dtype) for _ in range(3))
     engines = [engine_module.LazyAttention(Q, K, V, policy=None) for _ in range(2)]
-    script = [(rng.integers(0, n, 6), rng.integers(0, d, 6), rng.standard_normal(6))
-              for _ in range(8)]
+    script = [
+        (rng.integers(0, n, 6), rng.integers(0, d, 6), rng.standard_normal(6)) for _ in range(8)
+    ]
     results = []
     for use_blas, eng in zip((True, False), engines, strict=True):
         with monkeypatch.context() as patch:

@@ -13,8 +13,12 @@ SMALL = ["--n", "32", "--d", "4", "--updates-per-tick", "4", "--queries-per-tick
 
 
 def simulate(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "dynattn", "simulate", *args],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynattn", "simulate", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -22,8 +26,21 @@ def simulate(*args, check=True):
 
 def test_simulate_writes_csv_and_summary(tmp_path):
     out = tmp_path / "out.csv"
-    proc = simulate(*SMALL, "--ticks", "25", "--policy", "fixed", "--threshold", "6",
-                    "--stream", "hotspot", "--seed", "3", "--csv", str(out))
+    proc = simulate(
+        *SMALL,
+        "--ticks",
+        "25",
+        "--policy",
+        "fixed",
+        "--threshold",
+        "6",
+        "--stream",
+        "hotspot",
+        "--seed",
+        "3",
+        "--csv",
+        str(out),
+    )
     text = proc.stdout
     assert "simulated 25 ticks: n=32, d=4" in text and "policy=Fixed(6)" in text
     assert "updates 100, queries 50" in text
@@ -45,23 +62,46 @@ def test_simulate_from_a_file_with_every_option(tmp_path):
     path = tmp_path / "qkv.npz"
     np.savez(path, Q=Q, K=K, V=V)
     out = tmp_path / "t.csv"
-    proc = simulate("--file", str(path), "--ticks", "10", "--policy", "error", "--tolerance",
-                    "1e-4", "--stream", "bursts", "--k-share", "0.2", "--delta-scale", "0.01",
-                    "--dtype", "float32", "--unscaled", "--history", "4", "--csv", str(out))
+    proc = simulate(
+        "--file",
+        str(path),
+        "--ticks",
+        "10",
+        "--policy",
+        "error",
+        "--tolerance",
+        "1e-4",
+        "--stream",
+        "bursts",
+        "--k-share",
+        "0.2",
+        "--delta-scale",
+        "0.01",
+        "--dtype",
+        "float32",
+        "--unscaled",
+        "--history",
+        "4",
+        "--csv",
+        str(out),
+    )
     assert "n=20, d=6, preset=file" in proc.stdout and "dtype=float32" in proc.stdout
     np.testing.assert_array_equal(Timeline.read_csv(out)["tick"], [6, 7, 8, 9])
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--n", "1"], "argument --n: n=1 must be in [2, 8192]"),
-    (["--d", "x"], "argument --d: 'x' is not an integer"),
-    (["--tolerance", "0"], "argument --tolerance: tolerance=0 must be in [1e-08, 1.0]"),
-    (["--delta-scale", "nan"], "argument --delta-scale: delta_scale=nan must be in"),
-    (["--policy", "lazy"], "argument --policy: invalid choice: 'lazy'"),
-    (["--ticks", "0"], "argument --ticks: 0 must be >= 1"),
-    (["--csv", "/no/such/folder/x.csv"], "folder '/no/such/folder' does not exist"),
-    (["--preset", "local", "--d", "1"], "preset 'local' needs d >= 2"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--n", "1"], "argument --n: n=1 must be in [2, 8192]"),
+        (["--d", "x"], "argument --d: 'x' is not an integer"),
+        (["--tolerance", "0"], "argument --tolerance: tolerance=0 must be in [1e-08, 1.0]"),
+        (["--delta-scale", "nan"], "argument --delta-scale: delta_scale=nan must be in"),
+        (["--policy", "lazy"], "argument --policy: invalid choice: 'lazy'"),
+        (["--ticks", "0"], "argument --ticks: 0 must be >= 1"),
+        (["--csv", "/no/such/folder/x.csv"], "folder '/no/such/folder' does not exist"),
+        (["--preset", "local", "--d", "1"], "preset 'local' needs d >= 2"),
+    ],
+)
 def test_simulate_bad_arguments_exit_2(args, message):
     proc = simulate(*args, check=False)
     assert proc.returncode == 2

@@ -49,7 +49,8 @@ def test_original_interface_attributes_and_threshold_rule():
     assert att.pending_updates_K == [] and att.pending_updates_V == []
     assert att.lazy_threshold == adaptive_threshold(10, 100 * 10) == 30
     assert att.query(0, 0) == pytest.approx(
-        dense_attention(Q, att.K, att.V, scale=1.0)[0, 0], rel=1e-13)
+        dense_attention(Q, att.K, att.V, scale=1.0)[0, 0], rel=1e-13
+    )
     assert att.get_approximation_error() < 1e-14
     att.lazy_update_K([(2, 2, 0.3)])
     att.apply_lazy_updates()
@@ -84,12 +85,19 @@ def test_demo_matches_dense_recomputation():
 
 
 def test_demo_command_line():
-    out = subprocess.run([sys.executable, "-m", "dynattn", "demo"], capture_output=True,
-                         text=True, check=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "dynattn", "demo"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     assert "Position (0, 0)" in out and "Final lazy threshold: 100" in out
 
 
 def test_import_is_light():
-    code = ("import sys, dynattn; heavy = {'panel', 'holoviews', 'bokeh'} & set(sys.modules);"
-            "assert not heavy, heavy")
+    code = (
+        "import sys, dynattn; heavy = {'panel', 'holoviews', 'bokeh'} & set(sys.modules);"
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

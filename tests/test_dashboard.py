@@ -111,8 +111,11 @@ def test_heatmap_hover_names_only_existing_columns(view):
     dash = make_dashboard()
     dash.view = view
     root = pn.panel(dash).get_root(Document())
-    plots = [p for p in root.select({"type": Plot})
-             if any(isinstance(r.glyph, Image) for r in p.renderers)]
+    plots = [
+        p
+        for p in root.select({"type": Plot})
+        if any(isinstance(r.glyph, Image) for r in p.renderers)
+    ]
     assert len(plots) == 3
     for plot in plots:
         image = next(r for r in plot.renderers if isinstance(r, GlyphRenderer))
@@ -146,8 +149,7 @@ def test_lazy_and_exact_share_one_colour_range_and_lazy_matches_the_engine():
     eng = dash.sim.engine
     expected = eng.weights(slice(0, 64), slice(0, 64), stale=True)
     # HoloViews returns images with y ascending, here the query index: the matrix itself
-    np.testing.assert_allclose(imgs["lazy"].dimension_values(2, flat=False), expected,
-                               rtol=1e-6)
+    np.testing.assert_allclose(imgs["lazy"].dimension_values(2, flat=False), expected, rtol=1e-6)
 
 
 def test_difference_is_zero_right_after_a_flush_and_regrows():
@@ -195,8 +197,12 @@ def test_policy_selects_which_control_is_shown():
         dash.form.policy = policy
         shown[policy] = (dash.controls["threshold"].visible, dash.controls["tolerance"].visible)
         assert dash.sim.config.policy == policy
-    assert shown == {"fixed": (True, False), "error": (False, True),
-                     "adaptive": (False, False), "cost": (False, False)}
+    assert shown == {
+        "fixed": (True, False),
+        "error": (False, True),
+        "adaptive": (False, False),
+        "cost": (False, False),
+    }
     dash.form.policy = "error"
     dash.controls["tolerance"].value = 1e-6
     assert dash.sim.config.tolerance == 1e-6
@@ -340,8 +346,16 @@ def test_speedups_and_counters_are_shown():
     for key, number in dash.speedups.items():
         assert number.value == pytest.approx(stats["speedup"][key], abs=0.01)
     html = dash._counters.object
-    for label in ("ticks", "pending", "touched rows", "flushes", "threshold", "last flush",
-                  "tick: model + plot data", "frame render"):
+    for label in (
+        "ticks",
+        "pending",
+        "touched rows",
+        "flushes",
+        "threshold",
+        "last flush",
+        "tick: model + plot data",
+        "frame render",
+    ):
         assert label in html
 
 

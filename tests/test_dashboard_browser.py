@@ -77,13 +77,17 @@ def app_server():
 
     def app():
         args = pn.state.session_args
-        dash = Dashboard(period=int(args.get("period", [b"250"])[0]),
-                         playing=args.get("play", [b"0"])[0] == b"1")
+        dash = Dashboard(
+            period=int(args.get("period", [b"250"])[0]), playing=args.get("play", [b"0"])[0] == b"1"
+        )
         dashboards.append(weakref.ref(dash))  # weak: the test must not keep sessions alive
         return dash.template()
 
-    with served({"app": app}, check_unused_sessions_milliseconds=500,
-                unused_session_lifetime_milliseconds=8000) as base:
+    with served(
+        {"app": app},
+        check_unused_sessions_milliseconds=500,
+        unused_session_lifetime_milliseconds=8000,
+    ) as base:
         yield base, dashboards
 
 
@@ -104,8 +108,7 @@ def open_app(page, base: str, dashboards: list, query: str = "", drawn: bool = T
 
 def press_slider(page, title: str, key: str, times: int) -> None:
     """Focus the handle of the slider titled ``title`` and press ``key`` ``times`` times."""
-    group = page.locator(".bk-input-group", has=page.locator(".bk-slider-title",
-                                                             has_text=title))
+    group = page.locator(".bk-input-group", has=page.locator(".bk-slider-title", has_text=title))
     handle = group.locator(".noUi-handle")
     handle.focus()
     for _ in range(times):
@@ -113,8 +116,11 @@ def press_slider(page, title: str, key: str, times: int) -> None:
 
 
 def source_lengths(page, glyph: str, column: str) -> list[int]:
-    return [s["length"] for s in page.evaluate(SOURCES_JS)
-            if s["glyph"] == glyph and column in s["columns"]]
+    return [
+        s["length"]
+        for s in page.evaluate(SOURCES_JS)
+        if s["glyph"] == glyph and column in s["columns"]
+    ]
 
 
 def test_page_references_no_external_host(app_server):
@@ -135,8 +141,11 @@ def test_dashboard_plays_and_obeys_its_controls(app_server, tmp_path):
         dash = open_app(page, base, dashboards)
 
         # offline: every request went to this server; the page fits 1366 px
-        assert [u for u in requests if not u.startswith(("http://127.0.0.1", "ws://127.0.0.1",
-                                                         "data:", "blob:"))] == []
+        assert [
+            u
+            for u in requests
+            if not u.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:"))
+        ] == []
         assert page.evaluate(OVERFLOW_JS) == []
 
         # a fixed policy through the page's own controls; updates arrive in two batches of
@@ -148,10 +157,16 @@ def test_dashboard_plays_and_obeys_its_controls(app_server, tmp_path):
 
         page.get_by_role("button", name="▶ Play").click()
         wait_until(lambda: dash.sim.tick >= 6, 30, "six ticks while playing")
-        wait_until(lambda: max(source_lengths(page, "Line", "error"), default=0) >= 3, 15,
-                   "points in the error plot")
-        wait_until(lambda: max(source_lengths(page, "VSpan", "tick"), default=0) >= 1, 15,
-                   "a flush mark in the error plot")
+        wait_until(
+            lambda: max(source_lengths(page, "Line", "error"), default=0) >= 3,
+            15,
+            "points in the error plot",
+        )
+        wait_until(
+            lambda: max(source_lengths(page, "VSpan", "tick"), default=0) >= 1,
+            15,
+            "a flush mark in the error plot",
+        )
         assert dash.series.data["flushed"].sum() >= 1
 
         # n changes on release (here: each key press), while playing
@@ -164,16 +179,20 @@ def test_dashboard_plays_and_obeys_its_controls(app_server, tmp_path):
         wait_until(lambda: not dash._callback.running, 10, "the periodic callback to stop")
         page.get_by_role("button", name="Flush now").click()
         wait_until(lambda: dash.sim.engine.pending == 0, 10, "the flush")
-        wait_until(lambda: page.evaluate(DIFF_MAX_JS) == 0, 10,
-                   "the difference map to go blank after the flush")
+        wait_until(
+            lambda: page.evaluate(DIFF_MAX_JS) == 0,
+            10,
+            "the difference map to go blank after the flush",
+        )
         for _ in range(10):  # until a K update lands in the window (V updates leave P alone)
             tick = dash.sim.tick
             page.get_by_role("button", name="Step one tick").click()
             wait_until(lambda: dash.sim.tick == tick + 1, 10, "one tick")  # noqa: B023
             if dash.last_frame.heat["dmax"] > 0:
                 break
-        wait_until(lambda: (page.evaluate(DIFF_MAX_JS) or 0) > 0, 10,
-                   "the difference map to fill in again")
+        wait_until(
+            lambda: (page.evaluate(DIFF_MAX_JS) or 0) > 0, 10, "the difference map to fill in again"
+        )
 
         # the explanation tab is there for students
         page.get_by_text("What am I looking at?", exact=True).click()
@@ -235,7 +254,6 @@ def test_closed_sessions_stop_and_free_their_memory(app_server):
         gc.collect()
         return all(ref() is None for ref in opened)
 
-    wait_until(collected, 60, "closed sessions' dashboards to be garbage collected",
-               interval=0.5)
+    wait_until(collected, 60, "closed sessions' dashboards to be garbage collected", interval=0.5)
     growth = process.memory_info().rss - rss_before
     assert growth < 150 * 2**20, f"RSS grew by {growth / 2**20:.0f} MiB over 20 sessions"

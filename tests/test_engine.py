@@ -65,8 +65,10 @@ def scenarios(draw, hard=False, crowded=False):
         st.tuples(st.just("many_k"), st.lists(st.tuples(i, j, delta), min_size=1, max_size=6)),
         st.tuples(st.just("many_v"), st.lists(st.tuples(i, j, delta), min_size=1, max_size=6)),
         # a run of single entry updates long enough to be queued in vectorised passes
-        st.tuples(st.just("burst"), st.lists(st.tuples(st.booleans(), i, j, delta),
-                                             min_size=1, max_size=40)),
+        st.tuples(
+            st.just("burst"),
+            st.lists(st.tuples(st.booleans(), i, j, delta), min_size=1, max_size=40),
+        ),
         st.tuples(st.just("copy")),
         st.tuples(st.just("set_k"), i, row),
         st.tuples(st.just("set_v"), i, row),
@@ -79,8 +81,10 @@ def scenarios(draw, hard=False, crowded=False):
     )
     ops = draw(st.lists(op, min_size=1, max_size=25))
     # how the entry log is queued: one by one or vectorised, settled often or rarely
-    log = (draw(st.sampled_from([0, 1] if crowded else [0, 3, 16])),
-           draw(st.sampled_from([1, 5, 4096])))
+    log = (
+        draw(st.sampled_from([0, 1] if crowded else [0, 3, 16])),
+        draw(st.sampled_from([1, 5, 4096])),
+    )
     # what packing costs (cheap enough, at these sizes, for queries to correct rows)
     pack_cost = draw(st.sampled_from([LazyAttention._pack_cost, (1, 1)]))
     return Q, K, V, scale, policy, ops, log + (pack_cost,)
@@ -153,8 +157,9 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
             for stale in (False, True):
                 o = orc.output(stale)
                 s = orc.natural_scale(stale)
-                assert_close_natural(eng.query(i, j, stale=stale), o[i, j], s[i, j], tol,
-                                     f"query stale={stale}")
+                assert_close_natural(
+                    eng.query(i, j, stale=stale), o[i, j], s[i, j], tol, f"query stale={stale}"
+                )
             with correcting_queries(eng):
                 assert_close_natural(eng.query(i, j), exact[i, j], nat[i, j], tol, "query")
         elif kind == "query_row":
@@ -162,8 +167,13 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
             assert_close_natural(eng.query_row(i), exact[i], nat[i], tol, "query_row")
             with correcting_queries(eng):
                 assert_close_natural(eng.query_row(i), exact[i], nat[i], tol, "query_row")
-            assert_close_natural(eng.query_row(i, stale=True), orc.output(True)[i],
-                                 orc.natural_scale(True)[i], tol, "stale query_row")
+            assert_close_natural(
+                eng.query_row(i, stale=True),
+                orc.output(True)[i],
+                orc.natural_scale(True)[i],
+                tol,
+                "stale query_row",
+            )
         elif kind == "query_many":
             r, c = (np.array(x) for x in zip(*op[1], strict=True))
             assert_close_natural(eng.query_many(r, c), exact[r, c], nat[r, c], tol, "many")
@@ -178,24 +188,34 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
             assert_close_natural(eng.output(), exact, nat, tol, "output")
             with correcting_queries(eng):
                 assert_close_natural(eng.output(), exact, nat, tol, "output")
-            assert_close_natural(eng.output(stale=True), orc.output(True),
-                                 orc.natural_scale(True), tol, "stale output")
+            assert_close_natural(
+                eng.output(stale=True),
+                orc.output(True),
+                orc.natural_scale(True),
+                tol,
+                "stale output",
+            )
             np.testing.assert_allclose(eng.weights(), orc.weights(), rtol=tol, atol=1e-300)
-            np.testing.assert_allclose(eng.weights(stale=True), orc.weights(True), rtol=tol,
-                                       atol=1e-300)
+            np.testing.assert_allclose(
+                eng.weights(stale=True), orc.weights(True), rtol=tol, atol=1e-300
+            )
             report = eng.approximation_error()
             diff = orc.output(True) - exact
             if np.any(exact):  # each scaled first: squares near 1e±200 under- or overflow
                 a, b = np.abs(diff).max(), np.abs(exact).max()
                 with np.errstate(over="ignore"):
-                    want = 0.0 if a == 0 else float(
-                        a / b * (np.linalg.norm(diff / a) / np.linalg.norm(exact / b)))
+                    want = (
+                        0.0
+                        if a == 0
+                        else float(a / b * (np.linalg.norm(diff / a) / np.linalg.norm(exact / b)))
+                    )
             else:  # relative to an all-zero output, any stale difference is infinite
                 want = math.inf if np.any(diff) else 0.0
             # exact and stale are both rounded in the engine's dtype: compare at tol
             assert report.relative == pytest.approx(want, rel=1e-6, abs=tol)
-            assert report.max_abs == pytest.approx(np.abs(diff).max(), rel=1e-6,
-                                                   abs=tol * np.abs(exact).max())
+            assert report.max_abs == pytest.approx(
+                np.abs(diff).max(), rel=1e-6, abs=tol * np.abs(exact).max()
+            )
     assert eng.n_updates == updates
     event(f"ended with {eng.touched_rows} rows touched")
     # what is pending is exactly what happened since the last flush
@@ -359,7 +379,6 @@ def test_never_flushing_the_policy_is_asked_at_every_update_whatever_the_updates
     assert eng.pending == eng.n_updates == 29
 
 
-
 class _Timings(deque):
     """A timing log frozen at given values (the engine's appends are ignored)."""
 
@@ -416,15 +435,25 @@ def test_a_logged_update_counts_one_row_of_catch_up_before_it_is_queued(ratio):
 _SETTLED_AFTER_FRESH = (
     "k17.1 Q22.4 q9.2 v19.3 k22.4 v20.4 v5.1 q22.4 q11.3 k23.4 k22.4 k15.3 Q17.1 "
     "q10.3 q9.1 q14.3 q16.2 Q29.1 v5.1 k1.2 k3.1 v12.2 v3.2 v6.2 k2.2 q23.4 k15.4 "
-    "q28.2 k9.2 k4.1 k8.5 Q5.3 v26.2 k16.4 q1.5")
+    "q28.2 k9.2 k4.1 k8.5 Q5.3 v26.2 k16.4 q1.5"
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(st.tuples(st.sampled_from("kkkvvqqqQfr"), st.integers(0, 29),
-                              st.integers(0, 5)), min_size=20, max_size=120),
-       ratio=st.sampled_from([1e-4, 1e-3, 1e-2, 1.0]))
-@example(ops=[(w[0], int(w[1:].split(".")[0]), int(w.split(".")[1]))
-              for w in _SETTLED_AFTER_FRESH.split()], ratio=1e-2)
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from("kkkvvqqqQfr"), st.integers(0, 29), st.integers(0, 5)),
+        min_size=20,
+        max_size=120,
+    ),
+    ratio=st.sampled_from([1e-4, 1e-3, 1e-2, 1.0]),
+)
+@example(
+    ops=[
+        (w[0], int(w[1:].split(".")[0]), int(w.split(".")[1])) for w in _SETTLED_AFTER_FRESH.split()
+    ],
+    ratio=1e-2,
+)
 def test_a_grown_log_repeats_the_fresh_choice_as_the_estimate_would(ops, ratio):
     # the shortcut in _choose_direct against an engine that always runs the estimate, with
     # the same frozen timings (changed by "r"): the same choice at every query (counted by
@@ -524,7 +553,7 @@ def test_a_flush_moves_the_precision_guards_by_the_removed_mass(dtype):
     tol = dict(rtol=1e-9 if dtype == np.float64 else 2e-4, atol=0)
     np.testing.assert_allclose(C[:, d], w_now.sum(axis=1), **tol)
     np.testing.assert_allclose(C[:, d + 1], removed_s - g * w_now.sum(axis=1), **tol)
-    np.testing.assert_allclose(C[:, d + 2:], removed_c - g * (w_now @ np.abs(V)), **tol)
+    np.testing.assert_allclose(C[:, d + 2 :], removed_c - g * (w_now @ np.abs(V)), **tol)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -552,6 +581,7 @@ def test_approximation_error_is_scale_free_over_the_whole_float64_range(factor):
         eng.update_v(5, 3, 0.4 * f)
         eng.set_v_row(7, np.full(4, -2.0 * f))
         return eng.approximation_error()
+
     base, scaled = report(1.0), report(factor)
     assert scaled.relative == pytest.approx(base.relative, rel=1e-12)
     assert scaled.max_abs == pytest.approx(base.max_abs * factor, rel=1e-12)
@@ -562,8 +592,10 @@ def test_approximation_error_is_scale_free_over_the_whole_float64_range(factor):
 def test_sparse_inputs(kind):
     rng = np.random.default_rng(1)
     dense = [np.where(rng.random((30, 5)) < 0.3, rng.random((30, 5)), 0.0) for _ in range(3)]
-    eng = LazyAttention(*(sp.random(30, 5, 0).asformat(kind) + sp.coo_matrix(m).asformat(kind)
-                          for m in dense), policy=4)
+    eng = LazyAttention(
+        *(sp.random(30, 5, 0).asformat(kind) + sp.coo_matrix(m).asformat(kind) for m in dense),
+        policy=4,
+    )
     eng.update_k(2, 3, 0.7)
     eng.update_v(5, 1, -0.2)
     np.testing.assert_allclose(eng.output(), dense_attention(dense[0], eng.K, eng.V), rtol=1e-12)
@@ -617,8 +649,9 @@ def test_a_flush_rescales_a_row_whose_stabiliser_is_far_below_the_others():
     K[3, 0] = 60.0
     event = eng.flush()
     assert event.kind == "incremental" and event.repaired == 0
-    np.testing.assert_allclose(eng.output(stale=True), dense_attention(Q, K, V, scale=0.5),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        eng.output(stale=True), dense_attention(Q, K, V, scale=0.5), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("correct_single", [False, True])
@@ -761,8 +794,14 @@ def test_policy_forms():
 
 # --------------------------------------------------------------------------- bad input
 def snapshot(eng):
-    return (eng.K.copy(), eng.V.copy(), eng.pending, eng.n_updates, eng.touched_rows,
-            eng.output(stale=True).copy())
+    return (
+        eng.K.copy(),
+        eng.V.copy(),
+        eng.pending,
+        eng.n_updates,
+        eng.touched_rows,
+        eng.output(stale=True).copy(),
+    )
 
 
 def assert_unchanged(eng, snap):
@@ -818,12 +857,15 @@ def test_bad_input_names_argument_and_changes_nothing(call, exc, match):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("call", [
-    lambda e, big: e.update_k(1, 2, big),
-    lambda e, big: e.update_v(1, 2, -big),
-    lambda e, big: e.update_k_many([0, 1, 1], [0, 2, 2], [1.0, big / 2, big / 2]),
-    lambda e, big: e.update_v_many([(1, 2, -big)]),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda e, big: e.update_k(1, 2, big),
+        lambda e, big: e.update_v(1, 2, -big),
+        lambda e, big: e.update_k_many([0, 1, 1], [0, 2, 2], [1.0, big / 2, big / 2]),
+        lambda e, big: e.update_v_many([(1, 2, -big)]),
+    ],
+)
 def test_an_update_that_would_overflow_changes_nothing(call, dtype):
     eng = make(policy=3, dtype=dtype)
     big = float(np.finfo(dtype).max)
@@ -835,22 +877,29 @@ def test_an_update_that_would_overflow_changes_nothing(call, dtype):
     assert_unchanged(eng, snap)
 
 
-@pytest.mark.parametrize(("args", "kwargs", "exc", "match"), [
-    ((np.ones((3, 2)), np.ones((3, 3)), np.ones((3, 2))), {}, ValueError, "K has shape"),
-    ((np.ones((3, 2)), np.ones((3, 2)), np.ones((4, 2))), {}, ValueError, "V has shape"),
-    ((np.ones(3), np.ones(3), np.ones(3)), {}, ValueError, "Q must be 2-D"),
-    ((np.ones((0, 2)), np.ones((0, 2)), np.ones((0, 2))), {}, ValueError, "at least one"),
-    ((np.ones((3, 2)), np.full((3, 2), np.nan), np.ones((3, 2))), {}, ValueError, "K must be"),
-    ((np.ones((3, 2)), np.ones((3, 2)), np.ones((3, 2)) * 1j), {}, TypeError, "V has dtype"),
-    ((np.array([["a", "b"]]),) * 3, {}, TypeError, "Q has dtype"),
-    ((np.ones((3, 2)),) * 3, {"dtype": np.float16}, TypeError, "dtype=float16"),
-    ((np.ones((3, 2)),) * 3, {"dtype": "int64"}, TypeError, "dtype=int64"),
-    ((np.ones((3, 2)),) * 3, {"scale": float("nan")}, ValueError, "scale=nan"),
-    ((np.ones((3, 2)),) * 3, {"scale": 0}, ValueError, "scale=0"),
-    ((np.ones((3, 2)),) * 3, {"policy": 0}, ValueError, "k=0"),
-    ((np.ones((3, 2)), np.full((3, 2), 1e300), np.ones((3, 2))), {"dtype": np.float32},
-     ValueError, "K must be finite"),
-])
+@pytest.mark.parametrize(
+    ("args", "kwargs", "exc", "match"),
+    [
+        ((np.ones((3, 2)), np.ones((3, 3)), np.ones((3, 2))), {}, ValueError, "K has shape"),
+        ((np.ones((3, 2)), np.ones((3, 2)), np.ones((4, 2))), {}, ValueError, "V has shape"),
+        ((np.ones(3), np.ones(3), np.ones(3)), {}, ValueError, "Q must be 2-D"),
+        ((np.ones((0, 2)), np.ones((0, 2)), np.ones((0, 2))), {}, ValueError, "at least one"),
+        ((np.ones((3, 2)), np.full((3, 2), np.nan), np.ones((3, 2))), {}, ValueError, "K must be"),
+        ((np.ones((3, 2)), np.ones((3, 2)), np.ones((3, 2)) * 1j), {}, TypeError, "V has dtype"),
+        ((np.array([["a", "b"]]),) * 3, {}, TypeError, "Q has dtype"),
+        ((np.ones((3, 2)),) * 3, {"dtype": np.float16}, TypeError, "dtype=float16"),
+        ((np.ones((3, 2)),) * 3, {"dtype": "int64"}, TypeError, "dtype=int64"),
+        ((np.ones((3, 2)),) * 3, {"scale": float("nan")}, ValueError, "scale=nan"),
+        ((np.ones((3, 2)),) * 3, {"scale": 0}, ValueError, "scale=0"),
+        ((np.ones((3, 2)),) * 3, {"policy": 0}, ValueError, "k=0"),
+        (
+            (np.ones((3, 2)), np.full((3, 2), 1e300), np.ones((3, 2))),
+            {"dtype": np.float32},
+            ValueError,
+            "K must be finite",
+        ),
+    ],
+)
 def test_bad_construction(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         LazyAttention(*args, **kwargs)
@@ -861,14 +910,21 @@ def test_row_changing_role_between_queries():
     # corrections must follow, including when queries built the pack in between
     eng = make(n=10, d=3, policy=10**6)
     orc = Oracle(eng)
-    for kind, i, j, delta in [("v", 4, 1, 0.7), ("k", 4, 0, 1.3), ("v", 4, 2, -0.4),
-                              ("k", 6, 1, 0.5), ("v", 6, 0, 2.0), ("k", 4, 2, -0.9)]:
+    for kind, i, j, delta in [
+        ("v", 4, 1, 0.7),
+        ("k", 4, 0, 1.3),
+        ("v", 4, 2, -0.4),
+        ("k", 6, 1, 0.5),
+        ("v", 6, 0, 2.0),
+        ("k", 4, 2, -0.9),
+    ]:
         (eng.update_k if kind == "k" else eng.update_v)(i, j, delta)
         (orc.K if kind == "k" else orc.V)[i, j] += delta
         exact, nat = orc.output(), orc.natural_scale()
         assert_close_natural(eng.query_row(i), exact[i], nat[i], 1e-12, f"{kind} {i}")
-        assert_close_natural(eng.query_many([0, 9], [j, j]), exact[[0, 9], j],
-                             nat[[0, 9], j], 1e-12, "many")
+        assert_close_natural(
+            eng.query_many([0, 9], [j, j]), exact[[0, 9], j], nat[[0, 9], j], 1e-12, "many"
+        )
 
 
 def test_copy_is_independent_and_equal():
@@ -886,8 +942,15 @@ def test_copy_is_independent_and_equal():
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, 3), st.integers(0, 2),
-                          st.floats(-1, 1), st.booleans()), min_size=1, max_size=30))
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(), st.integers(0, 3), st.integers(0, 2), st.floats(-1, 1), st.booleans()
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
 # five entries queue row 0 bare; one more, read alone, is queued entry by entry into its undo
 @example([(True, 0, 0, 0.1, False)] * 5 + [(True, 0, 1, 0.2, True)])
 def test_entry_log_keeps_each_entrys_value_from_before_the_first_update(steps):
@@ -904,8 +967,9 @@ def test_entry_log_keeps_each_entrys_value_from_before_the_first_update(steps):
         if read:
             assert eng.touched_rows >= 1  # reading the queue queues the log
     eng.flush()
-    assert_close_natural(eng.output(stale=True), orc.output(), orc.natural_scale(), 1e-12,
-                         "flushed")
+    assert_close_natural(
+        eng.output(stale=True), orc.output(), orc.natural_scale(), 1e-12, "flushed"
+    )
 
 
 @pytest.mark.parametrize("read_every", [1, 3, 7])
@@ -966,14 +1030,25 @@ def test_policy_changes_take_effect_at_the_next_update():
     eng.policy = policy
     assert eng.update_k(0, 1, 0.1) is None  # asked: 100, promised for long
     assert eng.threshold == 100  # asked again (the second answer) through the engine...
-    assert eng.threshold == 2    # ...and again: what it says now holds from the next update
+    assert eng.threshold == 2  # ...and again: what it says now holds from the next update
     assert eng.update_k(0, 1, 0.1) is not None
 
 
 @pytest.mark.parametrize("short_log", [0, 16])
 @pytest.mark.parametrize("first", ["log", "set_k_row", "set_v_row"])
-@pytest.mark.parametrize("write", ["update_k", "update_v", "update_k_many", "update_v_many",
-                                   "set_k_row", "set_v_row", "set_k_rows", "set_v_rows"])
+@pytest.mark.parametrize(
+    "write",
+    [
+        "update_k",
+        "update_v",
+        "update_k_many",
+        "update_v_many",
+        "set_k_row",
+        "set_v_row",
+        "set_k_rows",
+        "set_v_rows",
+    ],
+)
 def test_writes_to_a_row_queued_without_its_old_rows(short_log, first, write):
     # a row queued bare by the log (old K and V not copied yet), or half bare by a row write
     # (old row of the other array not copied): every later write to it must leave the old
@@ -1006,8 +1081,9 @@ def test_writes_to_a_row_queued_without_its_old_rows(short_log, first, write):
         getattr(eng, write)(2, row)
         target[2] = row
     eng.flush()
-    assert_close_natural(eng.output(stale=True), orc.output(), orc.natural_scale(), 1e-12,
-                         f"{first} then {write}")
+    assert_close_natural(
+        eng.output(stale=True), orc.output(), orc.natural_scale(), 1e-12, f"{first} then {write}"
+    )
 
 
 def test_fresh_query_seconds_reports_queries_computed_afresh():

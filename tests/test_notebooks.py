@@ -36,10 +36,15 @@ def kernel_manager_class(tmp_path_factory) -> type[AsyncKernelManager]:
     root = tmp_path_factory.mktemp("kernels")
     spec = root / KERNEL
     spec.mkdir()
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "dynattn tests", "language": "python",
-    }))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "dynattn tests",
+                "language": "python",
+            }
+        )
+    )
 
     class ThisInterpreter(AsyncKernelManager):
         @default("kernel_spec_manager")
@@ -52,9 +57,13 @@ def kernel_manager_class(tmp_path_factory) -> type[AsyncKernelManager]:
 def execute(nb, kernel_manager_class):
     """Run ``nb`` in place in a fresh kernel (started and shut down by the client), from the
     notebooks directory."""
-    client = NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT,
-                            kernel_manager_class=kernel_manager_class,
-                            resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    client = NotebookClient(
+        nb,
+        kernel_name=KERNEL,
+        timeout=CELL_TIMEOUT,
+        kernel_manager_class=kernel_manager_class,
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+    )
     client.execute()
     return nb
 
@@ -65,20 +74,31 @@ def first_error(nb) -> str:
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
                 trace = ANSI.sub("", "\n".join(out.get("traceback", [])))
-                return (f"cell {index} raised {out['ename']}: {out['evalue']}\n"
-                        f"--- source ---\n{cell.source}\n--- traceback ---\n{trace}")
+                return (
+                    f"cell {index} raised {out['ename']}: {out['evalue']}\n"
+                    f"--- source ---\n{cell.source}\n--- traceback ---\n{trace}"
+                )
     return "no error output recorded"
 
 
 def test_notebooks_exist():
     names = [p.name for p in NOTEBOOKS]
-    assert names[:4] == ["01_quickstart.ipynb", "02_threshold_tradeoff.ipynb",
-                         "03_error_dynamics.ipynb", "04_dashboard_inline.ipynb"], names
+    assert names[:4] == [
+        "01_quickstart.ipynb",
+        "02_threshold_tradeoff.ipynb",
+        "03_error_dynamics.ipynb",
+        "04_dashboard_inline.ipynb",
+    ], names
 
 
 def test_kernel_is_this_interpreter(kernel_manager_class):
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "import sys, dynattn; print(sys.executable); print(dynattn.__file__)")])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "import sys, dynattn; print(sys.executable); print(dynattn.__file__)"
+            )
+        ]
+    )
     out = execute(nb, kernel_manager_class).cells[0].outputs[0]["text"].split("\n")
     assert Path(out[0]).resolve() == Path(sys.executable).resolve()
     import dynattn
@@ -91,15 +111,18 @@ def test_notebook_structure_and_no_outputs(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     cells = nb.cells
-    assert cells[0].cell_type == "markdown" and cells[0].source.lstrip().startswith("# "), \
+    assert cells[0].cell_type == "markdown" and cells[0].source.lstrip().startswith("# "), (
         f"{path.name} must open with a markdown title cell saying what the reader will learn"
+    )
     assert "learn" in cells[0].source.lower(), f"{path.name}: say what the reader will learn"
-    assert cells[-1].cell_type == "markdown" and "summary" in cells[-1].source.lower(), \
+    assert cells[-1].cell_type == "markdown" and "summary" in cells[-1].source.lower(), (
         f"{path.name} must close with a markdown summary cell"
+    )
     for index, cell in enumerate(cells):
         if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, \
+            assert cell.outputs == [] and cell.execution_count is None, (
                 f"{path.name}: cell {index} has committed outputs; clear them before committing"
+            )
 
 
 @pytest.mark.slow

@@ -28,8 +28,20 @@ class World:
     """An engine stand-in with the engine's public surface and known costs: a flush costs
     f0 + f1·rows, a query q0 + q1·S; updates hit rows drawn from ``hot`` of n rows."""
 
-    def __init__(self, policy, n=4096, hot=None, f0=2e-4, f1=2e-5, q0=5e-6, q1=2e-7,
-                 r=1.0, seed=0, trust=False, fresh=math.nan):
+    def __init__(
+        self,
+        policy,
+        n=4096,
+        hot=None,
+        f0=2e-4,
+        f1=2e-5,
+        q0=5e-6,
+        q1=2e-7,
+        r=1.0,
+        seed=0,
+        trust=False,
+        fresh=math.nan,
+    ):
         self.policy, self.n, self.d = policy, n, 64
         self.hot = hot or n
         self.f0, self.f1, self.q0, self.q1, self.r = f0, f1, q0, q1, r
@@ -90,8 +102,10 @@ WORLDS = {
 @pytest.mark.parametrize("world", sorted(WORLDS))
 def test_cost_model_within_2x_of_best_fixed_threshold(world):
     kw = WORLDS[world]
-    sweep = {k: World(Fixed(k), **kw).run(6000) for k in (1, 2, 4, 8, 16, 32, 64, 128, 256,
-                                                          512, 1024, 2048, 10**9)}
+    sweep = {
+        k: World(Fixed(k), **kw).run(6000)
+        for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 10**9)
+    }
     best_k = min(sweep, key=sweep.get)
     model = CostModel()
     World(model, **kw).run(6000)
@@ -106,8 +120,10 @@ def test_cost_model_within_2x_of_best_fixed_threshold(world):
 def test_cost_model_keeps_its_promises(world):
     # asked only when valid_until runs out (as the engine asks), the cost model gives the
     # thresholds it gives when asked after every update
-    asked_always, trusted = World(CostModel(), **WORLDS[world]), World(
-        CostModel(), trust=True, **WORLDS[world])
+    asked_always, trusted = (
+        World(CostModel(), **WORLDS[world]),
+        World(CostModel(), trust=True, **WORLDS[world]),
+    )
     asked_always.run(4000)
     trusted.run(4000)
     assert trusted.thresholds == asked_always.thresholds
@@ -187,8 +203,7 @@ def test_original_adaptive_rule():
     assert adaptive_threshold(10, 50_000) == 46
     assert adaptive_threshold(50, 50_000) == 100
     policy = OriginalAdaptive()
-    eng = LazyAttention(*np.random.default_rng(1).random((3, 1000, 50)), scale=1.0,
-                        policy=policy)
+    eng = LazyAttention(*np.random.default_rng(1).random((3, 1000, 50)), scale=1.0, policy=policy)
     thresholds = []
     for step in range(60):
         eng.update_k_many([(step % 1000, 0, 0.1)] * 10)
@@ -207,20 +222,30 @@ def test_error_budget_tracks_true_error():
     assert eng.n_flushes > 5
 
 
-@pytest.mark.parametrize(("bad", "match"), [
-    (lambda: Fixed(0), "k=0"), (lambda: Fixed(2.5), "k=2.5"),
-    (lambda: CostModel(initial=0), "initial=0"), (lambda: CostModel(window=0), "window=0"),
-    (lambda: ErrorBudget(0), "tolerance=0"), (lambda: ErrorBudget(0.1, sample=0), "sample"),
-    (lambda: OriginalAdaptive(func=3), "func=3"), (lambda: as_policy("x"), "policy='x'"),
-])
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (lambda: Fixed(0), "k=0"),
+        (lambda: Fixed(2.5), "k=2.5"),
+        (lambda: CostModel(initial=0), "initial=0"),
+        (lambda: CostModel(window=0), "window=0"),
+        (lambda: ErrorBudget(0), "tolerance=0"),
+        (lambda: ErrorBudget(0.1, sample=0), "sample"),
+        (lambda: OriginalAdaptive(func=3), "func=3"),
+        (lambda: as_policy("x"), "policy='x'"),
+    ],
+)
 def test_bad_policy_arguments(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         bad()
 
 
 @settings(max_examples=200, deadline=None)
-@given(n=st.sampled_from([4, 1024, 65536]), log_h=st.floats(-1.0, 1.0),
-       ks=st.lists(st.integers(1, 10**6), min_size=1, max_size=64))
+@given(
+    n=st.sampled_from([4, 1024, 65536]),
+    log_h=st.floats(-1.0, 1.0),
+    ks=st.lists(st.integers(1, 10**6), min_size=1, max_size=64),
+)
 def test_effective_rows_recovers_the_spread_of_the_updates(n, log_h, ks):
     # flushes of k updates spread uniformly over H rows touch H·(1 − e^(−k/H)) rows each
     H = n * 10.0 ** (3 * log_h)  # n/1000 … 1000·n
@@ -246,11 +271,15 @@ def test_error_budget_is_scale_free_over_the_whole_float64_range():
         worst, flushed_at = 0.0, []
         for t in range(150):
             if t % 3:
-                eng.update_v(int(rng.integers(64)), int(rng.integers(8)),
-                             0.3 * factor * float(rng.standard_normal()))
+                eng.update_v(
+                    int(rng.integers(64)),
+                    int(rng.integers(8)),
+                    0.3 * factor * float(rng.standard_normal()),
+                )
             else:
-                eng.update_k(int(rng.integers(64)), int(rng.integers(8)),
-                             0.3 * float(rng.standard_normal()))
+                eng.update_k(
+                    int(rng.integers(64)), int(rng.integers(8)), 0.3 * float(rng.standard_normal())
+                )
             if eng.pending == 0:
                 flushed_at.append(t)
             worst = max(worst, eng.approximation_error().relative)

@@ -74,8 +74,14 @@ def test_timeline_csv_round_trip(tmp_path):
     tl = Timeline(capacity=8)
     rng = np.random.default_rng(0)
     for t in range(11):
-        tl.append(record(t, threshold=np.inf if t % 2 else 0.1 + t,
-                         rel_error=float(rng.random() * 1e-13), lazy_seconds=1 / 3 * t))
+        tl.append(
+            record(
+                t,
+                threshold=np.inf if t % 2 else 0.1 + t,
+                rel_error=float(rng.random() * 1e-13),
+                lazy_seconds=1 / 3 * t,
+            )
+        )
     path = tmp_path / "timeline.csv"
     tl.to_csv(path)
     text = path.read_text().splitlines()
@@ -121,8 +127,14 @@ def test_timeline_to_dataframe(monkeypatch):
 def test_config_bounds_and_defaults():
     cfg = SimulationConfig()
     assert (cfg.n, cfg.d, cfg.policy, cfg.history) == (256, 32, "cost", 10_000)
-    for bad in ({"n": 1}, {"d": 257}, {"policy": "lazy"}, {"tolerance": 0.0},
-                {"queries_per_tick": -1}, {"delta_scale": 0.0}):
+    for bad in (
+        {"n": 1},
+        {"d": 257},
+        {"policy": "lazy"},
+        {"tolerance": 0.0},
+        {"queries_per_tick": -1},
+        {"delta_scale": 0.0},
+    ):
         with pytest.raises(ValueError):
             SimulationConfig(**bad)
 
@@ -136,8 +148,14 @@ def test_step_record_and_cumulative_costs():
     data = sim.timeline.as_dict()
     updates = np.cumsum(data["updates"])
     np.testing.assert_allclose(data["recompute_flops"], 4.0 * n * n * d * updates)
-    for c in ("lazy_seconds", "eager_seconds", "ondemand_seconds", "lazy_flops", "eager_flops",
-              "ondemand_flops"):
+    for c in (
+        "lazy_seconds",
+        "eager_seconds",
+        "ondemand_seconds",
+        "lazy_flops",
+        "eager_flops",
+        "ondemand_flops",
+    ):
         assert (np.diff(data[c]) >= 0).all() and data[c][-1] > 0, c
     assert (data["pending"] < 7).all() and (data["threshold"] == 7).all()
     assert data["flushed"].sum() == sim.engine.n_flushes
@@ -151,8 +169,7 @@ def test_step_record_and_cumulative_costs():
 @pytest.mark.parametrize("k_share", [0.0, 0.5, 1.0])
 def test_query_flops_matches_the_engines_flush_count(k_share):
     n, d = 64, 5
-    sim = Simulation(n=n, d=d, policy="fixed", threshold=1000, updates_per_tick=3,
-                     k_share=k_share)
+    sim = Simulation(n=n, d=d, policy="fixed", threshold=1000, updates_per_tick=3, k_share=k_share)
     assert sim.engine.query_flops(7) == 7 * d  # nothing pending: cached rows
     for target in (1, 4, sim.engine.max_query_rows):
         while sim.engine.touched_rows < target:
@@ -195,8 +212,15 @@ def test_no_queries_and_unscaled_logits():
 
 @pytest.mark.parametrize("policy", ["fixed", "adaptive", "error"])
 def test_same_config_and_seed_give_the_same_timeline(policy):
-    kwargs = dict(SMALL, policy=policy, threshold=4, tolerance=1e-4, delta_scale=1e-4,
-                  stream="hotspot", seed=5)
+    kwargs = dict(
+        SMALL,
+        policy=policy,
+        threshold=4,
+        tolerance=1e-4,
+        delta_scale=1e-4,
+        stream="hotspot",
+        seed=5,
+    )
     a, b = Simulation(**kwargs), Simulation(**kwargs)
     a.run(30)
     b.run(30)
@@ -256,8 +280,10 @@ def test_rebuild_on_n_change():
     assert sim.last_answers["rows"].max() < 32
 
 
-@pytest.mark.parametrize("change", [{"d": 8}, {"preset": "local"}, {"seed": 9},
-                                    {"dtype": "float32"}, {"scale": "1 (unscaled)"}])
+@pytest.mark.parametrize(
+    "change",
+    [{"d": 8}, {"preset": "local"}, {"seed": 9}, {"dtype": "float32"}, {"scale": "1 (unscaled)"}],
+)
 def test_each_rebuild_parameter_rebuilds(change):
     sim = Simulation(**SMALL)
     sim.run(2)
@@ -265,8 +291,9 @@ def test_each_rebuild_parameter_rebuilds(change):
     sim.config.param.update(**change)
     assert sim.engine is not old and sim.tick == 0
     Q, _, _ = sim.qkv
-    expected = make_qkv(sim.config.preset, sim.config.n, sim.config.d, seed=sim.config.seed,
-                        dtype=sim.config.dtype)[0]
+    expected = make_qkv(
+        sim.config.preset, sim.config.n, sim.config.d, seed=sim.config.seed, dtype=sim.config.dtype
+    )[0]
     np.testing.assert_array_equal(Q, expected)
 
 
@@ -384,9 +411,18 @@ def test_error_budget_keeps_the_true_error_within_tolerance(preset, stream):
     # n <= the policy's sample (64 rows): its estimate is the true error, so after every tick
     # the stale caches are within safety * tolerance (0.5 * tolerance) of the exact output.
     tolerance = 1e-3
-    sim = Simulation(n=32, d=4, preset=preset, stream=stream, policy="error",
-                     tolerance=tolerance, delta_scale=1e-3, updates_per_tick=4,
-                     queries_per_tick=1, seed=2)
+    sim = Simulation(
+        n=32,
+        d=4,
+        preset=preset,
+        stream=stream,
+        policy="error",
+        tolerance=tolerance,
+        delta_scale=1e-3,
+        updates_per_tick=4,
+        queries_per_tick=1,
+        seed=2,
+    )
     sim.run(40)
     data = sim.timeline.as_dict()
     assert data["rel_error"].max() <= 0.5 * tolerance
@@ -395,8 +431,16 @@ def test_error_budget_keeps_the_true_error_within_tolerance(preset, stream):
 
 
 def test_lazy_beats_eager_and_recompute_at_scale():
-    sim = Simulation(n=4096, d=64, preset="gaussian", stream="entries", policy="cost",
-                     updates_per_tick=16, queries_per_tick=16, seed=0)
+    sim = Simulation(
+        n=4096,
+        d=64,
+        preset="gaussian",
+        stream="entries",
+        policy="cost",
+        updates_per_tick=16,
+        queries_per_tick=16,
+        seed=0,
+    )
     rec = sim.run(100)
     assert rec["lazy_seconds"] < rec["eager_seconds"]
     assert rec["lazy_seconds"] * 20 < rec["recompute_seconds"]

@@ -49,8 +49,9 @@ def check_exact(strategy, dtype):
     tol = TOL[dtype]
     assert_close_natural(strategy.query_rows(np.arange(n)), exact, scale, tol, "query_rows")
     rows, cols = np.array([0, 3, 3, n - 1]), np.array([1, 0, d - 1, 2])
-    assert_close_natural(strategy.query_many(rows, cols), exact[rows, cols],
-                         scale[rows, cols], tol, "query_many")
+    assert_close_natural(
+        strategy.query_many(rows, cols), exact[rows, cols], scale[rows, cols], tol, "query_many"
+    )
     for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
         assert_close_natural(strategy.query(i, j), exact[i, j], scale[i, j], tol, "query")
         assert_close_natural(strategy.query_row(i), exact[i], scale[i], tol, "query_row")
@@ -112,8 +113,9 @@ def test_on_demand_batch_methods_and_read_only_views():
         od.K[0, 0] = 1.0
     od.update_v_many([0], [0], [1.0])
     od.set_k_rows([0, 2], np.zeros((2, 3)))
-    np.testing.assert_allclose(od.query_rows(np.arange(5)),
-                               dense_attention(Q, od.K, od.V), rtol=1e-12)
+    np.testing.assert_allclose(
+        od.query_rows(np.arange(5)), dense_attention(Q, od.K, od.V), rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("cls", BASELINES)
@@ -148,14 +150,21 @@ def test_bad_input_is_refused_and_state_kept(cls):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(("cls", "call"), [
-    (cls, call) for cls in BASELINES for call in (
-        lambda s, big: s.update_k(1, 2, big),
-        lambda s, big: s.update_v(1, 2, -big),
-    )] + [
-    (OnDemand, lambda s, big: s.update_k_many([0, 1, 1], [0, 2, 2], [1.0, big / 2, big / 2])),
-    (OnDemand, lambda s, big: s.update_v_many([1], [2], [-big])),
-])
+@pytest.mark.parametrize(
+    ("cls", "call"),
+    [
+        (cls, call)
+        for cls in BASELINES
+        for call in (
+            lambda s, big: s.update_k(1, 2, big),
+            lambda s, big: s.update_v(1, 2, -big),
+        )
+    ]
+    + [
+        (OnDemand, lambda s, big: s.update_k_many([0, 1, 1], [0, 2, 2], [1.0, big / 2, big / 2])),
+        (OnDemand, lambda s, big: s.update_v_many([1], [2], [-big])),
+    ],
+)
 def test_an_update_that_would_overflow_changes_nothing(cls, call, dtype):
     Q, K, V = make_qkv("uniform", 5, 3, dtype=dtype)
     s = cls(Q, K, V)
@@ -174,7 +183,7 @@ def test_eager_dense_memory_estimate():
     Q, K, V = make_qkv("uniform", 16, 4)
     s = EagerDense(Q, K, V)
     assert eager_dense_nbytes(16, 4) >= s._At.nbytes + s._C.nbytes
-    assert eager_dense_nbytes(65536, 64) > 32 * 2 ** 30  # why the benchmark skips it there
+    assert eager_dense_nbytes(65536, 64) > 32 * 2**30  # why the benchmark skips it there
 
 
 def test_dense_recompute_seconds_scales_a_sample():
@@ -206,8 +215,10 @@ def test_rows_are_copied_and_checked_whatever_their_magnitude(cls, dtype):
     np.testing.assert_array_equal(s.K[2], [0.5, -1.0, 2.0])
     s.set_v_row(1, V[1])
     K0, V0 = s.K.copy(), s.V.copy()
-    for bad, shown in (([0.0, np.nan, 1.0], r"row\[1\] = .*nan"),
-                       ([0.0, 1.0, -np.inf], r"row\[2\] = .*inf")):
+    for bad, shown in (
+        ([0.0, np.nan, 1.0], r"row\[1\] = .*nan"),
+        ([0.0, 1.0, -np.inf], r"row\[2\] = .*inf"),
+    ):
         with pytest.raises(ValueError, match=shown):
             s.set_k_row(0, np.array(bad, dtype=dtype))
     if dtype == np.float32:  # finite as given, infinite once cast to the working dtype
@@ -216,6 +227,9 @@ def test_rows_are_copied_and_checked_whatever_their_magnitude(cls, dtype):
     np.testing.assert_array_equal(s.K, K0)
     np.testing.assert_array_equal(s.V, V0)
     Kd, Vd = np.asarray(s.K, np.float64), np.asarray(s.V, np.float64)
-    np.testing.assert_allclose([s.query_row(i) for i in range(5)],
-                               dense_attention(np.asarray(Q, np.float64), Kd, Vd),
-                               rtol=TOL[dtype], atol=TOL[dtype])
+    np.testing.assert_allclose(
+        [s.query_row(i) for i in range(5)],
+        dense_attention(np.asarray(Q, np.float64), Kd, Vd),
+        rtol=TOL[dtype],
+        atol=TOL[dtype],
+    )

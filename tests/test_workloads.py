@@ -44,8 +44,12 @@ def test_preset_shapes_dtypes_finite(preset, dtype):
 
 
 @settings(max_examples=30, deadline=None)
-@given(preset=st.sampled_from(PRESETS), n=st.integers(1, 40), d=st.integers(2, 12),
-       seed=st.integers(0, 2**32))
+@given(
+    preset=st.sampled_from(PRESETS),
+    n=st.integers(1, 40),
+    d=st.integers(2, 12),
+    seed=st.integers(0, 2**32),
+)
 def test_presets_reproducible_from_seed(preset, n, d, seed):
     a = make_qkv(preset, n, d, seed=seed)
     b = make_qkv(preset, n, d, seed=seed)
@@ -86,13 +90,16 @@ def test_clustered_attention_is_block_diagonal():
     assert (w * same).sum(axis=1).min() > 0.95
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"preset": "nope"}, ValueError, "preset='nope'"),
-    ({"n": 0}, ValueError, "n=0"),
-    ({"d": 2.5}, TypeError, "d=2.5"),
-    ({"seed": -1}, ValueError, "seed=-1"),
-    ({"dtype": np.int32}, TypeError, "dtype=int32"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"preset": "nope"}, ValueError, "preset='nope'"),
+        ({"n": 0}, ValueError, "n=0"),
+        ({"d": 2.5}, TypeError, "d=2.5"),
+        ({"seed": -1}, ValueError, "seed=-1"),
+        ({"dtype": np.int32}, TypeError, "dtype=int32"),
+    ],
+)
 def test_make_qkv_rejects_bad_arguments(kwargs, error, match):
     args = {"preset": "gaussian", "n": 4, "d": 3} | kwargs
     with pytest.raises(error, match=match):
@@ -191,12 +198,15 @@ def test_load_npz_missing_array(tmp_path, missing):
         load_npz(path)
 
 
-@pytest.mark.parametrize("bad", [
-    np.array([[object(), 1]], dtype=object),
-    np.array([["a", "b"]]),
-    np.ones((2, 2), dtype=complex),
-    np.ones((2, 2), dtype=bool),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.array([[object(), 1]], dtype=object),
+        np.array([["a", "b"]]),
+        np.ones((2, 2), dtype=complex),
+        np.ones((2, 2), dtype=bool),
+    ],
+)
 def test_load_npz_non_numeric_dtype(tmp_path, bad):
     Q, K, V = good_qkv()
     path = write_npz(tmp_path / "t.npz", Q=Q, K=bad, V=V)  # savez pickles object arrays
@@ -300,6 +310,7 @@ class RecordingEngine:
             assert np.size(rows) > 0, f"{name} called with an empty batch"
             self.calls.append((name, rows, *rest))
             return f"event-{len(self.calls)}" if name == "update_v_many" else None
+
         return method
 
     def __getattr__(self, name):
@@ -307,9 +318,15 @@ class RecordingEngine:
 
 
 @settings(max_examples=40, deadline=None)
-@given(kind=st.sampled_from(STREAMS), n=st.integers(1, 50), d=st.integers(1, 8),
-       per_tick=st.integers(0, 40), k_share=st.floats(0, 1), seed=st.integers(0, 1000),
-       tick=st.integers(0, 10_000))
+@given(
+    kind=st.sampled_from(STREAMS),
+    n=st.integers(1, 50),
+    d=st.integers(1, 8),
+    per_tick=st.integers(0, 40),
+    k_share=st.floats(0, 1),
+    seed=st.integers(0, 1000),
+    tick=st.integers(0, 10_000),
+)
 def test_stream_indices_in_bounds_and_reproducible(kind, n, d, per_tick, k_share, seed, tick):
     stream = UpdateStream(kind, n, d, updates_per_tick=per_tick, k_share=k_share, seed=seed)
     upd = stream.next_tick(tick)
@@ -343,8 +360,9 @@ def test_stream_ticks_are_independent_of_call_order_and_queries():
     for x, y in zip(first, second, strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a.next_tick(0).k_rows, a.next_tick(1).k_rows)
-    assert not np.array_equal(a.next_tick(0).k_rows,
-                              UpdateStream("entries", 100, 4, seed=10).next_tick(0).k_rows)
+    assert not np.array_equal(
+        a.next_tick(0).k_rows, UpdateStream("entries", 100, 4, seed=10).next_tick(0).k_rows
+    )
 
 
 @pytest.mark.parametrize("kind", ["entries", "rows", "hotspot", "bursts"])
@@ -360,8 +378,9 @@ def test_stream_k_share(kind, k_share):
 
 def test_entries_deltas_scale():
     stream = UpdateStream("entries", 50, 4, updates_per_tick=100, delta_scale=0.5, seed=0)
-    deltas = np.concatenate([np.r_[u.k_deltas, u.v_deltas]
-                             for u in map(stream.next_tick, range(100))])
+    deltas = np.concatenate(
+        [np.r_[u.k_deltas, u.v_deltas] for u in map(stream.next_tick, range(100))]
+    )
     assert abs(deltas.std() - 0.5) < 0.02 and abs(deltas.mean()) < 0.02
 
 
@@ -393,8 +412,16 @@ def test_hotspot_concentrates_in_a_drifting_band():
 
 
 def test_bursts_mean_rate_and_variation():
-    stream = UpdateStream("bursts", 100, 4, updates_per_tick=16, burst_period=64,
-                          burst_duty=0.125, burst_contrast=16.0, seed=2)
+    stream = UpdateStream(
+        "bursts",
+        100,
+        4,
+        updates_per_tick=16,
+        burst_period=64,
+        burst_duty=0.125,
+        burst_contrast=16.0,
+        seed=2,
+    )
     counts = np.array([stream.next_tick(t).n_updates for t in range(64 * 40)])
     assert abs(counts.mean() - 16) < 0.5
     per_phase = counts.reshape(40, 64).mean(axis=0)
@@ -419,12 +446,20 @@ def test_tick_updates_apply_uses_batch_methods_and_skips_empty():
 
 def test_tick_updates_apply_each_makes_one_call_per_action():
     engine = RecordingEngine()
-    upd = TickUpdates(k_rows=np.array([0, 2]), k_cols=np.array([1, 1]),
-                      k_deltas=np.array([0.5, -0.5]), v_set_rows=np.array([3, 1]),
-                      v_set_values=np.arange(6.0).reshape(2, 3))
+    upd = TickUpdates(
+        k_rows=np.array([0, 2]),
+        k_cols=np.array([1, 1]),
+        k_deltas=np.array([0.5, -0.5]),
+        v_set_rows=np.array([3, 1]),
+        v_set_values=np.arange(6.0).reshape(2, 3),
+    )
     upd.apply_each(engine)
     assert [(c[0], c[1]) for c in engine.calls] == [
-        ("update_k", 0), ("update_k", 2), ("set_v_row", 3), ("set_v_row", 1)]
+        ("update_k", 0),
+        ("update_k", 2),
+        ("set_v_row", 3),
+        ("set_v_row", 1),
+    ]
     np.testing.assert_array_equal(engine.calls[3][2], [3.0, 4.0, 5.0])
 
 
@@ -445,24 +480,27 @@ def test_apply_and_apply_each_reach_the_same_state(kind):
     assert eager.n_flushes == eager.n_updates == batched.n_updates
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"kind": "walk"}, ValueError, "kind='walk'"),
-    ({"n": 0}, ValueError, "n=0"),
-    ({"d": "4"}, TypeError, "d='4'"),
-    ({"updates_per_tick": -1}, ValueError, "updates_per_tick=-1"),
-    ({"k_share": 1.5}, ValueError, "k_share=1.5"),
-    ({"k_share": float("nan")}, ValueError, "k_share=nan"),
-    ({"delta_scale": 0}, ValueError, "delta_scale=0"),
-    ({"seed": -3}, ValueError, "seed=-3"),
-    ({"row_scale": -1}, ValueError, "row_scale=-1"),
-    ({"band_fraction": 0}, ValueError, "band_fraction=0"),
-    ({"band_share": 2}, ValueError, "band_share=2"),
-    ({"drift": float("inf")}, ValueError, "drift=inf"),
-    ({"burst_period": 0}, ValueError, "burst_period=0"),
-    ({"burst_duty": 1}, ValueError, "burst_duty=1"),
-    ({"burst_contrast": 0.5}, ValueError, "burst_contrast=0.5"),
-    ({"k_share": True}, TypeError, "k_share=True"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"kind": "walk"}, ValueError, "kind='walk'"),
+        ({"n": 0}, ValueError, "n=0"),
+        ({"d": "4"}, TypeError, "d='4'"),
+        ({"updates_per_tick": -1}, ValueError, "updates_per_tick=-1"),
+        ({"k_share": 1.5}, ValueError, "k_share=1.5"),
+        ({"k_share": float("nan")}, ValueError, "k_share=nan"),
+        ({"delta_scale": 0}, ValueError, "delta_scale=0"),
+        ({"seed": -3}, ValueError, "seed=-3"),
+        ({"row_scale": -1}, ValueError, "row_scale=-1"),
+        ({"band_fraction": 0}, ValueError, "band_fraction=0"),
+        ({"band_share": 2}, ValueError, "band_share=2"),
+        ({"drift": float("inf")}, ValueError, "drift=inf"),
+        ({"burst_period": 0}, ValueError, "burst_period=0"),
+        ({"burst_duty": 1}, ValueError, "burst_duty=1"),
+        ({"burst_contrast": 0.5}, ValueError, "burst_contrast=0.5"),
+        ({"k_share": True}, TypeError, "k_share=True"),
+    ],
+)
 def test_stream_rejects_bad_arguments(kwargs, error, match):
     args = {"kind": "entries", "n": 10, "d": 3} | kwargs
     with pytest.raises(error, match=match):
