@@ -12,8 +12,10 @@ from .bert import BertConfig, Forward
 from .edits import Alignment, Edit, EditDiff, Footprint, RowUpdates
 from .files import INSTALL_COMMAND, ModelFilesError
 from .minilm import HeadInputs, MiniLM, TextTooLongError
+from .text import DEFAULT_TEXT, TextAttention
 
 __all__ = [
+    "DEFAULT_TEXT",
     "INSTALL_COMMAND",
     "Alignment",
     "BertConfig",
@@ -25,5 +27,6 @@ __all__ = [
     "MiniLM",
     "ModelFilesError",
     "RowUpdates",
+    "TextAttention",
     "TextTooLongError",
 ]

@@ -149,15 +149,19 @@ class RowUpdates:
     def apply_to(self, engine) -> None:
         """Play the operations on a :class:`~dynattn.LazyAttention` holding this head's Q, K, V
         before the edit; afterwards it holds them after. Cost: the engine's, O(d) a row
-        queued; an inserted query row O(n·d)."""
+        queued; an inserted query row O(n·d). Every method needed is looked up before the
+        first is called, so an engine lacking one is left untouched."""
+        ops = []
         if len(self.deleted):
-            engine.delete_rows(self.deleted)
+            ops.append((engine.delete_rows, (self.deleted,)))
         if len(self.inserted_q):
-            engine.insert_rows(self.insert_at, self.inserted_q, self.inserted_k, self.inserted_v)
-        setters = {"q": engine.set_q_rows, "k": engine.set_k_rows, "v": engine.set_v_rows}
+            args = (self.insert_at, self.inserted_q, self.inserted_k, self.inserted_v)
+            ops.append((engine.insert_rows, args))
         for name, (rows, values) in self.set_rows.items():
             if len(rows):
-                setters[name](rows, values)
+                ops.append((getattr(engine, f"set_{name}_rows"), (rows, values)))
+        for method, args in ops:
+            method(*args)
 
 
 @dataclass(frozen=True)
