@@ -294,6 +294,55 @@ def test_apply_to_leaves_an_engine_without_the_methods_untouched():
     assert eng.calls == []
 
 
+class DenseRows:
+    """Plain arrays with the engine's row operations (np.insert/np.delete semantics): what
+    the operations must do to Q, K and V, whatever engine receives them."""
+
+    def __init__(self, Q, K, V):
+        self.Q, self.K, self.V = (np.array(a) for a in (Q, K, V))
+
+    def delete_rows(self, rows):
+        self.Q, self.K, self.V = (np.delete(a, rows, axis=0) for a in (self.Q, self.K, self.V))
+
+    def insert_rows(self, at, Q_rows, K_rows, V_rows):
+        pairs = ((self.Q, Q_rows), (self.K, K_rows), (self.V, V_rows))
+        self.Q, self.K, self.V = (np.insert(a, at, r, axis=0) for a, r in pairs)
+
+    def set_q_rows(self, rows, values):
+        self.Q[rows] = values
+
+    def set_k_rows(self, rows, values):
+        self.K[rows] = values
+
+    def set_v_rows(self, rows, values):
+        self.V[rows] = values
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [Edit("replace", 3, "cat"), Edit("replace", 3, "hippopotamus"), Edit("insert", 2, "very")]
+    + [Edit("delete", 4), Edit("insert", 13, "today"), Edit("delete", 0)]
+    + [Edit("replace", 3, "a"), Edit("replace", 0, "Unbelievably")],
+    ids=lambda e: f"{e.kind}-{e.index}-{e.word}",
+)
+def test_row_updates_turn_before_into_after(model, edit):
+    """Played on plain arrays, an edit's row operations give the edited text's Q, K, V (rows
+    not sent differ by rounding only), and send no row twice."""
+    d = diff_of(model, edit)
+    for layer, head in [(0, 0), (3, 6), (5, 11)]:
+        cols = model.head_slice(head)
+        rows = DenseRows(*(a[layer][:, cols] for a in (d.before.q, d.before.k, d.before.v)))
+        up = d.head_updates(layer, head)
+        up.apply_to(rows)
+        for name in "qkv":
+            want = getattr(d.after, name)[layer][:, cols]
+            got = getattr(rows, name.upper())
+            sent, _ = up.set_rows[name]
+            assert len(np.unique(sent)) == len(sent)
+            np.testing.assert_array_equal(got[sent], want[sent])
+            np.testing.assert_allclose(got, want, rtol=d.noise, atol=1e-6)
+
+
 @needs_row_ops
 @pytest.mark.parametrize(
     "edit",
