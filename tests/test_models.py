@@ -7,6 +7,8 @@ skipped locally and fail in CI (``CI`` set), where ``make`` installs it.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -416,3 +418,12 @@ def test_text_attention_edit_sets_footprint(model):
     assert ta.footprint is fp and ta.last_edit == Edit("replace", 3, "cat")
     assert "cat" in ta.tokens and fp.changed[0] == 1
     assert [r["changed"] for r in fp.table()] == fp.changed.tolist()
+
+
+def test_models_import_no_plotting_library():
+    code = (
+        "import sys, dynattn.models; "
+        "print([m for m in sys.modules if m.split('.')[0] in ('panel', 'holoviews', 'bokeh')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
