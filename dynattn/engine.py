@@ -273,8 +273,11 @@ class LazyAttention:
 
     Parameters
     ----------
-    Q, K, V : array_like or scipy.sparse matrix, shape (n, d)
-        Queries, keys and values. Copied; Q never changes afterwards.
+    Q : array_like or scipy.sparse matrix, shape (m, d)
+        Queries: the rows of the output. Copied; Q never changes afterwards.
+    K, V : array_like or scipy.sparse matrix, shape (n, d)
+        Keys and values. Copied. Usually m = n (self-attention); m ≠ n is a block of query
+        rows against all keys (what one shard of :mod:`dynattn.distributed` holds).
     scale : float, optional
         Logit scale; default ``1/sqrt(d)``. ``scale=1.0`` is the unscaled form of the original
         prototype and of van den Brand, Song & Zhou (2023).
@@ -331,9 +334,11 @@ class LazyAttention:
     def __init__(self, Q, K, V, *, scale=None, dtype=None, policy=None):
         dt = V_.resolve_dtype(dtype, Q, K, V)
         Qa = V_.as_matrix("Q", Q, dt, pad=1)
-        n, d = len(Qa), Qa.shape[1] - 1
-        Ka = V_.as_matrix("K", K, dt, shape=(n, d))
-        Va = V_.as_matrix("V", V, dt, shape=(n, d))
+        d = Qa.shape[1] - 1
+        Ka = V_.as_matrix("K", K, dt)
+        if Ka.shape[1] != d:
+            raise ValueError(f"K has shape {Ka.shape}; expected (n, {d}): as many columns as Q")
+        Va = V_.as_matrix("V", V, dt, shape=Ka.shape)
         if scale is None:
             scale = 1.0 / math.sqrt(d)
         scale = V_.check_scalar("scale", scale, dt)
@@ -348,12 +353,13 @@ class LazyAttention:
 
     def _adopt(self, QA, K, V, scale: float, policy) -> None:
         """Take owned, validated arrays, Q with a spare column, ``QA = [Q | ·]`` of shape
-        (n, d+1); caches allocated, queue empty, counters zero. The caller sets the snapshot
-        ``_K0``, ``_V0`` (K and V as the caches describe them)."""
+        (m, d+1), K and V (n, d); caches allocated, queue empty, counters zero. The caller sets
+        the snapshot ``_K0``, ``_V0`` (K and V as the caches describe them)."""
         n, d = K.shape
         dt = K.dtype
         self._policy = policy
         self._dtype = dt
+        self._nq = len(QA)  # query rows: rows of Q, of the caches and of the output
         self._n, self._d = n, d
         self._scale = scale
         self._growth = _GROWTH[dt]
@@ -378,8 +384,8 @@ class LazyAttention:
             view.flags.writeable = False  # users read K and V; only update methods write them
             self._views[name] = view
         # cache columns: N (d) | s | guard of s | guard of N (d); see _lost_precision
-        self._C = np.empty((n, 2 * d + 2), dtype=dt)
-        self._m = np.empty(n, dtype=dt)
+        self._C = np.empty((self._nq, 2 * d + 2), dtype=dt)
+        self._m = np.empty(self._nq, dtype=dt)
         self._buffers: dict[str, np.ndarray] = {}
         self._K0, self._V0 = K, V  # the caller replaces them by copies: the snapshot
         self._slot = np.full(n, -1, dtype=np.intp)  # per row: its slot in the queue, or -1
@@ -431,7 +437,8 @@ class LazyAttention:
         return new
 
     # ------------------------------------------------------------------ properties
-    n = property(lambda self: self._n, doc="Number of rows (queries, keys, values).")
+    n = property(lambda self: self._n, doc="Number of keys and values (rows of K and V).")
+    m = property(lambda self: self._nq, doc="Number of queries (rows of Q and of the output).")
     d = property(lambda self: self._d, doc="Head dimension.")
     dtype = property(lambda self: self._dtype, doc="Working dtype (float32 or float64).")
     scale = property(lambda self: self._scale, doc="Logit scale.")
@@ -1016,13 +1023,13 @@ class LazyAttention:
         return m, C
 
     def _store_exact(self) -> None:
-        self._exact(np.arange(self._n), out_m=self._m, out_C=self._C)
+        self._exact(np.arange(self._nq), out_m=self._m, out_C=self._C)
 
     def _blocks(self, width: int):
-        """Row slices covering all n rows, each about ``_BLOCK_ELEMENTS / width`` rows."""
+        """Slices covering all m query rows, each about ``_BLOCK_ELEMENTS / width`` rows."""
         step = max(1, _BLOCK_ELEMENTS // max(1, width))
-        for a in range(0, self._n, step):
-            yield slice(a, min(a + step, self._n))
+        for a in range(0, self._nq, step):
+            yield slice(a, min(a + step, self._nq))
 
     # ------------------------------------------------------------------ flush
     def flush(self) -> FlushEvent | None:
@@ -1048,11 +1055,11 @@ class LazyAttention:
                     rows = np.arange(blk.start, blk.stop)[bad]
                     self._m[rows], self._C[rows] = self._exact(rows)
                     repaired += len(rows)
-            flops = 2.0 * n * P * (3 * d + 2) + 6.0 * repaired * n * d
+            flops = 2.0 * self._nq * P * (3 * d + 2) + 6.0 * repaired * n * d
             kind = "incremental"
         else:
             self._store_exact()
-            repaired, flops, kind = 0, 6.0 * n * n * d, "rebuild"
+            repaired, flops, kind = 0, 6.0 * self._nq * n * d, "rebuild"
         return self._record(kind, flops, repaired, t0)
 
     def rebuild(self) -> FlushEvent:
@@ -1060,7 +1067,7 @@ class LazyAttention:
         t0 = time.perf_counter()
         self._settle()
         self._store_exact()
-        return self._record("rebuild", 6.0 * self._n * self._n * self._d, 0, t0)
+        return self._record("rebuild", 6.0 * self._nq * self._n * self._d, 0, t0)
 
     def _record(self, kind, flops, repaired, t0) -> FlushEvent:
         seconds = time.perf_counter() - t0
@@ -1089,7 +1096,7 @@ class LazyAttention:
     # ------------------------------------------------------------------ queries
     def query(self, i, j, stale: bool = False) -> float:
         """Output entry ``O[i, j]``; exact in O(|S|·d), or the cached value if ``stale``."""
-        i = V_.check_index("i", i, self._n)
+        i = V_.check_index("i", i, self._nq)
         j = V_.check_index("j", j, self._d)
         if not stale and self._choose_direct():
             return self._direct_entry(i, j)
@@ -1203,7 +1210,7 @@ class LazyAttention:
 
     def query_row(self, i, stale: bool = False) -> np.ndarray:
         """Output row ``O[i]`` (shape (d,)); exact in O(|S|·d), or cached if ``stale``."""
-        i = V_.check_index("i", i, self._n)
+        i = V_.check_index("i", i, self._nq)
         row = self._row(i, stale)
         return row[: self._d] / row[self._d]
 
@@ -1257,7 +1264,7 @@ class LazyAttention:
 
         Each distinct row is corrected once: O(u·|S|·d) for u distinct rows.
         """
-        r = V_.as_indices("rows", rows, self._n)
+        r = V_.as_indices("rows", rows, self._nq)
         c = V_.as_indices("cols", cols, self._d)
         if len(r) != len(c):
             raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
@@ -1288,7 +1295,7 @@ class LazyAttention:
         self._settle()
         if not self._rows:  # nothing pending: the caches are exact
             return self._out(self._C)
-        out = np.empty((self._n, d), dtype=self._dtype)
+        out = np.empty((self._nq, d), dtype=self._dtype)
         for blk in self._blocks(2 * len(self._rows) + 1):
             _, C, _ = self._current_rows(np.arange(blk.start, blk.stop))
             out[blk] = self._out(C)
@@ -1296,7 +1303,7 @@ class LazyAttention:
 
     def weight(self, i, j, stale: bool = False) -> float:
         """Attention weight ``P[i, j]``; exact in O(|S|·d), or as of the last flush."""
-        i = V_.check_index("i", i, self._n)
+        i = V_.check_index("i", i, self._nq)
         j = V_.check_index("j", j, self._n)
         return float(self.weights([i], [j], stale=stale)[0, 0])
 
@@ -1315,7 +1322,7 @@ class LazyAttention:
         ndarray, shape (len(rows), len(cols))
             Cost O(len(rows)·(|S| + len(cols))·d).
         """
-        I = V_.as_selection("rows", rows, self._n)
+        I = V_.as_selection("rows", rows, self._nq)
         J = V_.as_selection("cols", cols, self._n)
         d = self._d
         if stale:
@@ -1337,7 +1344,7 @@ class LazyAttention:
 
         The building block of sampled error estimates (see ``policies.ErrorBudget``).
         """
-        idx = V_.as_indices("rows", rows, self._n)
+        idx = V_.as_indices("rows", rows, self._nq)
         exact = self._rows_out(idx, stale=False, count=0)
         diff = self._rows_out(idx, stale=True, count=0) - exact
         norms = _Norm(), _Norm()
@@ -1367,7 +1374,8 @@ class LazyAttention:
 
     def __repr__(self) -> str:
         return (
-            f"LazyAttention(n={self._n}, d={self._d}, dtype={self._dtype}, "
+            f"LazyAttention({'' if self._nq == self._n else f'm={self._nq}, '}n={self._n}, "
+            f"d={self._d}, dtype={self._dtype}, "
             f"scale={self._scale:.4g}, pending={self.pending}, "
             f"touched_rows={self.touched_rows}, "
             f"flushes={self._n_flushes}, policy={self._policy!r})"

@@ -43,21 +43,24 @@ class Unbounded:
 
 
 @st.composite
-def scenarios(draw, hard=False, crowded=False):
+def scenarios(draw, hard=False, crowded=False, rectangular=False):
     # crowded: few rows, so updates of every kind keep meeting in the same rows and the
-    # queue's paths (logged, written, packed) meet too
+    # queue's paths (logged, written, packed) meet too; rectangular: m query rows, n keys
     n = draw(st.integers(1, 3 if crowded else 12))
+    m = draw(st.integers(1, 12)) if rectangular else n
     d = draw(st.integers(1, 3 if crowded else 5))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
+    shapes = ((m, d), (n, d), (n, d))
     if hard:
-        Q, K, V = (rng.normal(0, 10, (n, d)) for _ in range(3))
+        Q, K, V = (rng.normal(0, 10, shape) for shape in shapes)
     else:
-        Q, K, V = (rng.random((n, d)) * 2 - 1 for _ in range(3))
+        Q, K, V = (rng.random(shape) * 2 - 1 for shape in shapes)
     scale = draw(st.sampled_from([None, 1.0, 0.3]))
     policy = POLICIES[draw(st.sampled_from(sorted(POLICIES)))](draw)
     delta = st.floats(-50, 50) if hard else st.floats(-1, 1)
     i, j = st.integers(0, n - 1), st.integers(0, d - 1)
+    qi = st.integers(0, m - 1)  # a query row
     row = st.lists(st.floats(-30, 30) if hard else st.floats(-2, 2), min_size=d, max_size=d)
     op = st.one_of(
         st.tuples(st.just("update_k"), i, j, delta),
@@ -72,10 +75,10 @@ def scenarios(draw, hard=False, crowded=False):
         st.tuples(st.just("copy")),
         st.tuples(st.just("set_k"), i, row),
         st.tuples(st.just("set_v"), i, row),
-        st.tuples(st.just("query"), i, j),
-        st.tuples(st.just("query_row"), i),
-        st.tuples(st.just("query_many"), st.lists(st.tuples(i, j), min_size=1, max_size=6)),
-        st.tuples(st.just("weight"), i, st.integers(0, n - 1)),
+        st.tuples(st.just("query"), qi, j),
+        st.tuples(st.just("query_row"), qi),
+        st.tuples(st.just("query_many"), st.lists(st.tuples(qi, j), min_size=1, max_size=6)),
+        st.tuples(st.just("weight"), qi, i),
         st.tuples(st.just("flush")),
         st.tuples(st.just("check_all")),
     )
@@ -227,6 +230,12 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_random_sequences_match_dense_oracle(scenario):
+    run_against_oracle(scenario, tol=1e-12)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(rectangular=True))
+def test_rectangular_sequences_match_dense_oracle(scenario):
     run_against_oracle(scenario, tol=1e-12)
 
 
@@ -1126,3 +1135,21 @@ def test_fixed_threshold_counts_every_kind_of_update_alike():
         else:
             eng.update_v(i, j, -0.1)
     assert [e.updates for e in eng.flush_log] == [5] * 12 and eng.pending == 0
+
+
+def test_rectangular_engine_reports_its_shape_and_refuses_mismatched_keys():
+    rng = np.random.default_rng(3)
+    Q, K, V = rng.random((5, 4)), rng.random((9, 4)), rng.random((9, 4))
+    eng = LazyAttention(Q, K, V, policy=100)
+    assert (eng.m, eng.n, eng.d) == (5, 9, 4)
+    assert repr(eng).startswith("LazyAttention(m=5, n=9, d=4,")
+    assert eng.output().shape == (5, 4) and eng.weights().shape == (5, 9)
+    eng.update_k(8, 3, 0.5)  # a key row beyond the query rows
+    with pytest.raises(IndexError, match="i=5"):
+        eng.query(5, 0)
+    np.testing.assert_allclose(eng.output(), dense_attention(Q, eng.K, eng.V), rtol=1e-12)
+    assert eng.flush().flops > 0
+    with pytest.raises(ValueError, match="K has shape"):
+        LazyAttention(Q, rng.random((9, 3)), rng.random((9, 3)))
+    with pytest.raises(ValueError, match="V has shape"):
+        LazyAttention(Q, K, rng.random((8, 4)))
