@@ -124,15 +124,15 @@ def _plot_cost_vs_k(res, hv, static):
                 for rate in sorted({r["rate"] for r in cell}, reverse=True):
                     layers += _cost_vs_k_layers(hv, [r for r in cell if r["rate"] == rate], rate)
                 panels.append(
-                    hv.Overlay(layers).opts(
+                    _log_log(
+                        hv,
+                        layers,
+                        static,
                         title=f"n={n:,} {dtype} {STREAM_LABELS[stream]}",
-                        logx=True,
-                        logy=True,
                         width=330,
                         height=250,
                         show_legend=stream == STREAMS[0],
                         legend_position="bottom_left",
-                        toolbar=None if static else "right",
                         fontsize={"title": 9},
                     )
                 )
@@ -140,6 +140,13 @@ def _plot_cost_vs_k(res, hv, static):
         hv.Layout(panels)
         .cols(3)
         .opts(title="Cost per update vs flush threshold k (k=1: eager); dashed: cost-model policy")
+    )
+
+
+def _log_log(hv, layers, static: bool, **opts):
+    """``layers`` overlaid on log-log axes, with a toolbar unless ``static`` (for a PNG)."""
+    return hv.Overlay(layers).opts(
+        logx=True, logy=True, toolbar=None if static else "right", **opts
     )
 
 
@@ -189,14 +196,14 @@ def _plot_queries(res, hv, static):
                 )
             )
         panels.append(
-            hv.Overlay(layers).opts(
+            _log_log(
+                hv,
+                layers,
+                static,
                 title=f"Exact query latency, n={sel[0]['n']:,} {dtype} (dotted: on-demand single)",
-                logx=True,
-                logy=True,
                 width=520,
                 height=340,
                 legend_position="top_left",
-                toolbar=None if static else "right",
             )
         )
     return hv.Layout(panels).cols(2)

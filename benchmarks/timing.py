@@ -28,6 +28,7 @@ __all__ = [
     "fresh",
     "gc_paused",
     "interleaved",
+    "seconds_each",
     "warm_up",
 ]
 
@@ -246,6 +247,18 @@ def fresh(base: LazyAttention, policy) -> LazyAttention:
     engine.query_log.clear()
     engine.policy = policy
     return engine
+
+
+def seconds_each(calls) -> list[float]:
+    """Seconds of each call of ``calls``, pairs ``(func, args)`` run in turn as ``func(*args)``
+    (the arguments are made beforehand, outside the clock)."""
+    perf = time.perf_counter
+    out = []
+    for func, args in calls:
+        t0 = perf()
+        func(*args)
+        out.append(perf() - t0)
+    return out
 
 
 def best_of(func, reps: int = 3) -> float:

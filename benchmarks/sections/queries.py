@@ -8,7 +8,6 @@ rounds' medians. Called per (n, dtype) context by :mod:`benchmarks.sections.engi
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
 
@@ -17,7 +16,7 @@ from dynattn import OnDemand
 from ..plans import TARGET_QUERY_N, TARGET_QUERY_PENDING, Plan
 from ..section import target, verdict
 from ..text import table, us
-from ..timing import Never, fresh, gc_paused
+from ..timing import Never, fresh, gc_paused, seconds_each
 
 __all__ = ["baseline_queries", "query_latency", "render", "targets"]
 
@@ -75,21 +74,12 @@ def _query_round(engine, rng, n: int, plan: Plan) -> dict[str, list[float]]:
     """Seconds of ``plan.query_reps`` single entries and whole rows at random positions and
     of 7 batches of 1,000 entries, with the pending set unchanged."""
     pos = rng.integers(0, [n, plan.d], size=(plan.query_reps, 2)).tolist()
-    out: dict[str, list[float]] = {"single": [], "row": [], "batch": []}
-    for i, j in pos:
-        t0 = time.perf_counter()
-        engine.query(i, j)
-        out["single"].append(time.perf_counter() - t0)
-    for i, _ in pos:
-        t0 = time.perf_counter()
-        engine.query_row(i)
-        out["row"].append(time.perf_counter() - t0)
-    for _ in range(7):
-        r, c = rng.integers(0, n, 1000), rng.integers(0, plan.d, 1000)
-        t0 = time.perf_counter()
-        engine.query_many(r, c)
-        out["batch"].append(time.perf_counter() - t0)
-    return out
+    batches = [(rng.integers(0, n, 1000), rng.integers(0, plan.d, 1000)) for _ in range(7)]
+    return {
+        "single": seconds_each((engine.query, (i, j)) for i, j in pos),
+        "row": seconds_each((engine.query_row, (i,)) for i, _ in pos),
+        "batch": seconds_each((engine.query_many, rc) for rc in batches),
+    }
 
 
 @gc_paused()
@@ -101,17 +91,10 @@ def baseline_queries(n: int, d: int, dtype: str, ctx: dict) -> dict:
     if ctx.get("dense") is not None:
         strategies["eager Ã"] = ctx["dense"]
     for label, strategy in strategies.items():
-        single = []
-        for i, j in rng.integers(0, [n, d], size=(51, 2)).tolist():
-            t0 = time.perf_counter()
-            strategy.query(i, j)
-            single.append(time.perf_counter() - t0)
-        batch = []
-        for _ in range(3):
-            r, c = rng.integers(0, n, 1000), rng.integers(0, d, 1000)
-            t0 = time.perf_counter()
-            strategy.query_many(r, c)
-            batch.append(time.perf_counter() - t0)
+        pos = rng.integers(0, [n, d], size=(51, 2)).tolist()
+        single = seconds_each((strategy.query, (i, j)) for i, j in pos)
+        batches = [(rng.integers(0, n, 1000), rng.integers(0, d, 1000)) for _ in range(3)]
+        batch = seconds_each((strategy.query_many, rc) for rc in batches)
         out[label] = {
             "single_s": statistics.median(single),
             "batch1000_s": statistics.median(batch),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 
 import numpy as np
 
@@ -30,7 +29,7 @@ from ..plans import (
 )
 from ..section import target, verdict
 from ..text import table, us
-from ..timing import Actions, composed, fresh, interleaved
+from ..timing import Actions, composed, fresh, interleaved, seconds_each
 
 __all__ = [
     "cell_lookup",
@@ -173,18 +172,13 @@ def measure_recompute(plan: Plan, dtype: str, log) -> dict:
         Q, K, V = make_qkv("gaussian", n, plan.d, seed=0, dtype=dtype)
         rc = Recompute(Q, K, V)
         rng = np.random.default_rng(n)
-        times = []
+        updates = []
         for t in range(plan.recompute_updates):
             i, j = int(rng.integers(n)), int(rng.integers(plan.d))
-            t0 = time.perf_counter()
-            (rc.update_k if t % 2 == 0 else rc.update_v)(i, j, 0.1)
-            times.append(time.perf_counter() - t0)
-        q = []
-        for _ in range(51):
-            i, j = int(rng.integers(n)), int(rng.integers(plan.d))
-            t0 = time.perf_counter()
-            rc.query(i, j)
-            q.append(time.perf_counter() - t0)
+            updates.append(((rc.update_k, rc.update_v)[t % 2], (i, j, 0.1)))
+        times = seconds_each(updates)
+        positions = [(int(rng.integers(n)), int(rng.integers(plan.d))) for _ in range(51)]
+        q = seconds_each((rc.query, ij) for ij in positions)
         out[n] = {
             "per_update": statistics.median(times),
             "per_query": statistics.median(q),
