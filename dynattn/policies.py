@@ -361,8 +361,8 @@ class ErrorBudget:
         pending = engine.pending
         if pending == 0:
             return math.inf
-        if self._rows is None or self._rows.max(initial=0) >= engine.n:
-            self._draw(engine.n)
+        if self._rows is None or self._rows.max(initial=0) >= engine.m:
+            self._draw(engine.m)
         diff, total = engine.rows_error(self._rows)
         if total == 0.0:
             self.estimate = 0.0 if diff == 0.0 else math.inf

@@ -27,7 +27,8 @@ import time
 import numpy as np
 
 from . import _validate as V_
-from .engine import _BLOCK_ELEMENTS, _GROWTH  # the engine's guard bound g and block size
+from .engine.kernels import BLOCK_ELEMENTS as _BLOCK_ELEMENTS
+from .engine.kernels import GROWTH as _GROWTH
 from .reference import dense_attention, entry_from_scratch
 
 __all__ = ["EagerDense", "OnDemand", "Recompute", "dense_recompute_seconds", "eager_dense_nbytes"]
