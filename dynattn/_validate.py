@@ -209,7 +209,7 @@ def as_indices(name: str, value, bound: int, *, allow_empty: bool = False) -> np
 
 
 def as_triples(
-    updates, n: int, d: int, dtype: np.dtype
+    updates, n: int, d: int, dtype: np.dtype, *, allow_empty: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Checked columns ``(rows, cols, deltas)`` of a sequence of ``(i, j, delta)`` with
     ``0 <= i < n`` and ``0 <= j < d`` (int64, int64, ``dtype``), for ``update_*_many(updates)``.
@@ -217,13 +217,16 @@ def as_triples(
     Checked as a whole, vectorised, and item by item only to name the first bad item, as
     ``updates[k][0] (i)``, ``updates[k][1] (j)`` or ``updates[k][2] (delta)``; bools are
     refused in every position, as :func:`check_index` and :func:`check_scalar` refuse them.
-    An empty sequence is a ValueError. Cost O(len(updates)).
+    An empty sequence is a ValueError unless ``allow_empty`` (then three empty arrays).
+    Cost O(len(updates)).
     """
     try:
         items = list(updates)
     except TypeError:
         raise TypeError(f"updates={_short(updates)} must be a sequence of (i, j, delta)") from None
     if not items:
+        if allow_empty:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, dtype)
         raise ValueError("updates is empty; pass at least one (i, j, delta)")
     try:
         columns = list(zip(*items, strict=True))
