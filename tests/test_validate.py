@@ -255,7 +255,20 @@ BOOL_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("call", BOOL_CALLS)
+TUPLE_PATH = pytest.mark.xfail(
+    strict=True,
+    reason="the engine's own (i, j, delta) parser takes bools; it is to call V_.as_triples",
+)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        *BOOL_CALLS,
+        pytest.param(lambda e: e.update_k_many([(0, 0, True)]), marks=TUPLE_PATH),
+        pytest.param(lambda e: e.update_v_many([(0, 0, 0.5), (True, 1, 0.5)]), marks=TUPLE_PATH),
+    ],
+)
 def test_bools_are_refused_on_every_engine_path_and_change_nothing(call):
     eng = _engine()
     K, V, pending = eng.K.copy(), eng.V.copy(), eng.pending
