@@ -117,7 +117,10 @@ def check_scalar(name: str, value, dtype: np.dtype) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}={_short(value)} must be a real number")
     try:
-        with np.errstate(over="ignore", invalid="ignore"):  # a long double past the range
+        if isinstance(value, np.longdouble):  # past the float64 range it warns; errstate ~1 µs
+            with np.errstate(over="ignore"):
+                x = float(value)
+        else:
             x = float(value)
     except OverflowError:  # an int or Fraction beyond the float range
         x = math.inf
@@ -280,8 +283,8 @@ def _try_array(items) -> np.ndarray:
 
 
 def _has_bool(items) -> bool:
-    """Whether a flat sequence holds a bool, O(len(items))."""
-    return any(type(v) in _BOOLS for v in items)
+    """Whether a flat sequence holds a bool, O(len(items)) in C."""
+    return not _BOOLS.isdisjoint(map(type, items))
 
 
 def as_selection(name: str, value, bound: int) -> np.ndarray:
@@ -296,6 +299,9 @@ def as_selection(name: str, value, bound: int) -> np.ndarray:
 def as_vector(name: str, value, length: int, dtype: np.dtype) -> np.ndarray:
     """A finite 1-D array of ``length`` reals in ``dtype`` (``value`` itself when it is one
     already: callers copy it where they keep it)."""
+    if type(value) is np.ndarray and value.dtype == dtype and value.shape == (length,):
+        check_finite(name, value)  # the common case: nothing to convert or cast
+        return value
     arr = _real_array(name, value, dtype)
     if arr.ndim == 0:
         arr = arr.reshape(1)
@@ -361,8 +367,8 @@ def _refuse_bool_items(name: str, value, expected: str) -> None:
     """A TypeError naming the first bool among the items of a (nested) list or tuple, which
     numpy would silently turn into 0 or 1 beside numbers. O(items), for lists only: a numpy
     array says what it holds in its dtype."""
-    if not isinstance(value, (list, tuple)):
-        return
+    if not isinstance(value, (list, tuple)) or _SUSPECTS.isdisjoint(map(type, value)):
+        return  # the common case, a flat list of numbers, in C: 0.1 µs for 16 items
     for k, item in enumerate(value):
         if type(item) in _BOOLS:
             raise TypeError(f"{name}[{k}]={item!r} is a bool; expected {expected}")
@@ -372,7 +378,8 @@ def _refuse_bool_items(name: str, value, expected: str) -> None:
             _refuse_bool_items(f"{name}[{k}]", item, expected)
 
 
-_BOOLS = (bool, np.bool_)
+_BOOLS = frozenset((bool, np.bool_))
+_SUSPECTS = _BOOLS | {list, tuple, np.ndarray}  # a bool, or items that may hold one
 
 
 def _short(value) -> str:
