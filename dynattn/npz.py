@@ -241,7 +241,13 @@ def _read_npy(where: str, stream, budget: int) -> np.ndarray:
     version = tuple(stream.read(2))
     if version not in _HEADER_READERS:
         raise WorkloadError(f"{where}: .npy format version {version} is not supported")
-    shape, fortran, dt = _HEADER_READERS[version](stream)
+    try:
+        shape, fortran, dt = _HEADER_READERS[version](stream)
+    except (zipfile.BadZipFile, zlib.error, EOFError):
+        raise  # the zip around it is damaged: reported as such by the caller
+    except Exception as exc:  # numpy parses the header text with tokenize and literal_eval,
+        # which raise TokenError, SyntaxError, ValueError, RecursionError... on hostile text
+        raise WorkloadError(f"{where} has an unreadable .npy header ({_describe(exc)})") from None
     if dt.hasobject:
         raise WorkloadError(f"{where} holds Python objects, which need pickle; refused")
     if dt.kind not in "iuf" or dt.itemsize == 0:

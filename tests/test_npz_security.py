@@ -214,8 +214,10 @@ def test_zip_with_other_data_in_front():
         (npy(np.zeros((2, 2), dtype=[("a", "<f8")])), "dtype"),
         (npy(np.zeros((2, 2), dtype="(2,)f8")), "must be 2-D|dtype"),
         (npy_header((2, 2), "<U3") + bytes(48), "dtype <U3"),
-        (npy_header("(2, -3)") + bytes(16), "cannot be read|must have n >= 1"),
-        (npy_header("{'nested': 1}"), "cannot be read"),
+        (npy_header("(2, -3)") + bytes(16), "unreadable .npy header|must have n >= 1"),
+        (npy_header("{'nested': 1}"), "unreadable .npy header"),
+        (b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f4'\n", "unreadable .npy header"),  # TokenError
+        (b"\x93NUMPY\x01\x00\x10\x00" + b"(" * 14 + b"\n", "unreadable .npy header"),
         (b"\x93NUMPY\x03\x00" + bytes(12), "version"),
     ],
 )
