@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import stat
 import sys
 import tempfile
@@ -173,8 +174,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     Prints a summary to stdout; a progress bar goes to stderr only when it is a terminal. A
     bad ``--file`` or a timeline too large for memory is reported on stderr with exit status
     2, like an argparse error, before anything is allocated. Ctrl-C stops the run without a
-    traceback: the summary and the CSV of the ticks done so far are still written, and the
-    exit status is 130. The CSV is written to a temporary file beside it and renamed, so an
+    traceback once the current tick is done (a second Ctrl-C at once): the summary and the
+    CSV of the ticks done so far are still written, and the exit status is 130. The CSV is written to a temporary file beside it and renamed, so an
     existing file is replaced whole or left as it was.
     """
     history = args.history or args.ticks
@@ -196,9 +197,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(f"{PROG}: interrupted before the first tick; nothing written", file=sys.stderr)
         return INTERRUPTED
     status = 0
-    try:
-        sim.run(args.ticks, progress=sys.stderr.isatty())
-    except KeyboardInterrupt:
+    if not _run_until_interrupted(sim, args.ticks):
         status = INTERRUPTED
         print(f"{PROG}: interrupted after {sim.tick} of {args.ticks} ticks", file=sys.stderr)
     csv_path = args.csv
@@ -212,6 +211,49 @@ def run_simulate(args: argparse.Namespace) -> int:
             csv_path = None
     print(summary(sim, csv_path=csv_path))
     return status
+
+
+def _run_until_interrupted(sim: Simulation, ticks: int) -> bool:
+    """Run ``ticks`` ticks (a progress bar on stderr when it is a terminal); False if Ctrl-C
+    stopped the run. The first Ctrl-C lets the current tick finish, so that the summary and
+    the CSV hold whole ticks only; a second one interrupts at once."""
+    stop = _StopAfterTick()
+    try:
+        previous = signal.signal(signal.SIGINT, stop)
+    except ValueError:  # not the main thread: Ctrl-C interrupts at once
+        previous = None
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=ticks, desc="simulate", unit="tick")
+    try:
+        for _ in range(ticks):
+            sim.step()
+            if bar is not None:
+                bar.update()
+            if stop.requested:
+                break
+    except KeyboardInterrupt:
+        stop.requested = True
+    finally:
+        if bar is not None:
+            bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return not stop.requested
+
+
+class _StopAfterTick:
+    """A SIGINT handler: the first signal is noted, a second raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 def _history_problem(args: argparse.Namespace, history: int) -> str | None:

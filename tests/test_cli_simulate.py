@@ -196,6 +196,27 @@ def test_ctrl_c_prints_the_summary_writes_the_partial_csv_and_exits_130(
     np.testing.assert_array_equal(Timeline.read_csv(out)["tick"], np.arange(7))
 
 
+@pytest.mark.parametrize(("signals", "ticks"), [(1, 5), (2, 4)])
+def test_one_sigint_finishes_the_tick_two_stop_at_once(
+    tmp_path, monkeypatch, capsys, signals, ticks
+):
+    # the signal arrives in the middle of tick 4 (before its step runs)
+    step = Simulation.step
+
+    def signalled(sim):
+        if sim.tick == 4:
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+        return step(sim)
+
+    out = tmp_path / "out.csv"
+    monkeypatch.setattr(Simulation, "step", signalled)
+    assert run_in_process("--ticks", "1000", "--csv", str(out)) == 130
+    assert f"interrupted after {ticks} of 1000 ticks" in capsys.readouterr().err
+    np.testing.assert_array_equal(Timeline.read_csv(out)["tick"], np.arange(ticks))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
 def test_ctrl_c_before_the_first_tick_exits_130_without_writing(tmp_path, monkeypatch, capsys):
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
