@@ -107,6 +107,8 @@ def _output_path(text: str) -> str:
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: it is a folder")
     if os.path.exists(text) and not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: it is not a regular file")
+    if os.path.isfile(text) and not os.access(text, os.W_OK):  # renaming over it would work
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: the file is read-only")
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".dynattn-probe-"):
             pass
@@ -175,8 +177,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     bad ``--file`` or a timeline too large for memory is reported on stderr with exit status
     2, like an argparse error, before anything is allocated. Ctrl-C stops the run without a
     traceback once the current tick is done (a second Ctrl-C at once): the summary and the
-    CSV of the ticks done so far are still written, and the exit status is 130. The CSV is written to a temporary file beside it and renamed, so an
-    existing file is replaced whole or left as it was.
+    CSV of the ticks done so far are still written, and the exit status is 130. The CSV is
+    written to a temporary file beside it and renamed, so an existing file is replaced whole
+    or left as it was.
     """
     history = args.history or args.ticks
     problem = _history_problem(args, history)

@@ -157,6 +157,21 @@ def test_an_unwritable_csv_destination_is_refused_before_running(tmp_path, targe
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_read_only_csv_is_not_replaced(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "kept.csv"
+    out.write_text("precious\n")
+    out.chmod(0o444)
+    real_access = os.access  # root may write anything: ask as an ordinary user would be told
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if str(p) == str(out) else real_access(p, mode)
+    )
+    with pytest.raises(SystemExit) as exit_:
+        run_in_process("--ticks", "2", "--csv", str(out))
+    assert exit_.value.code == 2
+    assert "the file is read-only" in capsys.readouterr().err
+    assert out.read_text() == "precious\n"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
