@@ -256,6 +256,10 @@ def _damaged(data: bytes, edits) -> bytes:
             out[min(at, len(out) - 1)] ^= value or 1
         elif kind == "cut":
             del out[at:]
+        elif kind == "field":  # a size, offset or count field set to an extreme
+            out[at : at + 4] = (b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\xff\xff\xff\x7f")[
+                value % 3
+            ]
         else:
             out[at:at] = bytes([value])
     return bytes(out)
@@ -271,7 +275,9 @@ VALID = {
     st.sampled_from([STORED, DEFLATED]),
     st.lists(
         st.tuples(
-            st.sampled_from(["flip", "cut", "insert"]), st.integers(0, 2**16), st.integers(0, 255)
+            st.sampled_from(["flip", "cut", "insert", "field"]),
+            st.integers(0, 2**16),
+            st.integers(0, 255),
         ),
         min_size=1,
         max_size=4,
