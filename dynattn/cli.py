@@ -158,7 +158,8 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
         "--history",
         type=_positive_int,
         default=None,
-        help="ticks kept in the timeline (default: all ticks)",
+        help="ticks kept in the timeline (default: all ticks; at most "
+        f"{MAX_HISTORY_BYTES // _BYTES_PER_TICK:,}, {_BYTES_PER_TICK} bytes each)",
     )
     parser.add_argument(
         "--csv",
