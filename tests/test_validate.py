@@ -242,6 +242,12 @@ def _engine():
     return eng
 
 
+TUPLE_PATH = pytest.mark.xfail(
+    strict=True,
+    reason="the engine's own (i, j, delta) parser takes bools; it is to call V_.as_triples",
+)
+
+
 BOOL_CALLS = [
     lambda e: e.update_k(0, 0, True),
     lambda e: e.update_v_many([0], [0], [True]),
@@ -253,12 +259,6 @@ BOOL_CALLS = [
     lambda e: e.set_k_rows([0], [[1.0, 0.0, False]]),
     lambda e: e.set_v_rows([0], np.ones((1, 3), dtype=bool)),
 ]
-
-
-TUPLE_PATH = pytest.mark.xfail(
-    strict=True,
-    reason="the engine's own (i, j, delta) parser takes bools; it is to call V_.as_triples",
-)
 
 
 @pytest.mark.parametrize(
@@ -287,6 +287,12 @@ def test_bools_are_refused_on_every_engine_path_and_change_nothing(call):
         (lambda e: e.update_k_many([[0, 1], [2]], [0, 0], [1.0, 1.0]), ValueError, "rows"),
         (lambda e: e.update_k_many(np.array([U64_MAX]), [0], [1.0]), IndexError, "18446744"),
         (lambda e: e.set_k_rows([0, 1], [[1.0, 2.0, 3.0], [1.0]]), ValueError, r"values\[1\]"),
+        pytest.param(
+            lambda e: e.update_k_many([(0, [1, 2], 0.5), (1, [0], 0.5)]),
+            TypeError,
+            r"updates\[0\]\[1\] \(j\)=\[1, 2\]",
+            marks=TUPLE_PATH,
+        ),
     ],
 )
 def test_engine_errors_name_the_argument_and_change_nothing(call, exc, match):
