@@ -27,7 +27,8 @@ __all__ = ["MAX_NPZ_BYTES", "MAX_MEMBERS", "UPLOADED", "WorkloadError", "load_np
 #: Default cap on the size of a loaded ``.npz`` file, and on its decompressed arrays.
 MAX_NPZ_BYTES = 256 * 2**20
 #: Most members an archive may list: zipfile builds an object per member (~0.5 kB) before
-#: anything can be checked, so a file of empty members would otherwise cost 10x its size.
+#: anything can be checked, so a file of empty members would cost 5x its size (measured:
+#: 25 MB for 50,000 members in 4.7 MB) before its first check.
 MAX_MEMBERS = 1024
 #: Name used in messages for data that did not come from a named file.
 UPLOADED = "<uploaded file>"
