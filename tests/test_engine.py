@@ -911,7 +911,7 @@ def test_an_update_that_would_overflow_changes_nothing(call, dtype):
         ((np.ones((3, 2)),) * 3, {"dtype": "int64"}, TypeError, "dtype=int64"),
         ((np.ones((3, 2)),) * 3, {"scale": float("nan")}, ValueError, "scale=nan"),
         ((np.ones((3, 2)),) * 3, {"scale": 0}, ValueError, "scale=0"),
-        ((np.ones((3, 2)),) * 3, {"policy": 0}, ValueError, "k=0"),
+        ((np.ones((3, 2)),) * 3, {"policy": 0}, ValueError, "policy=0"),
         (
             (np.ones((3, 2)), np.full((3, 2), 1e300), np.ones((3, 2))),
             {"dtype": np.float32},

@@ -15,7 +15,8 @@ The package, one concern a module (``docs/design.md`` maps them):
 
 ========================  ===============================================================
 :mod:`.attention`         :class:`LazyAttention`: state, composition, flush and rebuild
-:mod:`.updates`           the update verbs (all or nothing)
+:mod:`.updates`           the update verbs of K and V (all or nothing)
+:mod:`.tokens`            query rows replaced; token rows inserted and deleted
 :mod:`.queries`           the query verbs and error reports
 :mod:`.pending`           update log, touched rows, snapshot of K and V
 :mod:`.pack`              touched rows packed for one correction product

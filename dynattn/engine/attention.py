@@ -4,8 +4,9 @@ It owns Q, K, V and the caches (per query row a stabiliser and a cache row, see
 :mod:`~dynattn.engine.kernels`) and composes the parts: the pending updates and snapshot
 (:mod:`~dynattn.engine.pending`), the correction pack (:mod:`~dynattn.engine.pack`), the
 query planner (:mod:`~dynattn.engine.planner`) and the flush schedule
-(:mod:`~dynattn.engine.schedule`); its update and query verbs live in
-:mod:`~dynattn.engine.updates` and :mod:`~dynattn.engine.queries`.
+(:mod:`~dynattn.engine.schedule`); its verbs live in :mod:`~dynattn.engine.updates` (K and V),
+:mod:`~dynattn.engine.tokens` (query rows, token rows inserted and deleted) and
+:mod:`~dynattn.engine.queries`.
 
 Invariants: K and V are always current; the caches describe the snapshot (K and V as of the
 last flush), and every exact answer is the cache row plus a correction for the touched rows.
@@ -28,10 +29,11 @@ from .planner import QueryPlanner
 from .queries import QueryVerbs
 from .reports import FlushEvent, QueryRecord
 from .schedule import FlushSchedule
+from .tokens import TokenVerbs
 from .updates import UpdateVerbs
 
 
-class LazyAttention(UpdateVerbs, QueryVerbs):
+class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
     """Attention output kept exact under updates to K and V, with deferred (lazy) cache work.
 
     Parameters

@@ -20,6 +20,9 @@ from ..reference import entry_from_scratch
 from .kernels import correct_row
 from .reports import ErrorReport, FrobeniusNorm, QueryRecord
 
+# QueryRecord(...) goes through a Python __new__: 0.23 µs of a 6 µs query; this is 0.09
+_record = tuple.__new__
+
 
 class QueryVerbs:
     """Exact and stale queries of :class:`~dynattn.engine.LazyAttention`, kept apart from its
@@ -124,7 +127,7 @@ class QueryVerbs:
         value = entry_from_scratch(self._Q[i], self._K, self._V[:, j], self._scale)
         self._n_queries += 1
         seconds = time.perf_counter() - t0
-        self.query_log.append(QueryRecord(len(self._queue.rows), 1, seconds))
+        self.query_log.append(_record(QueryRecord, (len(self._queue.rows), 1, seconds)))
         self._planner.note_fresh(seconds)
         return value
 
@@ -149,7 +152,7 @@ class QueryVerbs:
             if row is None:  # its correction would have lost precision
                 row = self._exact(np.array([i]))[1][0]
         self._n_queries += 1
-        self.query_log.append(QueryRecord(S, 1, time.perf_counter() - t0))
+        self.query_log.append(_record(QueryRecord, (S, 1, time.perf_counter() - t0)))
         return row
 
     def _rows_out(self, idx: np.ndarray, stale: bool, count: int) -> np.ndarray:

@@ -40,7 +40,7 @@ def _entry_update(which: str):
         log = self._log
         log.append(i if on_k else n + i)
         if len(log) >= self._ask_at:
-            return self._consult(lambda: (target.__setitem__((i, j), before), log.pop()))
+            return self._consult_or_restore(target, (i, j), before)
         return None
 
     return _method(
@@ -66,7 +66,7 @@ def _row_update(which: str):
         target[i] = new
         log.append(i if on_k else n + i)
         if old is not None:
-            return self._consult(lambda: (target.__setitem__(i, old), log.pop()))
+            return self._consult_or_restore(target, i, old)
         return None
 
     return _method(
@@ -91,6 +91,13 @@ class UpdateVerbs:
     update_v = _entry_update("V")
     set_k_row = _row_update("K")
     set_v_row = _row_update("V")
+
+    def _consult_or_restore(self, target: np.ndarray, where, old) -> FlushEvent | None:
+        """Ask the policy after a single update; if that fails, ``target[where] = old`` and
+        the update's log entry goes. (Apart from the update itself: a closure there would make
+        its locals cells, 10 % of a 0.7 µs update.)"""
+        log = self._log
+        return self._consult(lambda: (target.__setitem__(where, old), log.pop()))
 
     def update_k_many(self, rows, cols=None, deltas=None) -> FlushEvent | None:
         """Add ``deltas`` to ``K[rows, cols]`` (repeats accumulate); all or nothing.
