@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynattn import LazyAttention
@@ -28,12 +28,6 @@ from dynattn.models import (
 )
 from dynattn.models import files as model_files
 from dynattn.reference import dense_attention, dense_weights
-
-ROW_OPS = ("set_q_rows", "insert_rows", "delete_rows")
-needs_row_ops = pytest.mark.skipif(
-    not all(hasattr(LazyAttention, m) for m in ROW_OPS),
-    reason="the engine on this branch lacks set_q_rows/insert_rows/delete_rows",
-)
 
 SENTENCES = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
 # printed in the sentence-transformers README (model.similarity of the three sentences)
@@ -345,7 +339,6 @@ def test_row_updates_turn_before_into_after(model, edit):
             np.testing.assert_allclose(got, want, rtol=d.noise, atol=1e-6)
 
 
-@needs_row_ops
 @pytest.mark.parametrize(
     "edit",
     [Edit("replace", 3, "cat"), Edit("replace", 3, "hippopotamus"), Edit("insert", 2, "very")]
@@ -368,7 +361,7 @@ edits = st.tuples(
 )
 
 
-@needs_row_ops
+@settings(max_examples=20)  # each example runs up to 6 forward passes
 @given(st.lists(edits, min_size=1, max_size=5), st.integers(0, 5), st.integers(0, 11))
 def test_stream_of_edits_keeps_engine_exact(model, stream, layer, head):
     ta = TextAttention(model, TEXT, layer, head, policy=4)
@@ -411,7 +404,6 @@ def test_text_attention_bad_input_changes_nothing(model):
     assert ta.footprint is None
 
 
-@needs_row_ops
 def test_text_attention_edit_sets_footprint(model):
     ta = TextAttention(model, TEXT, 0, 0)
     fp = ta.apply_edit(Edit("replace", 3, "cat"))
