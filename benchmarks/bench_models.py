@@ -31,19 +31,16 @@ def text_of(tokens: int) -> str:
     return " ".join(WORDS[i % len(WORDS)] for i in range(tokens - 2))
 
 
-def timed(fn, repeats: int, setup=None) -> tuple[list[float], float]:
-    """Wall seconds of ``fn()`` over ``repeats`` runs (``setup()`` untimed before each), and
-    the fewest CPU seconds (all threads) one run used: on a loaded machine the wall time
-    includes waiting for a core, the CPU time does not."""
-    wall, cpu = [], []
+def timed(fn, repeats: int, setup=None) -> list[float]:
+    """Seconds of ``fn()`` over ``repeats`` runs, ``setup()`` untimed before each."""
+    out = []
     for _ in range(repeats):
         if setup is not None:
             setup()
-        c0, t0 = time.process_time(), time.perf_counter()
+        t0 = time.perf_counter()
         fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return wall, min(cpu)
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 def measure(repeats: int = 7) -> dict:
@@ -52,7 +49,7 @@ def measure(repeats: int = 7) -> dict:
     Returns
     -------
     dict
-        ``{name: {"tokens", "best_s", "median_s", "cpu_s", "target_s"}}`` plus ``"load"``: the load
+        ``{name: {"tokens", "best_s", "median_s", "target_s"}}`` plus ``"load"``, the load
         averages at start and end.
     """
     load0 = os.getloadavg()[0]
@@ -98,26 +95,20 @@ def _replay(engine, updates) -> None:
     engine.output()
 
 
-def _row(tokens: int, timing: tuple[list[float], float], target: float | None = None) -> dict:
-    wall, cpu = timing
+def _row(tokens: int, times: list[float], target: float | None = None) -> dict:
     return {
         "tokens": tokens,
-        "best_s": min(wall),
-        "median_s": statistics.median(wall),
-        "cpu_s": cpu,
+        "best_s": min(times),
+        "median_s": statistics.median(times),
         "target_s": target,
     }
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f} ms" if seconds < 0.01 else f"{seconds * 1e3:.0f} ms"
 
 
 def table(results: dict) -> str:
     """The results as a markdown table, each target PASS or MISS on the best time."""
     lines = [
-        "| measurement | tokens | best | median | CPU (all threads) | target | status |",
-        "|---|---|---|---|---|---|---|",
+        "| measurement | tokens | best | median | target | status |",
+        "|---|---|---|---|---|---|",
     ]
     names = {
         "forward_128": "forward pass, float32",
@@ -134,8 +125,8 @@ def table(results: dict) -> str:
         target = r["target_s"]
         status = "" if target is None else ("**PASS**" if r["best_s"] <= target else "**MISS**")
         lines.append(
-            f"| {label} | {r['tokens']} | {_ms(r['best_s'])} | {_ms(r['median_s'])} | "
-            f"{_ms(r['cpu_s'])} | "
+            f"| {label} | {r['tokens']} | {r['best_s'] * 1e3:.0f} ms | "
+            f"{r['median_s'] * 1e3:.0f} ms | "
             f"{'' if target is None else f'≤ {target * 1e3:.0f} ms'} | {status} |"
         )
     load = results["load"]
