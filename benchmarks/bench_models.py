@@ -104,6 +104,10 @@ def _row(tokens: int, times: list[float], target: float | None = None) -> dict:
     }
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 0.01 else f"{seconds * 1e3:.0f} ms"
+
+
 def table(results: dict) -> str:
     """The results as a markdown table, each target PASS or MISS on the best time."""
     lines = [
@@ -125,8 +129,7 @@ def table(results: dict) -> str:
         target = r["target_s"]
         status = "" if target is None else ("**PASS**" if r["best_s"] <= target else "**MISS**")
         lines.append(
-            f"| {label} | {r['tokens']} | {r['best_s'] * 1e3:.0f} ms | "
-            f"{r['median_s'] * 1e3:.0f} ms | "
+            f"| {label} | {r['tokens']} | {_ms(r['best_s'])} | {_ms(r['median_s'])} | "
             f"{'' if target is None else f'≤ {target * 1e3:.0f} ms'} | {status} |"
         )
     load = results["load"]
