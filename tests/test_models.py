@@ -179,6 +179,8 @@ def test_long_text(model):
 def test_head_out_of_range(model, layer, head):
     with pytest.raises(ValueError, match="layer=|head="):
         model.attention_inputs("hi", layer, head)
+    with pytest.raises(ValueError, match="layer=|head="):
+        diff_of(model, Edit("replace", 0, "ho"), text="hi").head_updates(layer, head)
 
 
 def test_attention_rows_sum_to_one_and_match_float64(model):
@@ -289,8 +291,8 @@ def test_apply_to_leaves_an_engine_without_the_methods_untouched():
     q = [rng.standard_normal((1, 4, 64)).astype(np.float32) for _ in range(6)]
     from dynattn.models import Forward
 
-    before = Forward(ids_before, q[0], q[1], q[2], q[0], None, 0.25)
-    after = Forward(ids_after, q[3], q[4], q[5], q[3], None, 0.25)
+    before = Forward(ids_before, q[0], q[1], q[2], q[0], None, 0.125, 1)
+    after = Forward(ids_after, q[3], q[4], q[5], q[3], None, 0.125, 1)
     eng = KOnly()
     with pytest.raises(AttributeError):
         EditDiff(before, after).head_updates(0, 0).apply_to(eng)

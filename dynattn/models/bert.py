@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import erf
 
-__all__ = ["BertConfig", "BertWeights", "Forward", "forward"]
+__all__ = ["BertConfig", "BertWeights", "Forward", "check_head", "forward"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,8 @@ class Forward:
         The last layer's output (None when the pass stopped early).
     scale : float
         ``1/sqrt(head_dim)``.
+    heads : int
+        Heads per layer.
     """
 
     ids: np.ndarray
@@ -128,6 +130,19 @@ class Forward:
     context: np.ndarray
     hidden: np.ndarray | None
     scale: float
+    heads: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[2] // self.heads
+
+
+def check_head(layer, head, layers: int, heads: int) -> tuple[int, int]:
+    """``(layer, head)`` as ints, or a ValueError naming the argument out of range."""
+    for name, value, count in (("layer", layer, layers), ("head", head, heads)):
+        if not isinstance(value, (int, np.integer)) or not 0 <= value < count:
+            raise ValueError(f"{name}={value!r} is out of range; expected 0..{count - 1}")
+    return int(layer), int(head)
 
 
 def _layer_norm(x: np.ndarray, wb: tuple[np.ndarray, np.ndarray], eps: float) -> np.ndarray:
@@ -206,4 +221,4 @@ def forward(weights: BertWeights, ids: np.ndarray, upto: int | None = None) -> F
         f += x
         x = _layer_norm(f, layer.ln2, cfg.eps)
     q, k, v = (qkv_all[:, j] for j in range(3))
-    return Forward(ids, q, k, v, context, None if upto is not None else x, scale)
+    return Forward(ids, q, k, v, context, None if upto is not None else x, scale, cfg.heads)

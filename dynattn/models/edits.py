@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .bert import Forward
+from .bert import Forward, check_head
 
 __all__ = ["Alignment", "Edit", "EditDiff", "Footprint", "RowUpdates"]
 
@@ -219,6 +219,7 @@ class EditDiff:
 
     def __init__(self, before: Forward, after: Forward, rtol: float = 1e-2) -> None:
         if before.q.shape[0] != after.q.shape[0] or before.q.dtype != after.q.dtype:
+            # a pass stopped early (upto) or in another dtype cannot be compared row for row
             raise ValueError("before and after must be passes over the same layers, same dtype")
         if not rtol >= 0:
             raise ValueError(f"rtol={rtol!r} must be ≥ 0")
@@ -256,12 +257,20 @@ class EditDiff:
             self.noise,
         )
 
-    def head_updates(self, layer: int, head: int, head_dim: int = 32) -> RowUpdates:
+    def head_updates(self, layer: int, head: int) -> RowUpdates:
         """The row operations that turn head ``(layer, head)``'s Q, K, V before the edit into
         those after it: every aligned row that changed by more than ``noise`` is set,
-        O(n·head_dim)."""
-        al = self.alignment
-        cols = slice(head * head_dim, (head + 1) * head_dim)
+        O(n·head_dim).
+
+        Raises
+        ------
+        ValueError
+            ``layer`` or ``head`` out of range (the message names it).
+        """
+        fw = self.after
+        layer, head = check_head(layer, head, fw.q.shape[0], fw.heads)
+        al, dh = self.alignment, fw.head_dim
+        cols = slice(head * dh, (head + 1) * dh)
         lo, hi = al.insert_at, al.insert_at + al.inserted
         inserted = [np.array(getattr(self.after, x)[layer][lo:hi, cols]) for x in "qkv"]
         set_rows = {}

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from .._validate import resolve_dtype
-from .bert import BertConfig, BertWeights, Forward, forward
+from .bert import BertConfig, BertWeights, Forward, check_head, forward
 from .files import model_folder, verify
 
 __all__ = ["HeadInputs", "MiniLM", "TextTooLongError"]
@@ -142,13 +142,7 @@ class MiniLM:
 
     def check_head(self, layer, head) -> tuple[int, int]:
         """``(layer, head)`` as ints, or a ValueError naming the argument out of range."""
-        for name, value, count in (
-            ("layer", layer, self.config.layers),
-            ("head", head, self.config.heads),
-        ):
-            if not isinstance(value, (int, np.integer)) or not 0 <= value < count:
-                raise ValueError(f"{name}={value!r} is out of range; expected 0..{count - 1}")
-        return int(layer), int(head)
+        return check_head(layer, head, self.config.layers, self.config.heads)
 
     def head_slice(self, head: int) -> slice:
         """Columns of head ``head`` in a layer's (n, 384) Q, K, V or context."""

@@ -99,7 +99,7 @@ class TextAttention:
         new_text = edit.apply(self.text)
         after = self.model.forward(new_text, self.dtype)
         diff = EditDiff(self.forward, after, self.rtol)
-        updates = diff.head_updates(self.layer, self.head, self.model.config.head_dim)
+        updates = diff.head_updates(self.layer, self.head)
         updates.apply_to(self.engine)
         self.text, self.forward = new_text, after
         self.tokens = self.model.tokenize(new_text)
