@@ -487,8 +487,7 @@ def dense_recompute_seconds(
     float
         Seconds for all n rows.
     """
-    if isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 1:
-        raise ValueError(f"sample_rows={sample_rows!r} must be an integer >= 1")
+    sample_rows = V_.check_int("sample_rows", sample_rows)
     n = Q.shape[0]
     rows = min(n, sample_rows)
     best = math.inf
