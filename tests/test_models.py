@@ -21,6 +21,7 @@ from dynattn.models import (
     Alignment,
     Edit,
     EditDiff,
+    Forward,
     MiniLM,
     ModelFilesError,
     TextAttention,
@@ -289,8 +290,6 @@ def test_apply_to_leaves_an_engine_without_the_methods_untouched():
     rng = np.random.default_rng(0)
     ids_before, ids_after = np.array([1, 2, 3, 4]), np.array([1, 5, 3, 4])
     q = [rng.standard_normal((1, 4, 64)).astype(np.float32) for _ in range(6)]
-    from dynattn.models import Forward
-
     before = Forward(ids_before, q[0], q[1], q[2], q[0], None, 0.125, 1)
     after = Forward(ids_after, q[3], q[4], q[5], q[3], None, 0.125, 1)
     eng = KOnly()
@@ -386,7 +385,7 @@ def test_stream_of_edits_keeps_engine_exact(model, stream, layer, head, dtype):
         if kind == "delete" and len(words) == 1:
             continue
         ta.apply_edit(Edit(kind, index % top, word))
-    Q, K, V = ta.head_qkv(ta.forward)
+    Q, K, V = ta.qkv
     assert_engine_matches(ta.engine, Q, K, V, ta.model_output())
     assert ta.tokens == model.tokenize(ta.text) and ta.engine.n == len(ta.tokens)
 

@@ -1,6 +1,6 @@
 """One text, one head, its lazy engine and the last edit: the state behind a "Text" view.
 
-Plain state and methods, no plotting import: a dashboard reads ``tokens``, ``weights()``,
+Plain state and methods, no plotting import: a dashboard reads ``tokens``, ``qkv``, ``weights()``,
 ``engine`` and ``footprint`` and calls ``set_text``, ``select`` and ``apply_edit``.
 """
 
@@ -10,7 +10,6 @@ import numpy as np
 
 from ..engine import LazyAttention
 from ..reference import dense_weights
-from .bert import Forward
 from .edits import Edit, EditDiff, Footprint
 from .minilm import MiniLM
 
@@ -81,12 +80,14 @@ class TextAttention:
         self._build_engine()
 
     def _build_engine(self) -> None:
-        Q, K, V = self.head_qkv(self.forward)
+        Q, K, V = self.qkv
         self.engine = LazyAttention(Q, K, V, scale=self.forward.scale, policy=self.policy)
 
-    def head_qkv(self, fw: Forward) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The selected head's Q, K, V (n × 32 each) in pass ``fw``."""
+    @property
+    def qkv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The selected head's Q, K, V (n × 32 each) for the current text (views)."""
         cols = self.model.head_slice(self.head)
+        fw = self.forward
         return tuple(a[self.layer][:, cols] for a in (fw.q, fw.k, fw.v))
 
     def apply_edit(self, edit: Edit) -> Footprint:
@@ -114,5 +115,5 @@ class TextAttention:
     def weights(self) -> np.ndarray:
         """The selected head's attention weights (n × n, rows sum to 1), O(n²·d): for a
         heatmap, not for the engine (which never forms them)."""
-        Q, K, _ = self.head_qkv(self.forward)
+        Q, K, _ = self.qkv
         return dense_weights(Q, K, self.forward.scale, dtype=self.dtype)
