@@ -1,0 +1,530 @@
+"""Lazy attention with its query rows split over Dask workers: :class:`ShardedAttention`."""
+
+from __future__ import annotations
+
+import bisect
+import time
+from array import array
+from collections import deque
+
+import numpy as np
+
+from .. import _validate as V_
+from ..engine import ErrorReport, FlushEvent, LazyAttention, _Norm
+from ..policies import as_policy
+from ._cluster import Cluster, ShardError
+
+__all__ = ["ShardedAttention"]
+
+
+def checked_inputs(Q, K, V, engine_kwargs: dict):
+    """``(Q, K, V, scale, dtype)`` validated and copied as the engine would (so bad input is
+    refused before any worker is asked), and the engine keywords the shards get."""
+    kwargs = dict(engine_kwargs)
+    unknown = set(kwargs) - {"scale", "dtype"}
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument(s) {sorted(unknown)}; engines take "
+            "scale, dtype and policy"
+        )
+    dt = V_.resolve_dtype(kwargs.get("dtype"), Q, K, V)
+    Qa = V_.as_matrix("Q", Q, dt)
+    Ka = V_.as_matrix("K", K, dt)
+    if Ka.shape[1] != Qa.shape[1]:
+        raise ValueError(
+            f"K has shape {Ka.shape}; expected (n, {Qa.shape[1]}): as many columns as Q"
+        )
+    Va = V_.as_matrix("V", V, dt, shape=Ka.shape)
+    kwargs["dtype"] = dt
+    scale = kwargs.get("scale")
+    scale = 1.0 / np.sqrt(Qa.shape[1]) if scale is None else scale
+    kwargs["scale"] = V_.check_scalar("scale", scale, dt)
+    if kwargs["scale"] == 0:
+        raise ValueError("scale=0 makes every row uniform; use a nonzero scale")
+    return Qa, Ka, Va, kwargs
+
+
+class ShardedAttention:
+    """:class:`~dynattn.engine.LazyAttention` with its m query rows split into blocks, each
+    block a ``LazyAttention(Q_block, K, V)`` on a Dask worker (an actor), K and V replicated.
+
+    The public interface is LazyAttention's (same names, arguments, results and errors), so
+    code written for one engine runs on a cluster. Updates are checked and applied on the
+    client, to its copy of K and V, and *buffered*: the touched rows are sent to the shards
+    as arrays (their current values, |S|·d numbers per shard, never one message per update)
+    when the buffer reaches ``buffer`` update actions, before a flush, and to one shard before
+    a query it answers. Queries go to the shard owning their row and are exact. The flush
+    policy runs here, on the client: every shard flushes at once (in parallel), so the stale
+    view is as of one flush everywhere.
+
+    Parameters
+    ----------
+    Q : array_like, shape (m, d)
+    K, V : array_like, shape (n, d)
+    client : dask.distributed.Client, optional
+        The cluster to use (``Client("tcp://scheduler:8786")`` for any Dask cluster). None
+        starts a LocalCluster with one single-threaded worker process per core on 127.0.0.1
+        and stops it in :meth:`close` (or at the end of a ``with`` block).
+    shards : int, optional
+        Query-row blocks, placed round-robin over the workers; default one per worker.
+    buffer : int, default 16384
+        Buffered update actions that trigger sending them to every shard.
+    **engine_kwargs
+        ``scale``, ``dtype`` (as LazyAttention) and ``policy`` (run on the client, asked with
+        this object as the engine; default :class:`~dynattn.policies.CostModel`).
+
+    Notes
+    -----
+    Costs, W shards of m/W query rows each: an update O(1) on the client (its row O(d)
+    shipped later, once however often it changes), a query one round trip to one shard plus
+    O(|S|·d) there, a flush O(m·|S|·d / W) per shard in parallel, a rebuild O(m·n·d / W).
+    Memory: per shard ~5·n·d + 3·(m/W)·d numbers (K, V, their snapshot, its Q block and
+    caches); on the client Q, K, V (~(m + 2n)·d) and at most ``buffer`` logged rows.
+    Raises :class:`~dynattn.distributed.ShardError` naming the shard when one fails; nothing
+    buffered is lost, and :meth:`recover` restarts lost shards.
+    """
+
+    def __init__(self, Q, K, V, *, client=None, shards=None, buffer: int = 16384, **engine_kwargs):
+        policy = as_policy(engine_kwargs.pop("policy", None))
+        Qa, Ka, Va, kwargs = checked_inputs(Q, K, V, engine_kwargs)
+        if shards is not None:
+            shards = V_.check_index("shards", shards, len(Qa) + 1)
+            if shards < 1:
+                raise ValueError("shards=0: there must be at least one shard")
+        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+            raise ValueError(f"buffer={buffer!r} must be an integer >= 1")
+        cluster = Cluster(client, workers=shards)
+        try:
+            workers = cluster.workers()
+            count = shards or len(workers)
+            starts = [len(Qa) * s // count for s in range(count + 1)]
+            places = [workers[s % len(workers)] for s in range(count)]
+            self._place(cluster, Qa, Ka, Va, kwargs, starts, places)
+            self._setup(policy, self._submit(range(count)), buffer)
+        except BaseException:
+            cluster.close()
+            raise
+
+    def _place(self, cluster, Qa, Ka, Va, kwargs, starts, places) -> None:
+        """Take the validated copies (the client's Q, K, V) and the shards' layout: shard s
+        holds query rows ``starts[s]:starts[s+1]`` on worker ``places[s]``."""
+        self._cluster, self._places, self._starts = cluster, places, starts
+        self._kwargs, self._label = kwargs, "shard"
+        self._nq, (self._n, self._d), self._dtype = len(Qa), Ka.shape, Ka.dtype
+        self._scale = kwargs["scale"]
+        self._Qm, self._K, self._V = Qa, Ka, Va  # the client's copies: K, V kept current
+        self._log = array("q")
+
+    def _submit(self, shards) -> list:
+        """Start the actors of ``shards`` (the engines build in parallel) from the client's Q
+        blocks and *current* K and V: scattered once to each worker used, each Q block to its
+        worker; returns their futures."""
+        client = self._cluster.client
+        shards = list(shards)
+        places = [self._places[s] for s in shards]
+        Kf, Vf = client.scatter([self._K, self._V], workers=sorted(set(places)), broadcast=True)
+        args = []
+        for s, w in zip(shards, places, strict=True):
+            Qf = client.scatter(self._Qm[self._starts[s] : self._starts[s + 1]], workers=[w])
+            args.append((w, (Qf, Kf, Vf, self._kwargs)))
+        return self._cluster.submit_hosts(args)
+
+    def _setup(self, policy, futures, buffer) -> None:
+        """Counters, buffer and views; waits for the shards' actors (``futures``): a shard
+        that fails to start raises ShardError."""
+        self._futures = futures
+        self._views = {}
+        for name, arr in (("Q", self._Qm), ("K", self._K), ("V", self._V)):
+            view = arr.view()
+            view.flags.writeable = False
+            self._views[name] = view
+        self._policy = policy
+        self._max_log = buffer
+        # the buffer: one flag per update action (K's row i, V's n + i); shard s has been
+        # sent log[:_sent[s]]. Rows touched since the flush: _moved (by flag), _row_hit
+        self._sent = [0] * len(futures)
+        self._noted = 0
+        self._moved = np.zeros(2 * self._n, dtype=bool)
+        self._moved_k, self._moved_v = self._moved[: self._n], self._moved[self._n :]
+        self._row_hit = np.zeros(self._n, dtype=bool)
+        self._touched = 0
+        self._pending = self._done = self._n_queries = self._n_flushes = 0
+        self.flush_log: deque[FlushEvent] = deque(maxlen=1000)
+        self.query_log: deque[tuple[int, int, float]] = deque(maxlen=2048)
+        self._hosts = list(futures)  # placeholders while they start, for _describe
+        started = self._gather("start", [(s, f, 0) for s, f in enumerate(futures)])
+        self._hosts = [started[s] for s in range(len(futures))]
+        info = self._hosts[0].run(None, "info").result()
+        self._max_query_rows = info["max_query_rows"]
+        self._max_correction_rows = info["max_correction_rows"]
+        self._check_at = 0
+        self._arm()
+
+    # ------------------------------------------------------------------ properties
+    n = property(lambda self: self._n, doc="Number of keys and values (rows of K and V).")
+    m = property(lambda self: self._nq, doc="Number of queries (rows of Q and of the output).")
+    d = property(lambda self: self._d, doc="Head dimension.")
+    dtype = property(lambda self: self._dtype, doc="Working dtype (float32 or float64).")
+    scale = property(lambda self: self._scale, doc="Logit scale.")
+    Q = property(lambda self: self._views["Q"], doc="Queries (m, d), read-only view.")
+    K = property(lambda self: self._views["K"], doc="Current keys (n, d), read-only (client).")
+    V = property(lambda self: self._views["V"], doc="Current values (n, d), read-only (client).")
+    pending = property(
+        lambda self: self._pending + len(self._log),
+        doc="Update actions since the last flush (an entry update or a row set counts one).",
+    )
+    n_updates = property(lambda self: self._done + self.pending, doc="Update actions so far.")
+    n_queries = property(lambda self: self._n_queries, doc="Exact entries/rows queried so far.")
+    n_flushes = property(lambda self: self._n_flushes, doc="Flushes so far (rebuilds included).")
+    shards = property(lambda self: len(self._hosts), doc="Number of shards (query-row blocks).")
+    max_query_rows = property(
+        lambda self: self._max_query_rows, doc=LazyAttention.max_query_rows.__doc__
+    )
+    max_correction_rows = property(
+        lambda self: self._max_correction_rows, doc=LazyAttention.max_correction_rows.__doc__
+    )
+    fresh_query_seconds = property(
+        lambda self: float("nan"), doc="Not measured here (each shard chooses for itself)."
+    )
+    policy = LazyAttention.policy
+    threshold = LazyAttention.threshold
+    last_flush = LazyAttention.last_flush
+
+    @property
+    def blocks(self) -> list[tuple[int, int, str]]:
+        """``(start, stop, worker)`` of each shard's query rows."""
+        return [(self._starts[s], self._starts[s + 1], self._places[s]) for s in range(self.shards)]
+
+    @property
+    def touched_rows(self) -> int:
+        """Distinct rows of K or V touched since the last flush, |S|."""
+        self._note()
+        return self._touched
+
+    @property
+    def touched_k(self) -> frozenset[int]:
+        """Rows of K changed since the last flush."""
+        self._note()
+        return frozenset(np.flatnonzero(self._moved_k).tolist())
+
+    @property
+    def touched_v(self) -> frozenset[int]:
+        """Rows of V changed since the last flush."""
+        self._note()
+        return frozenset(np.flatnonzero(self._moved_v).tolist())
+
+    # ------------------------------------------------------------------ updates
+    # LazyAttention's own update methods, on the client's K and V: the same checks, errors
+    # and all-or-nothing batches; what they queue (_touch, the log) is this class's buffer
+    update_k = LazyAttention.update_k
+    update_v = LazyAttention.update_v
+    update_k_many = LazyAttention.update_k_many
+    update_v_many = LazyAttention.update_v_many
+    set_k_row = LazyAttention.set_k_row
+    set_v_row = LazyAttention.set_v_row
+    set_k_rows = LazyAttention.set_k_rows
+    set_v_rows = LazyAttention.set_v_rows
+    _update_entries = LazyAttention._update_entries
+    _split_tuples = LazyAttention._split_tuples
+    _set_rows = LazyAttention._set_rows
+    _consult = LazyAttention._consult
+    _arm = LazyAttention._arm
+    _ask_policy_next = LazyAttention._ask_policy_next
+    weight = LazyAttention.weight
+
+    def _touch(self, rows: np.ndarray, moved: np.ndarray) -> None:
+        """Log ``rows`` of K (``moved`` is ``_moved_k``) or V: one flag per action."""
+        flags = rows if moved is self._moved_k else rows + self._n
+        self._log.frombytes(flags.astype(np.int64).tobytes())
+
+    def _counted(self, count: int) -> FlushEvent | None:
+        """After a batch of ``count`` logged actions: ask the policy if its answer ran out."""
+        if len(self._log) >= self._ask_at:
+            return self._consult()
+        return None
+
+    def _settle(self) -> None:
+        """Send the buffer to every shard (the engine's _consult calls this when the log is
+        full)."""
+        self._run_all(None)
+
+    def _note(self) -> None:
+        """Fold the log's flags not yet counted into the touched rows, O(new flags)."""
+        if self._noted == len(self._log):
+            return
+        flags = np.frombuffer(self._log[self._noted :], dtype=np.int64)
+        self._noted = len(self._log)
+        self._moved[flags] = True
+        rows = np.where(flags >= self._n, flags - self._n, flags)
+        new = np.unique(rows[~self._row_hit[rows]])
+        self._row_hit[new] = True
+        self._touched += len(new)
+
+    def _batch(self, shard: int):
+        """``(batch, upto)``: the buffer's rows not yet sent to ``shard`` with their current
+        values (|S|·d numbers for K and for V), and the log length they cover."""
+        upto = len(self._log)
+        start = self._sent[shard]
+        if start == upto:
+            return None, upto
+        flags = np.unique(np.frombuffer(self._log[start:upto], dtype=np.int64))
+        split = np.searchsorted(flags, self._n)
+        k_rows, v_rows = flags[:split], flags[split:] - self._n
+        return (k_rows, self._K[k_rows], v_rows, self._V[v_rows]), upto
+
+    # ------------------------------------------------------------------ calls to shards
+    def _issue(self, shard: int, name: str | None, *args, ship: bool = True):
+        """Start ``name(*args)`` on ``shard``, its share of the buffer first (unless not
+        ``ship``); returns ``(shard, future or exception, log length covered)``."""
+        batch, upto = self._batch(shard) if ship else (None, self._sent[shard])
+        try:
+            return shard, self._hosts[shard].run(batch, name, *args), upto
+        except Exception as exc:  # a lost actor refuses at once
+            return shard, exc, self._sent[shard]
+
+    def _gather(self, operation: str, calls, wait=lambda f: f.result()) -> dict:
+        """Wait for ``calls`` (from :meth:`_issue`), record what each shard received, and
+        return ``{shard: result}``; ShardError naming every shard that failed."""
+        results, failures = {}, []
+        for shard, fut, upto in calls:
+            try:
+                if isinstance(fut, BaseException):
+                    raise fut
+                results[shard] = wait(fut)
+            except Exception as exc:
+                failures.append((self._describe(shard), exc))
+                continue
+            self._sent[shard] = max(self._sent[shard], upto)
+        self._trim()
+        if failures:
+            raise ShardError(operation, failures)
+        return results
+
+    def _describe(self, shard: int) -> str:
+        a, b = self._starts[shard], self._starts[shard + 1]
+        return (
+            f"{self._label} {shard} of {self.shards} (query rows {a}:{b}, worker "
+            f"{self._places[shard]}; {len(self._log) - self._sent[shard]} buffered updates "
+            "not yet applied there)"
+        )
+
+    def _trim(self) -> None:
+        """Drop the log once every shard has it: the actions become pending counts."""
+        log = self._log
+        if log and min(self._sent) == len(log):
+            self._note()
+            self._pending += len(log)
+            del log[:]
+            self._sent = [0] * len(self._sent)
+            self._noted = 0
+            self._arm()
+
+    def _run_all(self, name: str | None, *args, ship: bool = True) -> list:
+        calls = [self._issue(s, name, *args, ship=ship) for s in range(self.shards)]
+        results = self._gather(name or "sending updates", calls)
+        return [results[s] for s in range(self.shards)]
+
+    def _by_shard(self, rows: np.ndarray):
+        """``(shard, mask of rows it owns)`` for each shard owning one of ``rows``."""
+        owner = np.searchsorted(self._starts, rows, side="right") - 1
+        for s in np.unique(owner).tolist():
+            yield s, owner == s
+
+    def _owner(self, i: int) -> int:
+        return bisect.bisect_right(self._starts, i) - 1
+
+    # ------------------------------------------------------------------ flush
+    def flush(self) -> FlushEvent | None:
+        """Send the buffer and flush every shard in parallel; None when nothing is pending.
+
+        Each shard corrects its m/W rows over the touched rows S, O(m·|S|·d / W), or rebuilds
+        when that is cheaper. If a shard fails, the others have flushed and ``pending`` stays
+        as it was: a later flush() (after :meth:`recover`) completes it.
+        """
+        started = self._begin("flush")
+        return None if started is None else self._end(started)
+
+    def rebuild(self) -> FlushEvent:
+        """Recompute every shard's caches exactly, in parallel, O(m·n·d / W) each."""
+        return self._end(self._begin("rebuild"))
+
+    def _begin(self, kind: str):
+        """Start a flush or rebuild on every shard: ``(kind, calls, t0)``, or None when a
+        flush has nothing to do."""
+        if kind == "flush" and self.pending == 0:
+            return None
+        t0 = time.perf_counter()
+        return kind, [self._issue(s, kind) for s in range(self.shards)], t0
+
+    def _end(self, started) -> FlushEvent:
+        """Wait for :meth:`_begin`'s calls and record the flush as one event."""
+        kind, calls, t0 = started
+        events = [e for e in self._gather(kind, calls).values() if e is not None]
+        self._note()
+        event = FlushEvent(
+            index=self._n_flushes + 1,
+            at_update=self.n_updates,
+            updates=self.pending,
+            rows=self._touched,
+            k_rows=int(np.count_nonzero(self._moved_k)),
+            v_rows=int(np.count_nonzero(self._moved_v)),
+            flops=sum(e.flops for e in events),
+            seconds=time.perf_counter() - t0,
+            kind="rebuild" if any(e.kind == "rebuild" for e in events) else "incremental",
+            repaired=sum(e.repaired for e in events),
+        )
+        self._n_flushes += 1
+        self._done += self.pending
+        self._pending = 0
+        self._moved[:] = False
+        self._row_hit[:] = False
+        self._touched = 0
+        self.flush_log.append(event)
+        on_flush = getattr(self._policy, "on_flush", None)
+        if on_flush is not None:
+            on_flush(event)
+        self._ask_policy_next()
+        return event
+
+    # ------------------------------------------------------------------ queries
+    def _ask(self, shard: int, name: str, *args, stale: bool = False, count: int = 1):
+        """One call to one shard, timed into the query log (exact queries only)."""
+        t0 = time.perf_counter()
+        result = self._gather(name, [self._issue(shard, name, *args, ship=not stale)])[shard]
+        if not stale:
+            self._n_queries += count
+            self.query_log.append((self._touched, count, time.perf_counter() - t0))
+        return result
+
+    def query(self, i, j, stale: bool = False) -> float:
+        """Output entry ``O[i, j]``; exact (one round trip to the shard owning row i, which
+        first applies its share of the buffer), or the cached value if ``stale``."""
+        i = V_.check_index("i", i, self._nq)
+        j = V_.check_index("j", j, self._d)
+        s = self._owner(i)
+        return self._ask(s, "query", i - self._starts[s], j, stale, stale=stale)
+
+    def query_row(self, i, stale: bool = False) -> np.ndarray:
+        """Output row ``O[i]`` (shape (d,)); exact, or cached if ``stale``."""
+        i = V_.check_index("i", i, self._nq)
+        s = self._owner(i)
+        return self._ask(s, "query_row", i - self._starts[s], stale, stale=stale)
+
+    def query_many(self, rows, cols, stale: bool = False) -> np.ndarray:
+        """Output entries ``O[rows[k], cols[k]]`` (shape (k,)): one call per shard involved,
+        all in parallel."""
+        r = V_.as_indices("rows", rows, self._nq)
+        c = V_.as_indices("cols", cols, self._d)
+        if len(r) != len(c):
+            raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
+        t0 = time.perf_counter()
+        out = np.empty(len(r), dtype=self._dtype)
+        self._scatter_rows(out, r, "query_many", lambda sel: (c[sel], stale), ship=not stale)
+        if not stale:
+            self._n_queries += len(r)
+            self.query_log.append((self._touched, len(r), time.perf_counter() - t0))
+        return out
+
+    def _scatter_rows(self, out, rows, name, extra, ship=True) -> None:
+        """``out[mask] = shard.name(local rows, *extra(mask))`` for each shard owning some of
+        ``rows``, all shards called in parallel."""
+        masks = dict(self._by_shard(rows))
+        calls = [
+            self._issue(s, name, rows[mask] - self._starts[s], *extra(mask), ship=ship)
+            for s, mask in masks.items()
+        ]
+        for s, result in self._gather(name, calls).items():
+            out[masks[s]] = result
+
+    def output(self, stale: bool = False) -> np.ndarray:
+        """The whole output O (shape (m, d)), gathered from every shard: exact (each shard
+        O(m·|S|·d / W), in parallel), or the cached view."""
+        return np.concatenate(self._run_all("output", stale, ship=not stale))
+
+    def weights(self, rows=slice(None), cols=slice(None), stale: bool = False) -> np.ndarray:
+        """A window ``P[rows][:, cols]`` of the attention weights (see LazyAttention.weights),
+        each row from its shard."""
+        I = V_.as_selection("rows", rows, self._nq)
+        J = V_.as_selection("cols", cols, self._n)
+        out = np.empty((len(I), len(J)), dtype=self._dtype)
+        self._scatter_rows(out, I, "weights", lambda sel: (J, stale), ship=not stale)
+        return out
+
+    # ------------------------------------------------------------------ error
+    def _norms(self, parts) -> tuple[_Norm, _Norm]:
+        """The shards' ``(scale, ssq)`` pairs merged into the norms of ``O_stale − O`` and O."""
+        merged = _Norm(), _Norm()
+        for part in parts:
+            for k, norm in enumerate(merged):
+                scale, ssq = part[2 * k], part[2 * k + 1]
+                if scale > norm.scale:
+                    norm.ssq *= (norm.scale / scale) ** 2
+                    norm.scale = scale
+                if scale > 0:
+                    norm.ssq += ssq * (scale / norm.scale) ** 2
+        return merged
+
+    def approximation_error(self) -> ErrorReport:
+        """Error of the stale output against the exact one, every shard in parallel."""
+        diff, exact = self._norms(self._run_all("norms", None))
+        if exact.scale == 0.0:
+            return ErrorReport(0.0 if diff.scale == 0.0 else np.inf, diff.scale)
+        return ErrorReport(diff / exact, diff.scale)
+
+    def rows_error(self, rows) -> tuple[float, float]:
+        """``(Σ (O_stale − O)², Σ O²)`` over the output ``rows``, both divided by the square
+        of the largest entry of either (see LazyAttention.rows_error)."""
+        idx = V_.as_indices("rows", rows, self._nq)
+        masks = dict(self._by_shard(idx))
+        calls = [self._issue(s, "norms", idx[mask] - self._starts[s]) for s, mask in masks.items()]
+        diff, exact = self._norms(self._gather("rows_error", calls).values())
+        top = max(diff.scale, exact.scale)
+        if top == 0.0:
+            return 0.0, 0.0
+        return diff.ssq * (diff.scale / top) ** 2, exact.ssq * (exact.scale / top) ** 2
+
+    # ------------------------------------------------------------------ life cycle
+    def memory(self) -> list[dict]:
+        """Per shard: its worker, its engine's array bytes and its worker process's RSS."""
+        infos = self._run_all("info", ship=False)
+        return [dict(info, worker=w) for info, w in zip(infos, self._places, strict=True)]
+
+    def recover(self) -> list[int]:
+        """Restart every shard whose worker was lost, on a live worker, from the client's Q
+        block and current K, V (so no buffered update is lost); returns their numbers.
+
+        A restarted shard's caches are exact as of now (a rebuild of its block,
+        O(m·n·d / W)): its stale view is newer than the other shards' until the next flush.
+        """
+        lost = [s for s, f in enumerate(self._futures) if f.status != "finished"]
+        if not lost:
+            return []
+        workers = self._cluster.workers()
+        for k, s in enumerate(lost):
+            self._places[s] = workers[k % len(workers)]
+        futures = self._submit(lost)
+        calls = [(s, f, len(self._log)) for s, f in zip(lost, futures, strict=True)]
+        hosts = self._gather("recover", calls)
+        for s, f in zip(lost, futures, strict=True):
+            self._futures[s], self._hosts[s] = f, hosts[s]
+        return lost
+
+    def close(self) -> None:
+        """Release the shards (their actors end) and stop the cluster if this object started
+        it. Idempotent."""
+        self._hosts, self._futures = [], []
+        self._cluster.close()
+
+    def __enter__(self) -> ShardedAttention:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedAttention({'' if self._nq == self._n else f'm={self._nq}, '}n={self._n}, "
+            f"d={self._d}, dtype={self._dtype}, scale={self._scale:.4g}, shards={self.shards}, "
+            f"pending={self.pending}, touched_rows={self.touched_rows}, "
+            f"flushes={self._n_flushes}, policy={self._policy!r})"
+        )
