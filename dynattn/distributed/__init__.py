@@ -7,6 +7,7 @@ this module imports ``dask.distributed``; ``import dynattn`` does not.
 """
 
 from ._cluster import ShardError, limit_blas
+from .multihead import MultiHeadAttention
 from .sharded import ShardedAttention
 
-__all__ = ["ShardError", "ShardedAttention", "limit_blas"]
+__all__ = ["MultiHeadAttention", "ShardError", "ShardedAttention", "limit_blas"]

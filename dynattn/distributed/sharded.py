@@ -109,7 +109,7 @@ class ShardedAttention:
         """Take the validated copies (the client's Q, K, V) and the shards' layout: shard s
         holds query rows ``starts[s]:starts[s+1]`` on worker ``places[s]``."""
         self._cluster, self._places, self._starts = cluster, places, starts
-        self._kwargs, self._label = kwargs, "shard"
+        self._kwargs, self._label = kwargs, "shard {s} of {count} (query rows {a}:{b}, "
         self._nq, (self._n, self._d), self._dtype = len(Qa), Ka.shape, Ka.dtype
         self._scale = kwargs["scale"]
         self._Qm, self._K, self._V = Qa, Ka, Va  # the client's copies: K, V kept current
@@ -302,10 +302,10 @@ class ShardedAttention:
 
     def _describe(self, shard: int) -> str:
         a, b = self._starts[shard], self._starts[shard + 1]
+        where = self._label.format(s=shard, count=len(self._sent), a=a, b=b)
         return (
-            f"{self._label} {shard} of {self.shards} (query rows {a}:{b}, worker "
-            f"{self._places[shard]}; {len(self._log) - self._sent[shard]} buffered updates "
-            "not yet applied there)"
+            f"{where}worker {self._places[shard]}; {len(self._log) - self._sent[shard]} "
+            "buffered updates not yet applied there)"
         )
 
     def _trim(self) -> None:
@@ -392,9 +392,13 @@ class ShardedAttention:
         t0 = time.perf_counter()
         result = self._gather(name, [self._issue(shard, name, *args, ship=not stale)])[shard]
         if not stale:
-            self._n_queries += count
-            self.query_log.append((self._touched, count, time.perf_counter() - t0))
+            self._count_queries(count, t0)
         return result
+
+    def _count_queries(self, count: int, t0: float) -> None:
+        """Count ``count`` exact entries answered since ``t0`` (for policies' cost models)."""
+        self._n_queries += count
+        self.query_log.append((self._touched, count, time.perf_counter() - t0))
 
     def query(self, i, j, stale: bool = False) -> float:
         """Output entry ``O[i, j]``; exact (one round trip to the shard owning row i, which
@@ -421,8 +425,7 @@ class ShardedAttention:
         out = np.empty(len(r), dtype=self._dtype)
         self._scatter_rows(out, r, "query_many", lambda sel: (c[sel], stale), ship=not stale)
         if not stale:
-            self._n_queries += len(r)
-            self.query_log.append((self._touched, len(r), time.perf_counter() - t0))
+            self._count_queries(len(r), t0)
         return out
 
     def _scatter_rows(self, out, rows, name, extra, ship=True) -> None:
@@ -466,7 +469,11 @@ class ShardedAttention:
 
     def approximation_error(self) -> ErrorReport:
         """Error of the stale output against the exact one, every shard in parallel."""
-        diff, exact = self._norms(self._run_all("norms", None))
+        return self._report(self._run_all("norms", None))
+
+    def _report(self, parts) -> ErrorReport:
+        """The ErrorReport of the shards' :meth:`EngineHost.norms` ``parts``."""
+        diff, exact = self._norms(parts)
         if exact.scale == 0.0:
             return ErrorReport(0.0 if diff.scale == 0.0 else np.inf, diff.scale)
         return ErrorReport(diff / exact, diff.scale)
