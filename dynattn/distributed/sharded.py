@@ -496,6 +496,11 @@ class ShardedAttention:
         infos = self._run_all("info", ship=False)
         return [dict(info, worker=w) for info, w in zip(infos, self._places, strict=True)]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the shards' engines, summed (one call to every shard)."""
+        return sum(info["nbytes"] for info in self.memory())
+
     def recover(self) -> list[int]:
         """Restart every shard whose worker was lost, on a live worker, from the client's Q
         block and current K, V (so no buffered update is lost); returns their numbers.
