@@ -1,34 +1,25 @@
 """What lives on a Dask worker: one :class:`~dynattn.engine.LazyAttention` held by an actor.
 
 The engine never flushes by itself there: the client owns the policy, so every shard's stale
-view is as of the same flush. Imported on the workers (by pickle reference), so it imports
-nothing but the engine.
+view is as of the same flush. Imported on the workers (by pickle reference): it imports the
+engine and nothing of Dask.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 import psutil  # a dependency of dask.distributed
 
 from ..engine import LazyAttention, _Norm
+from ..policies import Fixed
 
 __all__ = ["EngineHost"]
 
 
-class _Never:
-    """The shards' policy: never flush unasked (the client decides, for all shards at once)."""
-
-    def threshold(self, engine) -> float:
-        return math.inf
-
-    def valid_until(self, engine) -> float:
-        return math.inf
-
-    def __repr__(self) -> str:
-        return "client-side"
+# the shards' policy: never flush unasked (the client decides, for every shard at once)
+_NEVER = Fixed(2**62)
 
 
 class EngineHost:
@@ -40,7 +31,7 @@ class EngineHost:
     """
 
     def __init__(self, Q, K, V, engine_kwargs: dict):
-        self.engine = LazyAttention(Q, K, V, policy=_Never(), **engine_kwargs)
+        self.engine = LazyAttention(Q, K, V, policy=_NEVER, **engine_kwargs)
 
     def run(self, batch, name: str | None, *args):
         """Apply ``batch`` (rows of K and V with their current values, from the client's

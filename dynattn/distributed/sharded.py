@@ -161,21 +161,18 @@ class ShardedAttention:
         self._arm()
 
     # ------------------------------------------------------------------ properties
-    n = property(lambda self: self._n, doc="Number of keys and values (rows of K and V).")
-    m = property(lambda self: self._nq, doc="Number of queries (rows of Q and of the output).")
-    d = property(lambda self: self._d, doc="Head dimension.")
-    dtype = property(lambda self: self._dtype, doc="Working dtype (float32 or float64).")
-    scale = property(lambda self: self._scale, doc="Logit scale.")
-    Q = property(lambda self: self._views["Q"], doc="Queries (m, d), read-only view.")
-    K = property(lambda self: self._views["K"], doc="Current keys (n, d), read-only (client).")
-    V = property(lambda self: self._views["V"], doc="Current values (n, d), read-only (client).")
-    pending = property(
-        lambda self: self._pending + len(self._log),
-        doc="Update actions since the last flush (an entry update or a row set counts one).",
+    # the engine's own properties: this class keeps the state they read under the same names
+    # (K and V are the client's copies, kept current by every update)
+    n, m, d, dtype, scale = (
+        LazyAttention.n,
+        LazyAttention.m,
+        LazyAttention.d,
+        LazyAttention.dtype,
+        LazyAttention.scale,
     )
-    n_updates = property(lambda self: self._done + self.pending, doc="Update actions so far.")
-    n_queries = property(lambda self: self._n_queries, doc="Exact entries/rows queried so far.")
-    n_flushes = property(lambda self: self._n_flushes, doc="Flushes so far (rebuilds included).")
+    Q, K, V = LazyAttention.Q, LazyAttention.K, LazyAttention.V
+    pending, n_updates = LazyAttention.pending, LazyAttention.n_updates
+    n_queries, n_flushes = LazyAttention.n_queries, LazyAttention.n_flushes
     shards = property(lambda self: len(self._hosts), doc="Number of shards (query-row blocks).")
     max_query_rows = property(
         lambda self: self._max_query_rows, doc=LazyAttention.max_query_rows.__doc__
