@@ -258,10 +258,12 @@ def test_the_buffer_is_shipped_in_batches_and_queries_take_their_shard_only(clie
         assert eng._sent == [0, 5]
         for k in range(3):
             eng.update_v(k, 1, 0.1)
-        # the 8th buffered action sends the buffer to every shard, as one batch each
-        assert len(eng._log) == 0 and eng.pending == 8
+        # the 8th buffered action sends the buffer to every shard, one batch each, without
+        # waiting; the log is kept until the shards have applied it
+        assert [f[1] for f in eng._inflight] == [8, 8] and eng.pending == 8
         orc = Oracle(eng)
         assert_close_natural(eng.output(), orc.output(), orc.natural_scale(), TOL, "output")
+        assert eng._inflight == [None, None] and len(eng._log) == 0 and eng.pending == 8
 
 
 def test_a_shard_that_raises_is_named(client):
@@ -337,6 +339,7 @@ def sequences(draw):
         (m, n, d),
         draw(st.integers(1, 3)),
         draw(st.sampled_from([2, 5, 1000])),
+        draw(st.sampled_from([1, 3, 1000])),  # buffer: sent often (unwaited) or at reads
         draw(st.integers(0, 2**16)),
         draw(st.lists(op, min_size=1, max_size=12)),
     )
@@ -345,10 +348,11 @@ def sequences(draw):
 @settings(max_examples=8, deadline=None)
 @given(sequences())
 def test_random_sequences_match_the_oracle(client, scenario):
-    (m, n, d), shards, k, seed, ops = scenario
+    (m, n, d), shards, k, buffer, seed, ops = scenario
     rng = np.random.default_rng(seed)
     Q, K, V = rng.standard_normal((m, d)), rng.standard_normal((n, d)), rng.standard_normal((n, d))
-    with ShardedAttention(Q, K, V, client=client, shards=min(shards, m), policy=k) as eng:
+    shards = min(shards, m)
+    with ShardedAttention(Q, K, V, client=client, shards=shards, buffer=buffer, policy=k) as eng:
         orc = Oracle(eng)
         for op in ops:
             kind = op[0]

@@ -122,10 +122,14 @@ class ShardedAttention:
         client = self._cluster.client
         shards = list(shards)
         places = [self._places[s] for s in shards]
-        Kf, Vf = client.scatter([self._K, self._V], workers=sorted(set(places)), broadcast=True)
+        Kf, Vf = client.scatter(
+            [self._K, self._V], workers=sorted(set(places)), broadcast=True, hash=False
+        )
         args = []
         for s, w in zip(shards, places, strict=True):
-            Qf = client.scatter(self._Qm[self._starts[s] : self._starts[s + 1]], workers=[w])
+            Qf = client.scatter(
+                self._Qm[self._starts[s] : self._starts[s + 1]], workers=[w], hash=False
+            )
             args.append((w, (Qf, Kf, Vf, self._kwargs)))
         return self._cluster.submit_hosts(args)
 
@@ -143,6 +147,8 @@ class ShardedAttention:
         # the buffer: one flag per update action (K's row i, V's n + i); shard s has been
         # sent log[:_sent[s]]. Rows touched since the flush: _moved (by flag), _row_hit
         self._sent = [0] * len(futures)
+        self._inflight = [None] * len(futures)  # (future, log length) of a batch sent unwaited
+        self._batch_cache = None
         self._noted = 0
         self._moved = np.zeros(2 * self._n, dtype=bool)
         self._moved_k, self._moved_v = self._moved[: self._n], self._moved[self._n :]
@@ -241,9 +247,19 @@ class ShardedAttention:
         return None
 
     def _settle(self) -> None:
-        """Send the buffer to every shard (the engine's _consult calls this when the log is
-        full)."""
-        self._run_all(None)
+        """Send the buffer to every shard without waiting for them to apply it (the engine's
+        _consult calls this when the log is full): the client buffers on meanwhile; the next
+        call to a shard waits for its batch first, and reports a failure then."""
+        failures = []
+        for s in range(self.shards):
+            shard, fut, upto = self._issue(s, None)
+            if isinstance(fut, BaseException):
+                failures.append((self._describe(s), fut))
+            else:
+                self._inflight[s] = (fut, upto)
+        self._trim()
+        if failures:
+            raise ShardError("sending updates", failures)
 
     def _note(self) -> None:
         """Fold the log's flags not yet counted into the touched rows, O(new flags)."""
@@ -264,15 +280,31 @@ class ShardedAttention:
         start = self._sent[shard]
         if start == upto:
             return None, upto
+        # shards at the same point get the same batch: made once (an update lengthens the
+        # log, so (start, upto) names one content until the log is trimmed)
+        if self._batch_cache is not None and self._batch_cache[0] == (start, upto):
+            return self._batch_cache[1], upto
         flags = np.unique(np.frombuffer(self._log[start:upto], dtype=np.int64))
         split = np.searchsorted(flags, self._n)
         k_rows, v_rows = flags[:split], flags[split:] - self._n
-        return (k_rows, self._K[k_rows], v_rows, self._V[v_rows]), upto
+        batch = (k_rows, self._K[k_rows], v_rows, self._V[v_rows])
+        self._batch_cache = ((start, upto), batch)
+        return batch, upto
 
     # ------------------------------------------------------------------ calls to shards
     def _issue(self, shard: int, name: str | None, *args, ship: bool = True):
         """Start ``name(*args)`` on ``shard``, its share of the buffer first (unless not
-        ``ship``); returns ``(shard, future or exception, log length covered)``."""
+        ``ship``); returns ``(shard, future or exception, log length covered)``. A batch
+        still in flight to that shard is waited for first: calls to one actor are not
+        ordered otherwise."""
+        if self._inflight[shard] is not None:
+            fut, upto = self._inflight[shard]
+            self._inflight[shard] = None
+            try:
+                fut.result()
+            except Exception as exc:
+                return shard, exc, self._sent[shard]
+            self._sent[shard] = max(self._sent[shard], upto)
         batch, upto = self._batch(shard) if ship else (None, self._sent[shard])
         try:
             return shard, self._hosts[shard].run(batch, name, *args), upto
@@ -306,15 +338,18 @@ class ShardedAttention:
         )
 
     def _trim(self) -> None:
-        """Drop the log once every shard has it: the actions become pending counts."""
-        log = self._log
-        if log and min(self._sent) == len(log):
-            self._note()
-            self._pending += len(log)
-            del log[:]
-            self._sent = [0] * len(self._sent)
-            self._noted = 0
-            self._arm()
+        """Drop the log's entries every shard has applied: they become pending counts."""
+        k = min(self._sent)
+        if k == 0:
+            return
+        self._note()
+        self._pending += k
+        del self._log[:k]
+        self._sent = [s - k for s in self._sent]
+        self._inflight = [f and (f[0], f[1] - k) for f in self._inflight]
+        self._noted -= k
+        self._batch_cache = None
+        self._arm()
 
     def _run_all(self, name: str | None, *args, ship: bool = True) -> list:
         calls = [self._issue(s, name, *args, ship=ship) for s in range(self.shards)]
@@ -515,7 +550,7 @@ class ShardedAttention:
         calls = [(s, f, len(self._log)) for s, f in zip(lost, futures, strict=True)]
         hosts = self._gather("recover", calls)
         for s, f in zip(lost, futures, strict=True):
-            self._futures[s], self._hosts[s] = f, hosts[s]
+            self._futures[s], self._hosts[s], self._inflight[s] = f, hosts[s], None
         return lost
 
     def close(self) -> None:
