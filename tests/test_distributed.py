@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import Oracle, assert_close_natural
 
-from dynattn import Fixed, LazyAttention
+from dynattn import CostModel, ErrorBudget, Fixed, LazyAttention
 from dynattn.distributed import MultiHeadAttention, ShardedAttention, ShardError, limit_blas
 
 TOL = 1e-12
@@ -338,20 +338,21 @@ def sequences(draw):
     return (
         (m, n, d),
         draw(st.integers(1, 3)),
-        draw(st.sampled_from([2, 5, 1000])),
+        draw(st.sampled_from([2, 5, 1000, "cost", "error"])),  # the client-side policy
         draw(st.sampled_from([1, 3, 1000])),  # buffer: sent often (unwaited) or at reads
         draw(st.integers(0, 2**16)),
         draw(st.lists(op, min_size=1, max_size=12)),
     )
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(sequences())
 def test_random_sequences_match_the_oracle(client, scenario):
     (m, n, d), shards, k, buffer, seed, ops = scenario
     rng = np.random.default_rng(seed)
     Q, K, V = rng.standard_normal((m, d)), rng.standard_normal((n, d)), rng.standard_normal((n, d))
     shards = min(shards, m)
+    k = {"cost": CostModel(initial=3, window=8), "error": ErrorBudget(0.05)}.get(k, k)
     with ShardedAttention(Q, K, V, client=client, shards=shards, buffer=buffer, policy=k) as eng:
         orc = Oracle(eng)
         for op in ops:
