@@ -280,7 +280,7 @@ def test_a_shard_that_raises_is_named(client):
 
 def test_a_lost_worker_is_reported_and_nothing_buffered_is_lost(client):
     Q, K, V = qkv(seed=9)
-    eng = ShardedAttention(Q, K, V, client=client, shards=2, policy=1000)
+    eng = ShardedAttention(Q, K, V, client=client, shards=2, buffer=2, policy=1000)
     try:
         eng.update_v(4, 2, 3.0)
         eng.query(0, 0)  # shard 0 has the update, shard 1 not yet
@@ -290,7 +290,9 @@ def test_a_lost_worker_is_reported_and_nothing_buffered_is_lost(client):
         deadline = time.time() + 60
         while eng._futures[1].status == "finished" and time.time() < deadline:
             time.sleep(0.1)
-        eng.update_k(1, 0, -1.0)  # the client still buffers
+        # the 2nd buffered action sends the buffer: shard 1 cannot take it; the update is kept
+        with pytest.raises(ShardError, match=f"(?s)sending updates.*shard 1 of 2.*worker {victim}"):
+            eng.update_k(1, 0, -1.0)
         with pytest.raises(ShardError, match=f"shard 1 of 2.*worker {victim}.*2 buffered"):
             eng.query(20, 1)
         with pytest.raises(ShardError, match="shard 1"):

@@ -78,7 +78,7 @@ class ShardedAttention(ShardBuffer):
     Costs, W shards of m/W query rows each: an update O(1) on the client (its row O(d)
     shipped later, once however often it changes), a query one round trip to one shard plus
     O(|S|·d) there, a flush O(m·|S|·d / W) per shard in parallel, a rebuild O(m·n·d / W).
-    Memory: per shard ~5·n·d + 3·(m/W)·d numbers (K, V, their snapshot, its Q block and
+    Memory: per shard ~4·n·d + 3·(m/W)·d numbers (K, V, their snapshot, its Q block and
     caches); on the client Q, K, V (~(m + 2n)·d) and at most ``buffer`` logged rows.
     Raises :class:`~dynattn.distributed.ShardError` naming the shard when one fails; nothing
     buffered is lost, and :meth:`recover` restarts lost shards.
