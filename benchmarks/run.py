@@ -1,19 +1,14 @@
-"""Run the benchmarks from a checkout: ``python benchmarks/run.py [--quick | --tiny] [...]``.
-
-The same as ``python -m dynattn bench`` (see ``benchmarks/README.md``), except that results go
-to ``benchmarks/results`` next to this file unless ``--out`` says otherwise.
-"""
+"""Run the benchmarks from a checkout: ``python benchmarks/run.py [--quick | --tiny] [...]``
+(``make bench``, ``make bench-quick``); options in ``benchmarks/README.md`` and ``--help``."""
 
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # a checkout works without installing the package
+# The checkout's root replaces this script's folder on sys.path: ``benchmarks`` and ``dynattn``
+# import from there without installing, and no module in benchmarks/ shadows a top-level one.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from dynattn.bench import main  # noqa: E402
+from benchmarks.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if not any(a == "--out" or a.startswith("--out=") for a in argv):
-        argv += ["--out", str(HERE / "results")]
-    sys.exit(main(argv))
+    sys.exit(main())

@@ -1,11 +1,14 @@
-"""Command line: ``python -m dynattn demo | simulate | bench``."""
+"""Command line: ``python -m dynattn demo | simulate``.
+
+Benchmarks are not part of the package: ``python benchmarks/run.py`` in a checkout (``make
+bench``; see ``benchmarks/README.md``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .bench import add_bench_parser, run_bench
 from .cli import add_simulate_parser
 
 
@@ -14,15 +17,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="replay the original prototype's demo workload, exactly")
     add_simulate_parser(sub)
-    add_bench_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .compat import run_demo
 
         run_demo()
         return 0
-    if args.command == "bench":
-        return run_bench(args)
     return args.func(args)
 
 

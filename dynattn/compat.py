@@ -13,11 +13,14 @@ lazy engine is that they need not cost a flush), and nothing spawns processes.
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
+from collections import deque
 
 import numpy as np
 
+from . import _validate as V_
 from .engine import LazyAttention
 from .policies import OriginalAdaptive, adaptive_threshold
 from .reference import dense_attention
@@ -39,14 +42,18 @@ class EnhancedDynamicAttention:
     adaptive_threshold_func : callable ``(avg_updates, matrix_size) -> int``, optional
         Called after each flush with the mean updates per flush (last 10) and ``n·d``; the
         default keeps ``initial_threshold``. Pass :func:`adaptive_threshold` for the
-        prototype's rule.
+        prototype's rule. It must return a finite number >= 1 (truncated to an int, as the
+        prototype's ``int()`` did); it is asked *before* a call that will flush, so a bad
+        answer raises with nothing changed.
 
     Attributes
     ----------
     engine : LazyAttention
         The engine doing the work (scale 1, the prototype's unscaled logits).
     pending_updates_K, pending_updates_V : list of (i, j, delta)
-        Updates queued since the last flush.
+        Updates queued through :meth:`lazy_update_K`/:meth:`lazy_update_V` since the
+        engine's last flush, however that flush came (also ``engine.flush()`` called
+        directly): derived from the engine's counters on each read, a fresh list.
     """
 
     def __init__(
@@ -60,17 +67,24 @@ class EnhancedDynamicAttention:
     ):
         if not (isinstance(sparsity_threshold, numbers.Real) and 0 <= sparsity_threshold <= 1):
             raise ValueError(f"sparsity_threshold={sparsity_threshold!r} must be in [0, 1]")
-        keep = initial_threshold
+        initial = V_.check_int("initial_threshold", initial_threshold)
 
         def constant(avg_updates, matrix_size):
-            return keep
+            return initial
 
-        func = adaptive_threshold_func if adaptive_threshold_func is not None else constant
-        self._policy = OriginalAdaptive(initial=initial_threshold, func=func)
+        self._func = adaptive_threshold_func if adaptive_threshold_func is not None else constant
+        if not callable(self._func):
+            raise TypeError(
+                f"adaptive_threshold_func={self._func!r} must be callable "
+                "(avg_updates, matrix_size) -> int"
+            )
+        self._asked = None  # (arguments, checked answer) of the flush a call is about to make
+        self._policy = OriginalAdaptive(initial=initial, func=self._next_threshold)
         self.sparsity_threshold = float(sparsity_threshold)
         self.engine = LazyAttention(Q, K, V, scale=1.0, policy=self._policy)
-        self.pending_updates_K: list[tuple[int, int, float]] = []
-        self.pending_updates_V: list[tuple[int, int, float]] = []
+        # (update number, "K" or "V", (i, j, delta)) of the updates queued here since the
+        # engine's last flush; older ones are dropped on each read, O(pending)
+        self._queued: deque[tuple[int, str, tuple]] = deque()
 
     Q = property(lambda self: self.engine.Q, doc="Queries (n, d).")
     K = property(lambda self: self.engine.K, doc="Current keys (n, d).")
@@ -88,29 +102,87 @@ class EnhancedDynamicAttention:
         """Updates pending since the last flush."""
         return self.engine.pending
 
+    @property
+    def pending_updates_K(self) -> list[tuple[int, int, float]]:
+        """Updates of K queued here since the engine's last flush, ``[(i, j, delta), ...]``."""
+        return self._pending("K")
+
+    @property
+    def pending_updates_V(self) -> list[tuple[int, int, float]]:
+        """Updates of V queued here since the engine's last flush, ``[(i, j, delta), ...]``."""
+        return self._pending("V")
+
+    def _pending(self, which: str) -> list:
+        flushed = self.engine.n_updates - self.engine.pending  # updates the caches hold
+        queued = self._queued
+        while queued and queued[0][0] < flushed:
+            queued.popleft()
+        return [update for _, w, update in queued if w == which]
+
     def lazy_update_K(self, updates) -> None:
-        """Queue ``[(i, j, delta), ...]`` for K; flushes when the threshold is reached."""
-        self._lazy_update(updates, self.engine.update_k_many, self.pending_updates_K)
+        """Queue ``[(i, j, delta), ...]`` for K; flushes when the threshold is reached. An
+        empty list does nothing, as in the prototype; a bad item changes nothing."""
+        self._lazy_update("K", updates)
 
     def lazy_update_V(self, updates) -> None:
-        """Queue ``[(i, j, delta), ...]`` for V; flushes when the threshold is reached."""
-        self._lazy_update(updates, self.engine.update_v_many, self.pending_updates_V)
+        """Queue ``[(i, j, delta), ...]`` for V; flushes when the threshold is reached. An
+        empty list does nothing, as in the prototype; a bad item changes nothing."""
+        self._lazy_update("V", updates)
 
-    def _lazy_update(self, updates, apply, pending) -> None:
-        updates = [tuple(u) if isinstance(u, (list, tuple)) else u for u in updates]
-        if apply(updates) is not None:  # the engine validated, applied and flushed
-            self._clear()
-        else:
-            pending.extend(updates)
+    def _lazy_update(self, which: str, updates) -> None:
+        engine = self.engine
+        rows, cols, deltas = V_.as_triples(
+            updates, engine.n, engine.d, engine.dtype, allow_empty=True
+        )
+        if not len(rows):
+            return
+        pending = engine.pending + len(rows)
+        if pending >= self._policy.current:  # this call will flush
+            self._ask_before_flushing(pending)
+        first = engine.n_updates
+        apply = engine.update_k_many if which == "K" else engine.update_v_many
+        apply(rows, cols, deltas)
+        self._queued.extend(
+            (first + k, which, (i, j, x))
+            for k, (i, j, x) in enumerate(
+                zip(rows.tolist(), cols.tolist(), deltas.tolist(), strict=True)
+            )
+        )
 
-    def _clear(self) -> None:
-        self.pending_updates_K.clear()
-        self.pending_updates_V.clear()
+    def _ask_before_flushing(self, pending: int) -> None:
+        """Ask the threshold function now for the threshold after a flush of ``pending``
+        updates, so that a bad answer raises before anything changes; the policy is given the
+        same answer when the flush runs (see :meth:`_next_threshold`)."""
+        policy = self._policy
+        counts = [*policy.history, pending][-policy.history.maxlen :]
+        args = (int(sum(counts) / len(counts)), self.engine.n * self.engine.d)
+        self._asked = (args, self._checked(args, self._func(*args)))
+
+    def _next_threshold(self, avg_updates, matrix_size) -> int:
+        """The policy's threshold function: the answer checked before the flush, or (for a
+        flush not made through this class, e.g. ``engine.flush()``) a fresh, checked one."""
+        args = (avg_updates, matrix_size)
+        asked, self._asked = self._asked, None
+        if asked is not None and asked[0] == args:
+            return asked[1]
+        return self._checked(args, self._func(*args))
+
+    def _checked(self, args, value) -> int:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"adaptive_threshold_func{args} returned {value!r}; expected a number >= 1"
+            )
+        if not (math.isfinite(value) and value >= 1):
+            raise ValueError(
+                f"adaptive_threshold_func{args} returned {value!r}; expected a finite number >= 1"
+            )
+        return int(value)
 
     def apply_lazy_updates(self) -> None:
         """Flush every pending update into the caches."""
+        if self.engine.pending:
+            self._ask_before_flushing(self.engine.pending)
         self.engine.flush()
-        self._clear()
 
     def query(self, i: int, j: int) -> float:
         """Exact output entry ``O[i, j]``, without flushing (O(|S|·d))."""

@@ -21,6 +21,8 @@ from collections import Counter, deque
 
 import numpy as np
 
+from .protocols import FlushPolicy
+
 __all__ = [
     "CostModel",
     "ErrorBudget",
@@ -242,7 +244,7 @@ class CostModel:
         fmax, smax = engine.max_correction_rows, engine.max_query_rows
         # a query never costs more than computing it afresh: the line, fitted mostly where
         # few rows are pending (and catch-ups steepen it), must not extrapolate past that
-        cap = getattr(engine, "fresh_query_seconds", math.nan)
+        cap = engine.fresh_query_seconds
         cap = math.inf if math.isnan(cap) else cap
         self.fitted = {"f0": f0, "f1": f1, "q0": q0, "q1": q1, "H": H, "r": r, "fresh": cap}
         best_k, best = math.inf, r * min(q0 + q1 * smax, cap)
@@ -402,12 +404,17 @@ class _CallablePolicy:
 
 
 def as_policy(policy):
-    """A policy object from ``None`` (CostModel), an int k (Fixed), a policy or a callable."""
+    """A policy object from ``None`` (CostModel), an int k (Fixed), a policy
+    (:class:`~dynattn.protocols.FlushPolicy`) or a callable ``engine -> threshold``."""
     if policy is None:
         return CostModel()
     if isinstance(policy, numbers.Integral) and not isinstance(policy, bool):
+        if policy < 1:
+            raise ValueError(
+                f"policy={policy!r}: an integer policy flushes every k updates and must be >= 1"
+            )
         return Fixed(policy)
-    if callable(getattr(policy, "threshold", None)):
+    if isinstance(policy, FlushPolicy) and callable(policy.threshold):
         return policy
     if callable(policy):
         return _CallablePolicy(policy)

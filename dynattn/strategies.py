@@ -1,10 +1,9 @@
 """Baseline exact strategies the lazy engine is compared against.
 
 All of them answer exact queries of ``O = softmax(scale · Q Kᵀ) V`` under updates to K and V
-and share one small interface: ``update_k(i, j, delta)``, ``update_v(i, j, delta)``,
-``set_k_row(i, row)``, ``set_v_row(i, row)``, ``query(i, j)``, ``query_row(i)`` and
-``query_many(rows, cols)`` (the same names as :class:`~dynattn.engine.LazyAttention`), so one
-update/query stream can drive every strategy.
+through the interface they share with :class:`~dynattn.engine.LazyAttention`,
+:class:`~dynattn.protocols.ExactAttention` (single and batch updates, queries, ``output``,
+``copy``), so one update/query stream drives every strategy.
 
 * :class:`OnDemand` keeps no caches: an update only writes K or V (O(1)), and every query
   computes its output row from scratch (O(n·d)).
@@ -21,13 +20,14 @@ policy ``Fixed(1)``: every update is absorbed into the caches at once.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
 import numpy as np
 
 from . import _validate as V_
-from .engine import _BLOCK_ELEMENTS, _GROWTH  # the engine's guard bound g and block size
+from .engine.kernels import BLOCK_ELEMENTS, Contributions, guards_hold, lost_precision
 from .reference import dense_attention, entry_from_scratch
 
 __all__ = ["EagerDense", "OnDemand", "Recompute", "dense_recompute_seconds", "eager_dense_nbytes"]
@@ -44,9 +44,10 @@ _UPDATE_ROWS = 2048
 class _Baseline:
     """Inputs, validation and the shared update/query entry points of the baselines.
 
-    Subclasses implement ``_k_changed(i, old_row)``, ``_v_changed(i, old_row)`` (called after
-    the row of K or V has been written) and ``_rows(idx) -> (len(idx), d)`` exact output rows;
-    they may override ``_v_entry_changed`` and ``query`` with cheaper special cases.
+    Subclasses implement ``_rows_changed(which, rows, old_rows)`` (called after rows of K or
+    V have been written, with what they held before) and ``_rows(idx) -> (len(idx), d)``
+    exact output rows; they may override the single-entry forms with cheaper special cases.
+    Every call checks all its arguments before it writes anything.
     """
 
     def __init__(self, Q, K, V, *, scale=None, dtype=None):
@@ -69,34 +70,78 @@ class _Baseline:
         """Current values (n, d), read-only view."""
         return _read_only(self._V)
 
+    def copy(self):
+        """An independent baseline in the same state."""
+        return copy.deepcopy(self)
+
     # ------------------------------------------------------------------ updates
     def update_k(self, i, j, delta) -> None:
         """Add ``delta`` to ``K[i, j]``."""
-        i, j, delta = self._check_entry(i, j, delta)
-        old = self._K[i].copy()
-        self._K[i, j] = V_.entry_sum("K", self._K, i, j, delta)[1]
-        self._k_changed(i, old)
+        self._add_entry("K", self._K, i, j, delta)
 
     def update_v(self, i, j, delta) -> None:
         """Add ``delta`` to ``V[i, j]``."""
-        i, j, delta = self._check_entry(i, j, delta)
-        old = self._V[i, j]
-        self._V[i, j] = V_.entry_sum("V", self._V, i, j, delta)[1]
-        self._v_entry_changed(i, j, old)
+        self._add_entry("V", self._V, i, j, delta)
 
     def set_k_row(self, i, row) -> None:
         """Replace ``K[i]`` by ``row`` (shape (d,))."""
-        i, row = self._check_row(i, row)
-        old = self._K[i].copy()
-        self._K[i] = row
-        self._k_changed(i, old)
+        self._set_row("K", self._K, i, row)
 
     def set_v_row(self, i, row) -> None:
         """Replace ``V[i]`` by ``row`` (shape (d,))."""
+        self._set_row("V", self._V, i, row)
+
+    def _add_entry(self, which: str, target: np.ndarray, i, j, delta) -> None:
+        i, j, delta = self._check_entry(i, j, delta)
+        old = target[i].copy()
+        target[i, j] = V_.entry_sum(which, target, i, j, delta)[1]
+        self._rows_changed(which, np.array([i]), old[None])
+
+    def _set_row(self, which: str, target: np.ndarray, i, row) -> None:
         i, row = self._check_row(i, row)
-        old = self._V[i].copy()
-        self._V[i] = row
-        self._v_changed(i, old)
+        old = target[i].copy()
+        target[i] = row
+        self._rows_changed(which, np.array([i]), old[None])
+
+    def update_k_many(self, rows, cols, deltas) -> None:
+        """Add ``deltas`` to ``K[rows, cols]`` (repeats accumulate); all or nothing."""
+        self._add("K", rows, cols, deltas)
+
+    def update_v_many(self, rows, cols, deltas) -> None:
+        """Add ``deltas`` to ``V[rows, cols]`` (repeats accumulate); all or nothing."""
+        self._add("V", rows, cols, deltas)
+
+    def set_k_rows(self, rows, values) -> None:
+        """Replace ``K[rows]`` by ``values`` (m, d); all or nothing."""
+        self._set("K", rows, values)
+
+    def set_v_rows(self, rows, values) -> None:
+        """Replace ``V[rows]`` by ``values`` (m, d); all or nothing."""
+        self._set("V", rows, values)
+
+    def _add(self, which: str, rows, cols, deltas) -> None:
+        r = V_.as_indices("rows", rows, self.n)
+        c = V_.as_indices("cols", cols, self.d)
+        if len(c) != len(r):
+            raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
+        target = self._K if which == "K" else self._V
+        flat, final = V_.entry_sums(
+            which, target, r, c, V_.as_vector("deltas", deltas, len(r), self.dtype)
+        )
+        changed = np.unique(r)
+        old = target[changed]
+        target.ravel()[flat] = final
+        self._rows_changed(which, changed, old)
+
+    def _set(self, which: str, rows, values) -> None:
+        r = V_.as_indices("rows", rows, self.n)
+        if len(np.unique(r)) != len(r):
+            raise ValueError(f"rows={r.tolist()} repeats a row; a row can be set once per call")
+        target = self._K if which == "K" else self._V
+        new = V_.as_matrix("values", values, self.dtype, shape=(len(r), self.d))
+        old = target[r]
+        target[r] = new
+        self._rows_changed(which, r, old)
 
     def _check_entry(self, i, j, delta) -> tuple[int, int, float]:
         return (
@@ -108,16 +153,8 @@ class _Baseline:
     def _check_row(self, i, row) -> tuple[int, np.ndarray]:
         return (V_.check_index("i", i, self.n), V_.as_vector("row", row, self.d, self.dtype))
 
-    def _k_changed(self, i: int, old_row: np.ndarray) -> None:
+    def _rows_changed(self, which: str, rows: np.ndarray, old_rows: np.ndarray) -> None:
         raise NotImplementedError
-
-    def _v_changed(self, i: int, old_row: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def _v_entry_changed(self, i: int, j: int, old: float) -> None:
-        old_row = self._V[i].copy()
-        old_row[j] = old
-        self._v_changed(i, old_row)
 
     # ------------------------------------------------------------------ queries
     def query(self, i, j) -> float:
@@ -144,6 +181,10 @@ class _Baseline:
         distinct, inverse = np.unique(r, return_inverse=True)
         return self._rows(distinct)[inverse, c]
 
+    def output(self) -> np.ndarray:
+        """The exact output O (shape (n, d))."""
+        return self._rows(np.arange(self.n))
+
     def _rows(self, idx: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -156,10 +197,6 @@ class _Baseline:
 
 class OnDemand(_Baseline):
     """Exact attention answered on demand: O(1) updates, O(n·d) per queried row.
-
-    Besides the shared interface it has the batch update methods of
-    :class:`~dynattn.engine.LazyAttention` that :meth:`dynattn.workloads.TickUpdates.apply`
-    uses, so the same workload drives both.
 
     Parameters
     ----------
@@ -196,35 +233,8 @@ class OnDemand(_Baseline):
         i, row = self._check_row(i, row)
         self._V[i] = row
 
-    def update_k_many(self, rows, cols, deltas) -> None:
-        """Add ``deltas`` to ``K[rows, cols]`` (repeats accumulate); O(m)."""
-        self._add("K", self._K, rows, cols, deltas)
-
-    def update_v_many(self, rows, cols, deltas) -> None:
-        """Add ``deltas`` to ``V[rows, cols]`` (repeats accumulate); O(m)."""
-        self._add("V", self._V, rows, cols, deltas)
-
-    def set_k_rows(self, rows, values) -> None:
-        """Replace ``K[rows]`` by ``values`` (m, d); O(m·d)."""
-        self._set(self._K, rows, values)
-
-    def set_v_rows(self, rows, values) -> None:
-        """Replace ``V[rows]`` by ``values`` (m, d); O(m·d)."""
-        self._set(self._V, rows, values)
-
-    def _add(self, which, target, rows, cols, deltas) -> None:
-        r = V_.as_indices("rows", rows, self.n)
-        c = V_.as_indices("cols", cols, self.d)
-        if len(c) != len(r):
-            raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
-        flat, final = V_.entry_sums(
-            which, target, r, c, V_.as_vector("deltas", deltas, len(r), self.dtype)
-        )
-        target.ravel()[flat] = final
-
-    def _set(self, target, rows, values) -> None:
-        r = V_.as_indices("rows", rows, self.n)
-        target[r] = V_.as_matrix("values", values, self.dtype, shape=(len(r), self.d))
+    def _rows_changed(self, which: str, rows: np.ndarray, old_rows: np.ndarray) -> None:
+        pass  # nothing is cached
 
     def query(self, i, j) -> float:
         """Exact ``O[i, j]`` from scratch: ``2·n·d + 4·n`` flops (one logit row, one column of
@@ -279,7 +289,8 @@ class EagerDense(_Baseline):
     def __init__(self, Q, K, V, *, scale=None, dtype=None):
         super().__init__(Q, K, V, scale=scale, dtype=dtype)
         n, d = self.n, self.d
-        self._g = _GROWTH[self.dtype]
+        self._contrib = Contributions(d, self.dtype)  # the engine's guards, the same rows
+        self._g = self._contrib.growth
         self._Qs = self._Q * self.dtype.type(self.scale)
         self._At = np.empty((n, n), dtype=self.dtype)  # At[j, i] = Ã[i, j]
         self._m = np.empty(n, dtype=self.dtype)
@@ -299,7 +310,7 @@ class EagerDense(_Baseline):
         query blocks into it instead is a strided transpose that costs several times more.
         """
         n = self.n
-        step = max(1, _BLOCK_ELEMENTS // n)
+        step = max(1, BLOCK_ELEMENTS // n)
         for a in range(0, n, step):
             self._m[a : a + step] = (self._Qs[a : a + step] @ self._K.T).max(axis=1)
         for a in range(0, n, step):
@@ -311,25 +322,29 @@ class EagerDense(_Baseline):
 
     def _weights(self) -> np.ndarray:
         """``[V, 1, −g, −g|V|]`` (n, 2d+2): ``Ã @`` this is N | s | guard of s | guard of N."""
-        d, g = self.d, self._g
-        W = np.empty((self.n, 2 * d + 2), dtype=self.dtype)
-        W[:, :d] = self._V
-        W[:, d : d + 2] = (1.0, -g)
-        np.multiply(np.abs(self._V), -g, out=W[:, d + 2 :])
+        W = np.empty((self.n, 2 * self.d + 2), dtype=self.dtype)
+        self._contrib.new(W, self._V)
         return W
 
     def _contributions(self, new_v: np.ndarray, old_v: np.ndarray) -> np.ndarray:
-        """Rows ``[v, 1, −g, −g|v|]`` (new value in) and ``[−v, −1, 1+g, (1+g)|v|]`` (old
-        value out): weights times these rows move N, s and both guards."""
-        d, g = self.d, self._g
-        B = np.empty((2, 2 * d + 2), dtype=self.dtype)
-        B[0, :d], B[0, d : d + 2], B[0, d + 2 :] = new_v, (1.0, -g), -g * np.abs(new_v)
-        B[1, :d], B[1, d : d + 2], B[1, d + 2 :] = (
-            -old_v,
-            (-1.0, 1.0 + g),
-            (1.0 + g) * np.abs(old_v),
-        )
+        """A new value in and an old one out: weights times these rows move N, s and both
+        guards (:class:`~dynattn.engine.kernels.Contributions`)."""
+        B = np.empty((2, 2 * self.d + 2), dtype=self.dtype)
+        self._contrib.new(B[:1], new_v[None])
+        self._contrib.old(B[1:], old_v[None])
         return B
+
+    def update_v(self, i, j, delta) -> None:
+        """Add ``delta`` to ``V[i, j]``: one column of N and of its guards moves, O(n)."""
+        i, j, delta = self._check_entry(i, j, delta)
+        old = float(self._V[i, j])
+        self._V[i, j] = V_.entry_sum("V", self._V, i, j, delta)[1]
+        self._v_entry_changed(i, j, old)
+
+    def _rows_changed(self, which: str, rows: np.ndarray, old_rows: np.ndarray) -> None:
+        changed = self._k_changed if which == "K" else self._v_changed
+        for i, old in zip(rows.tolist(), old_rows, strict=True):
+            changed(i, old)
 
     def _k_changed(self, i: int, old_row: np.ndarray) -> None:
         a_new = self._Qs @ self._K[i]
@@ -350,12 +365,9 @@ class EagerDense(_Baseline):
     def _v_changed(self, i: int, old_row: np.ndarray) -> None:
         # s keeps its value; N moves by a·(new − old) and the guard of N by the mass of the
         # old value removed, less g times the change of the natural scale Σ ã|v|
-        d, g = self.d, self._g
-        new_row = self._V[i]
-        b = np.zeros((1, 2 * d + 2), dtype=self.dtype)
+        b = np.empty((1, 2 * self.d + 2), dtype=self.dtype)
         with np.errstate(over="ignore"):  # a guard that overflows is +inf: recomputed
-            b[0, :d] = new_row - old_row
-            b[0, d + 2 :] = (1.0 + g) * np.abs(old_row) - g * np.abs(new_row)
+            self._contrib.changed(b, self._V[i][None], old_row[None])
         self._repair(self._add_product(self._At[i][:, None], b))
 
     def _v_entry_changed(self, i: int, j: int, old: float) -> None:
@@ -380,16 +392,8 @@ class EagerDense(_Baseline):
                 out = self._block[: len(C)]
                 np.matmul(A[a : a + step], B, out=out)
                 C += out
-                # s > 0 and every guard <= 0 in two reductions; NaN fails both comparisons
-                flagged |= not (C[:, d].min() > 0 and C[:, d + 1 :].max() <= 0)
-        return self._lost_precision() if flagged else None
-
-    def _lost_precision(self) -> np.ndarray:
-        """Rows whose guards say the subtraction may have cancelled digits (or not finite)."""
-        C, d = self._C, self.d
-        bad = ~(C[:, d] > 0) | ~(C[:, d + 1] <= 0)
-        bad |= ~(C[:, d + 2 :] <= 0).all(axis=1)
-        return bad
+                flagged |= not guards_hold(C, d)
+        return lost_precision(self._C, d) if flagged else None
 
     def _repair(self, bad: np.ndarray | None) -> None:
         if bad is not None and bad.any():
@@ -398,7 +402,7 @@ class EagerDense(_Baseline):
     def _exact_rows(self, idx: np.ndarray) -> None:
         """Recompute rows ``idx`` of Ã, m and the caches from scratch: O(len(idx)·n·d)."""
         W = self._weights()
-        step = max(1, _BLOCK_ELEMENTS // self.n)
+        step = max(1, BLOCK_ELEMENTS // self.n)
         for a in range(0, len(idx), step):
             rows = idx[a : a + step]
             L = self._Qs[rows] @ self._K.T
@@ -443,13 +447,7 @@ class Recompute(_Baseline):
     def _recompute(self) -> None:
         self._O = dense_attention(self._Q, self._K, self._V, self.scale, dtype=self.dtype)
 
-    def _k_changed(self, i: int, old_row: np.ndarray) -> None:
-        self._recompute()
-
-    def _v_changed(self, i: int, old_row: np.ndarray) -> None:
-        self._recompute()
-
-    def _v_entry_changed(self, i: int, j: int, old: float) -> None:
+    def _rows_changed(self, which: str, rows: np.ndarray, old_rows: np.ndarray) -> None:
         self._recompute()
 
     def query(self, i, j) -> float:

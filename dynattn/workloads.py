@@ -4,22 +4,32 @@ Everything here is reproducible from a seed and independent of the engine, so th
 can be replayed against several exact strategies and compared fairly.
 
 * :func:`make_qkv` builds ``(Q, K, V)`` from a named preset (:data:`PRESETS`).
-* :func:`load_npz` reads a user's ``.npz`` file safely (no pickles, size limits, clear errors).
+* :func:`load_npz` (from :mod:`dynattn.npz`) reads a user's ``.npz`` file safely.
 * :class:`UpdateStream` produces, tick by tick, a batch of updates (:class:`TickUpdates`) and a
   batch of query positions, for one of the stream kinds in :data:`STREAMS`.
 """
 
 from __future__ import annotations
 
-import io
 import numbers
-import os
-import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from dynattn._validate import resolve_dtype
+from ._validate import check_int, resolve_dtype
+from .npz import MAX_NPZ_BYTES, UPLOADED, WorkloadError, load_npz
+
+__all__ = [
+    "MAX_NPZ_BYTES",
+    "PRESETS",
+    "STREAMS",
+    "UPLOADED",
+    "TickUpdates",
+    "UpdateStream",
+    "WorkloadError",
+    "load_npz",
+    "make_qkv",
+]
 
 PRESETS = ("uniform", "gaussian", "local", "clustered")
 STREAMS = ("entries", "rows", "hotspot", "bursts")
@@ -30,10 +40,6 @@ STREAMS = ("entries", "rows", "hotspot", "bursts")
 _STRUCTURE_GAP = 16.0
 #: Maximum number of topics in the ``clustered`` preset.
 _MAX_CLUSTERS = 8
-#: Default cap on the size of a loaded ``.npz`` file (and on its decompressed arrays).
-MAX_NPZ_BYTES = 256 * 2**20
-#: Name used in messages for data that did not come from a named file.
-UPLOADED = "<uploaded file>"
 
 # Independent random streams per purpose: changing how many queries are drawn never changes
 # the updates, and the workload of tick t does not depend on which ticks were drawn before.
@@ -41,21 +47,8 @@ _UPDATES_KEY = 1
 _QUERIES_KEY = 2
 
 
-class WorkloadError(ValueError):
-    """A workload file or argument that cannot be used; the message names the file and array."""
-
-
 # --------------------------------------------------------------------------------------------
 # Argument checks (messages name the argument and its value)
-
-
-def _check_int(name: str, value, low: int) -> int:
-    """A Python int >= ``low``; bools are refused."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}={value!r} must be an integer")
-    if value < low:
-        raise ValueError(f"{name}={value} must be >= {low}")
-    return int(value)
 
 
 def _check_real(
@@ -129,9 +122,9 @@ def make_qkv(preset: str, n: int, d: int, *, seed: int = 0, dtype=np.float64):
     True
     """
     _check_choice("preset", preset, PRESETS)
-    n = _check_int("n", n, 1)
-    d = _check_int("d", d, 1)
-    seed = _check_int("seed", seed, 0)
+    n = check_int("n", n)
+    d = check_int("d", d)
+    seed = check_int("seed", seed, 0)
     dt = resolve_dtype(dtype)
     rng = np.random.default_rng(seed)
     if preset == "uniform":
@@ -179,140 +172,6 @@ def _clustered(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     centroids = radius * directions[labels]
     noise = (0.25 * radius / np.sqrt(d)) * rng.standard_normal((2, n, d))
     return np.stack([centroids + noise[0], centroids + noise[1], rng.standard_normal((n, d))])
-
-
-# --------------------------------------------------------------------------------------------
-# Loading a user's file
-
-
-def load_npz(path_or_file, *, max_bytes: int = MAX_NPZ_BYTES, dtype=None):
-    """Read ``(Q, K, V)`` from an ``.npz`` archive, safely.
-
-    The archive is opened with ``allow_pickle=False``, so a file can never run code, and it is
-    checked before use: every problem raises :class:`WorkloadError` naming the file and, where it
-    applies, the array.
-
-    Parameters
-    ----------
-    path_or_file : str, os.PathLike, bytes or binary file-like
-        A path, the raw bytes of an upload (called ``"<uploaded file>"`` in messages) or an open
-        binary file (named after its ``name`` attribute if it has one).
-    max_bytes : int
-        Largest accepted file size, also applied to the decompressed size of Q, K and V together
-        so that a small compressed archive cannot expand into gigabytes.
-    dtype : None, float32 or float64
-        Working dtype of the result; ``None`` keeps float32 when all three arrays are float32
-        and otherwise uses float64.
-
-    Returns
-    -------
-    Q, K, V : ndarray, each (n, d), C-contiguous, finite, in the resolved dtype
-
-    Raises
-    ------
-    WorkloadError
-        Missing file, not an npz (zip) archive, too large, missing ``Q``/``K``/``V``, a
-        non-numeric dtype (object, string, complex, bool), non-finite values (also after the
-        cast to ``dtype``), an array that is not 2-D, mismatched shapes, or ``n < 1``/``d < 1``.
-
-    Notes
-    -----
-    Cost O(n d) time and memory beyond the file itself.
-    """
-    max_bytes = _check_int("max_bytes", max_bytes, 1)
-    name, buffer = _open_limited(path_or_file, max_bytes)
-    if not zipfile.is_zipfile(buffer):
-        raise WorkloadError(f"{name}: not an .npz file (expected a zip archive of .npy arrays)")
-    buffer.seek(0)
-    try:
-        archive = np.load(buffer, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise WorkloadError(f"{name}: cannot read the .npz archive ({exc})") from exc
-    with archive:
-        members = {key: _member(name, archive, key) for key in ("Q", "K", "V")}
-        unpacked = sum(m.file_size for m in members.values())
-        if unpacked > max_bytes:
-            raise WorkloadError(
-                f"{name}: Q, K and V too large when decompressed "
-                f"({unpacked} bytes > max_bytes={max_bytes})"
-            )
-        raw = {key: _read_array(name, archive, key) for key in members}
-    shapes = {key: arr.shape for key, arr in raw.items()}
-    if len(set(shapes.values())) != 1:
-        listed = ", ".join(f"{k} {s}" for k, s in shapes.items())
-        raise WorkloadError(f"{name}: Q, K and V must all have the same shape (n, d); got {listed}")
-    dt = resolve_dtype(dtype, *raw.values())
-    out = []
-    for key, arr in raw.items():
-        with np.errstate(over="ignore"):  # overflow in the cast is reported just below
-            cast = np.ascontiguousarray(arr, dtype=dt)
-        if not np.isfinite(cast).all():
-            where = tuple(int(i) for i in np.argwhere(~np.isfinite(cast))[0])
-            raise WorkloadError(
-                f"{name}: array {key!r} must be finite; {key}{list(where)} = "
-                f"{arr[where]!r} (in {dt})"
-            )
-        out.append(cast)
-    return tuple(out)
-
-
-def _open_limited(source, max_bytes: int) -> tuple[str, io.BytesIO]:
-    """(name for messages, seekable binary buffer) for a path, bytes or file-like, size-checked."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        size = memoryview(source).nbytes
-        _check_size(UPLOADED, size, max_bytes)
-        return UPLOADED, io.BytesIO(source)
-    if isinstance(source, (str, os.PathLike)):
-        name = os.fspath(source)
-        if not os.path.isfile(name):
-            raise WorkloadError(f"{name}: no such file")
-        _check_size(name, os.path.getsize(name), max_bytes)
-        with open(name, "rb") as f:
-            return name, io.BytesIO(f.read())
-    if not hasattr(source, "read"):
-        raise TypeError(f"path_or_file={source!r} must be a path, bytes or a binary file object")
-    name = str(getattr(source, "name", UPLOADED))
-    data = source.read(max_bytes + 1)  # reads at most one byte past the limit
-    if not isinstance(data, (bytes, bytearray)):
-        raise TypeError(f"{name}: the file object must be opened in binary mode")
-    _check_size(name, len(data), max_bytes)
-    return name, io.BytesIO(data)
-
-
-def _check_size(name: str, size: int, max_bytes: int) -> None:
-    if size > max_bytes:
-        raise WorkloadError(f"{name}: file too large ({size} bytes > max_bytes={max_bytes})")
-
-
-def _member(name: str, archive, key: str) -> zipfile.ZipInfo:
-    """The zip entry holding array ``key`` (``key.npy``, or ``key`` as numpy also accepts)."""
-    for member in (f"{key}.npy", key):
-        if member in archive.zip.namelist():
-            return archive.zip.getinfo(member)
-    found = ", ".join(map(repr, archive.files)) or "none"
-    raise WorkloadError(f"{name}: missing array {key!r} (need 'Q', 'K' and 'V'; found {found})")
-
-
-def _read_array(name: str, archive, key: str) -> np.ndarray:
-    """One array of an open npz archive, with its dtype and shape checked."""
-    try:
-        arr = archive[key]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        # ValueError includes object arrays, which would need pickle (refused) to load.
-        raise WorkloadError(f"{name}: array {key!r} cannot be read ({exc})") from exc
-    if not isinstance(arr, np.ndarray):  # numpy returns a member without a .npy header as bytes
-        raise WorkloadError(f"{name}: array {key!r} is not stored in .npy format")
-    if arr.dtype.kind not in "iuf":
-        raise WorkloadError(
-            f"{name}: array {key!r} has dtype {arr.dtype}; expected real numbers (integer or float)"
-        )
-    if arr.ndim != 2:
-        raise WorkloadError(f"{name}: array {key!r} must be 2-D (n, d); got shape {arr.shape}")
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise WorkloadError(
-            f"{name}: array {key!r} must have n >= 1 rows and d >= 1 columns; got shape {arr.shape}"
-        )
-    return arr
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,17 +340,17 @@ class UpdateStream:
         burst_contrast: float = 16.0,
     ):
         self.kind = _check_choice("kind", kind, STREAMS)
-        self.n = _check_int("n", n, 1)
-        self.d = _check_int("d", d, 1)
-        self.updates_per_tick = _check_int("updates_per_tick", updates_per_tick, 0)
+        self.n = check_int("n", n)
+        self.d = check_int("d", d)
+        self.updates_per_tick = check_int("updates_per_tick", updates_per_tick, 0)
         self.k_share = _check_real("k_share", k_share, 0.0, 1.0)
         self.delta_scale = _check_real("delta_scale", delta_scale, 0.0, np.inf, open_low=True)
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         self.row_scale = _check_real("row_scale", row_scale, 0.0, np.inf, open_low=True)
         self.band_fraction = _check_real("band_fraction", band_fraction, 0.0, 1.0, open_low=True)
         self.band_share = _check_real("band_share", band_share, 0.0, 1.0)
         self.drift = _check_real("drift", drift, -np.inf, np.inf)
-        self.burst_period = _check_int("burst_period", burst_period, 1)
+        self.burst_period = check_int("burst_period", burst_period)
         self.burst_duty = _check_real(
             "burst_duty", burst_duty, 0.0, 1.0, open_low=True, open_high=True
         )
@@ -506,7 +365,7 @@ class UpdateStream:
         )
 
     def _rng(self, key: int, tick) -> np.random.Generator:
-        tick = _check_int("tick", tick, 0)
+        tick = check_int("tick", tick, 0)
         return np.random.default_rng([self.seed, key, tick])
 
     def band_start(self, tick: int) -> int:
@@ -572,7 +431,7 @@ class UpdateStream:
         -------
         rows, cols : ndarray of int64, each (count,)
         """
-        count = _check_int("count", count, 0)
+        count = check_int("count", count, 0)
         rng = self._rng(_QUERIES_KEY, tick)
         return (
             rng.integers(0, self.n, count, dtype=np.int64),

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dynattn import _blas
-from dynattn import engine as engine_module
+from dynattn import LazyAttention, _blas
+from dynattn.engine import kernels
 
 NUMPY_WHEEL_BLAS = _blas._numpy_built_with_wheel_blas()  # as NumPy's PyPI wheels, in CI
 
@@ -101,7 +101,7 @@ def test_flushes_and_queries_match_without_the_accumulating_product(monkeypatch,
     rng = np.random.default_rng(3)
     n, d = 48, 8
     Q, K, V = (rng.standard_normal((n, d)).astype(dtype) for _ in range(3))
-    engines = [engine_module.LazyAttention(Q, K, V, policy=None) for _ in range(2)]
+    engines = [LazyAttention(Q, K, V, policy=None) for _ in range(2)]
     script = [
         (rng.integers(0, n, 6), rng.integers(0, d, 6), rng.standard_normal(6)) for _ in range(8)
     ]
@@ -109,7 +109,7 @@ def test_flushes_and_queries_match_without_the_accumulating_product(monkeypatch,
     for use_blas, eng in zip((True, False), engines, strict=True):
         with monkeypatch.context() as patch:
             if not use_blas:
-                patch.setattr(engine_module, "add_product", lambda C, A, B: False)
+                patch.setattr(kernels, "add_product", lambda C, A, B: False)
             outs = []
             for t, (rows, cols, deltas) in enumerate(script):
                 (eng.update_k_many if t % 2 else eng.update_v_many)(rows, cols, deltas)

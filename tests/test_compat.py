@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dynattn import EnhancedDynamicAttention, adaptive_threshold, dense_attention
 from dynattn.compat import run_demo
@@ -101,3 +103,152 @@ def test_import_is_light():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ------------------------------------------------- prototype parity, all or nothing
+
+
+def small(**kwargs):
+    rng = np.random.default_rng(3)
+    return EnhancedDynamicAttention(*(rng.random((8, 3)) for _ in range(3)), **kwargs)
+
+
+def state(att):
+    return (
+        att.K.copy(),
+        att.V.copy(),
+        att.engine.pending,
+        att.engine.n_updates,
+        att.engine.n_flushes,
+        att.lazy_threshold,
+        att.pending_updates_K,
+        att.pending_updates_V,
+    )
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, np.ndarray):
+            np.testing.assert_array_equal(x, y)
+        else:
+            assert x == y
+
+
+@pytest.mark.parametrize("empty", [[], (), iter([])])
+def test_an_empty_update_list_does_nothing_as_in_the_prototype(empty):
+    att = small(initial_threshold=3)
+    att.lazy_update_K([(1, 1, 0.5)])
+    before = state(att)
+    att.lazy_update_K(empty)
+    att.lazy_update_V(empty)
+    assert_same(state(att), before)
+
+
+def test_bools_are_refused_in_updates():
+    att = small()
+    before = state(att)
+    with pytest.raises(TypeError, match=r"updates\[0\]\[2\] \(delta\)=True"):
+        att.lazy_update_V([(0, 0, True)])
+    assert_same(state(att), before)
+
+
+def test_pending_updates_follow_a_direct_engine_flush():
+    att = small(initial_threshold=100)
+    att.lazy_update_K([(1, 1, 0.5), (2, 0, -0.25)])
+    att.lazy_update_V([(3, 2, 1.0)])
+    assert att.pending_updates_K == [(1, 1, 0.5), (2, 0, -0.25)]
+    att.engine.flush()
+    assert att.pending_updates_K == [] and att.pending_updates_V == []
+    att.lazy_update_V([(4, 1, 2.0)])
+    assert att.pending_updates_K == [] and att.pending_updates_V == [(4, 1, 2.0)]
+    att.engine.rebuild()
+    assert att.pending_updates_V == [] and att.num_updates == 0
+
+
+OPS = st.one_of(
+    st.tuples(
+        st.sampled_from(["K", "V"]),
+        st.lists(
+            st.tuples(st.integers(0, 7), st.integers(0, 2), st.floats(-1, 1, width=16)),
+            max_size=6,
+        ),
+    ),
+    st.just(("flush", None)),
+    st.just(("apply", None)),
+    st.just(("rebuild", None)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.booleans(), st.lists(OPS, max_size=25))
+def test_pending_updates_are_exactly_what_the_caches_lack(initial, adaptive, ops):
+    # K = K at the last flush + the listed K updates (V likewise), however flushes come
+    func = adaptive_threshold if adaptive else None
+    att = small(initial_threshold=initial, adaptive_threshold_func=func)
+    base_k, base_v, flushes = att.K.copy(), att.V.copy(), 0
+    for op, updates in ops:
+        if op in ("K", "V"):
+            (att.lazy_update_K if op == "K" else att.lazy_update_V)(updates)
+        elif op == "flush":
+            att.engine.flush()
+        elif op == "apply":
+            att.apply_lazy_updates()
+        else:
+            att.engine.rebuild()
+        if att.engine.n_flushes != flushes:
+            base_k, base_v, flushes = att.K.copy(), att.V.copy(), att.engine.n_flushes
+        for base, pending, now in (
+            (base_k, att.pending_updates_K, att.K),
+            (base_v, att.pending_updates_V, att.V),
+        ):
+            expected = base.copy()
+            for i, j, delta in pending:
+                expected[i, j] += delta
+            np.testing.assert_array_equal(expected, now)
+        assert len(att.pending_updates_K) + len(att.pending_updates_V) == att.engine.pending
+
+
+BAD_ANSWERS = [
+    (float("nan"), ValueError),
+    (float("inf"), ValueError),
+    (0, ValueError),
+    (-3, ValueError),
+    (None, TypeError),
+    ("5", TypeError),
+    (True, TypeError),
+    ([10], TypeError),
+]
+
+
+@pytest.mark.parametrize(("answer", "exc"), BAD_ANSWERS)
+@pytest.mark.parametrize("flush_by", ["K", "V", "apply"])
+def test_a_bad_threshold_function_raises_before_anything_changes(answer, exc, flush_by):
+    att = small(initial_threshold=3, adaptive_threshold_func=lambda avg, size: answer)
+    att.lazy_update_K([(0, 0, 0.5)])
+    before = state(att)
+    with pytest.raises(exc, match=r"adaptive_threshold_func\(\d+, 24\) returned"):
+        if flush_by == "apply":
+            att.apply_lazy_updates()
+        else:
+            getattr(att, f"lazy_update_{flush_by}")([(1, 1, 0.25), (2, 2, 0.125)])
+    assert_same(state(att), before)
+
+
+def test_the_threshold_function_is_asked_once_per_flush():
+    calls = []
+
+    def flaky(avg, size):  # a good answer, then garbage: only the first may be used
+        calls.append((avg, size))
+        return 4.9 if len(calls) % 2 else None
+
+    att = small(initial_threshold=2, adaptive_threshold_func=flaky)
+    att.lazy_update_V([(1, 1, 0.5), (2, 2, 0.5)])  # flushes 2 updates
+    assert calls == [(2, 24)] and att.lazy_threshold == 4  # truncated, as int() did
+    assert att.engine.n_flushes == 1 and att.pending_updates_V == []
+
+
+def test_bad_constructor_arguments_are_named():
+    with pytest.raises(ValueError, match="initial_threshold=0 must be an integer >= 1"):
+        small(initial_threshold=0)
+    with pytest.raises(TypeError, match="adaptive_threshold_func=5 must be callable"):
+        small(adaptive_threshold_func=5)

@@ -24,6 +24,7 @@ from dynattn import (
     OriginalAdaptive,
     dense_attention,
 )
+from dynattn.engine.planner import QueryPlanner
 
 POLICIES = {
     "fixed": lambda draw: Fixed(draw(st.integers(1, 12))),
@@ -89,7 +90,7 @@ def scenarios(draw, hard=False, crowded=False, rectangular=False):
         draw(st.sampled_from([1, 5, 4096])),
     )
     # what packing costs (cheap enough, at these sizes, for queries to correct rows)
-    pack_cost = draw(st.sampled_from([LazyAttention._pack_cost, (1, 1)]))
+    pack_cost = draw(st.sampled_from([QueryPlanner.pack_cost, (1, 1)]))
     return Q, K, V, scale, policy, ops, log + (pack_cost,)
 
 
@@ -97,21 +98,21 @@ def scenarios(draw, hard=False, crowded=False, rectangular=False):
 def correcting_queries(eng):
     """Queries correct the cached rows instead of computing them afresh: at test sizes
     (n·d < 64) the engine would compute almost every query afresh, as it should there."""
-    saved = eng._max_query_rows
+    saved = eng._planner.max_rows
     eng._prefers_fresh = lambda: False
-    eng._max_query_rows = 10**9
+    eng._planner.max_rows = 10**9
     try:
         yield
     finally:
         del eng._prefers_fresh
-        eng._max_query_rows = saved
+        eng._planner.max_rows = saved
 
 
 def run_against_oracle(scenario, tol, dtype=np.float64):
     Q, K, V, scale, policy, ops, (short_log, max_log, pack_cost) = scenario
     eng = LazyAttention(Q, K, V, scale=scale, dtype=dtype, policy=policy)
-    eng._short_log, eng._max_log = short_log, max_log
-    eng._pack_cost = pack_cost
+    eng._queue.short_log, eng._queue.max_log = short_log, max_log
+    eng._planner.pack_cost = pack_cost
     orc = Oracle(eng)
     updates = 0
     for op in ops:
@@ -129,8 +130,8 @@ def run_against_oracle(scenario, tol, dtype=np.float64):
             updates += len(op[1])
         elif kind == "copy":  # the twin carries on, in the same state
             eng = eng.copy(policy=eng.policy)
-            eng._short_log, eng._max_log = short_log, max_log
-            eng._pack_cost = pack_cost
+            eng._queue.short_log, eng._queue.max_log = short_log, max_log
+            eng._planner.pack_cost = pack_cost
             orc.engine = eng
         elif kind in ("many_k", "many_v"):
             items = op[1]
@@ -327,7 +328,7 @@ def test_single_queries_catch_up_once_a_burst_of_them_has_paid_for_it():
         if caught_up_at is None and eng._pack.slots == 40:
             caught_up_at = q
     rent = n * d - 2 * (3 * d + 2) * 40  # what a fresh query costs beyond a corrected one
-    fixed, per_row = eng._pack_cost
+    fixed, per_row = eng._planner.pack_cost
     assert caught_up_at == -(-(fixed + per_row * 40 - rent) // rent)
     # one query after every update never pays for the catch-up
     eng.flush()
@@ -349,20 +350,20 @@ def test_the_snapshot_holds_what_the_caches_describe_and_updates_copy_nothing():
         eng.update_v(u % 7, 1, 0.1)
         eng.update_k_many([u % 5], [2], [0.2])
     assert eng.nbytes == nbytes and eng.touched_rows == n
-    np.testing.assert_array_equal(eng._K0, K_built)
-    np.testing.assert_array_equal(eng._V0, V_built)
+    np.testing.assert_array_equal(eng._queue.K0, K_built)
+    np.testing.assert_array_equal(eng._queue.V0, V_built)
     assert eng.flush().rows == n
-    np.testing.assert_array_equal(eng._K0, eng.K)
-    np.testing.assert_array_equal(eng._V0, eng.V)
-    assert not np.shares_memory(eng._K0, eng.K) and not np.shares_memory(eng._V0, eng.V)
+    np.testing.assert_array_equal(eng._queue.K0, eng.K)
+    np.testing.assert_array_equal(eng._queue.V0, eng.V)
+    assert not np.shares_memory(eng._queue.K0, eng.K) and not np.shares_memory(eng._queue.V0, eng.V)
 
 
 def freeze_timings(eng, ratio: float) -> None:
     """Fresh queries timed at 10 µs and catch-ups at ``ratio`` times a fresh query's element,
     frozen (the engine's own timings are ignored)."""
-    eng._fresh_log = _Timings([1e-5] * 3)
-    eng._catch_log = _Timings([ratio * 1e-5 / (eng.n * eng.d)])
-    eng._measure_catch_ratio()
+    eng._planner.fresh_log = _Timings([1e-5] * 3)
+    eng._planner.catch_log = _Timings([ratio * 1e-5 / (eng.n * eng.d)])
+    eng._planner.measure_catch_ratio()
 
 
 class Recording(Unbounded):
@@ -405,9 +406,9 @@ def test_single_queries_weigh_the_catch_up_by_measured_costs(ratio):
         eng.update_k(i, 1, 0.2)
     want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
     fresh_s = 1e-5
-    eng._fresh_log = _Timings([fresh_s] * 3)
-    eng._catch_log = _Timings([ratio * fresh_s / (n * d)])
-    eng._measure_catch_ratio()
+    eng._planner.fresh_log = _Timings([fresh_s] * 3)
+    eng._planner.catch_log = _Timings([ratio * fresh_s / (n * d)])
+    eng._planner.measure_catch_ratio()
     caught_up_at = None
     for q in range(2000):
         assert eng.query(q % n, q % d) == pytest.approx(want[q % n, q % d], rel=1e-12)
@@ -415,7 +416,7 @@ def test_single_queries_weigh_the_catch_up_by_measured_costs(ratio):
             caught_up_at = q
             break
     correct = 2 * (3 * d + 2) * 40
-    fixed, per_row = eng._pack_cost
+    fixed, per_row = eng._planner.pack_cost
     due = (correct + ratio * (fixed + per_row * 40) - n * d) / (n * d - correct)
     assert caught_up_at == max(0, math.ceil(due))
 
@@ -431,8 +432,8 @@ def test_a_logged_update_counts_one_row_of_catch_up_before_it_is_queued(ratio):
     eng.update_k(4, 1, 0.2)
     eng.query(0, 0)
     assert eng._pack.slots == 1 and not eng._log
-    eng._catch_log = _Timings([ratio * 1e-5 / (n * d)])
-    eng._measure_catch_ratio()
+    eng._planner.catch_log = _Timings([ratio * 1e-5 / (n * d)])
+    eng._planner.measure_catch_ratio()
     eng.update_k(4, 2, 0.3)
     want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
     assert eng.query(7, 2) == pytest.approx(want[7, 2], rel=1e-12)
@@ -471,7 +472,7 @@ def test_a_grown_log_repeats_the_fresh_choice_as_the_estimate_would(ops, ratio):
     engines = [make(n=n, d=d, seed=9, policy=10**6) for _ in range(2)]
     for eng in engines:
         freeze_timings(eng, ratio)
-        eng._n_fresh = 3  # the ratio is next remeasured at the 16th fresh query
+        eng._planner.n_fresh = 3  # the ratio is next remeasured at the 16th fresh query
     fast, full = engines
     shortcuts = 0
     for op, i, j in ops:
@@ -481,18 +482,20 @@ def test_a_grown_log_repeats_the_fresh_choice_as_the_estimate_would(ops, ratio):
             elif op == "f":
                 eng.flush()
             elif op == "r":  # a new measured ratio
-                eng._catch_log = _Timings([(1e-4, 1e-3, 1e-2, 1.0)[i % 4] * 1e-5 / (n * d)])
-                eng._measure_catch_ratio()
+                eng._planner.catch_log = _Timings([(1e-4, 1e-3, 1e-2, 1.0)[i % 4] * 1e-5 / (n * d)])
+                eng._planner.measure_catch_ratio()
             else:
                 if eng is full:
-                    eng._fresh_log_len = math.inf
-                elif op == "q" and len(eng._log) > eng._fresh_log_len:
+                    eng._planner.fresh_log_len = math.inf
+                elif op == "q" and len(eng._log) > eng._planner.fresh_log_len:
                     shortcuts += 1
                 value = eng.query(i, j) if op == "q" else eng.query_many([i, j], [j, 0])[0]
                 want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)[i, j]
                 assert value == pytest.approx(want, rel=1e-12)
-        assert fast._n_fresh == full._n_fresh and fast._pack.slots == full._pack.slots
-        assert fast._fresh_count == full._fresh_count
+        assert (
+            fast._planner.n_fresh == full._planner.n_fresh and fast._pack.slots == full._pack.slots
+        )
+        assert fast._planner.fresh_count == full._planner.fresh_count
     event("shortcut taken" if shortcuts else "shortcut not taken")
 
 
@@ -502,34 +505,42 @@ def test_the_first_catch_up_waits_for_fresh_queries_to_compare_with():
     eng.update_v(3, 1, 0.5)
     for q in range(3):  # n·d = 320,000 > the 160,000 estimated for a catch-up: afresh, timed
         eng.query(q, 0)
-        assert len(eng._fresh_log) == q + 1 and eng._pack.slots == 0 and not eng._catch_log
+        assert (
+            len(eng._planner.fresh_log) == q + 1
+            and eng._pack.slots == 0
+            and not eng._planner.catch_log
+        )
     eng.query(3, 0)  # then the estimate decides, and the catch-up is timed
-    assert eng._pack.slots == 1 and len(eng._catch_log) == 1 and len(eng._fresh_log) == 3
-    per_element = statistics.median(eng._fresh_log) / (40_000 * 8)
-    assert eng._catch_ratio == eng._catch_log[0] / per_element
+    assert (
+        eng._pack.slots == 1
+        and len(eng._planner.catch_log) == 1
+        and len(eng._planner.fresh_log) == 3
+    )
+    per_element = statistics.median(eng._planner.fresh_log) / (40_000 * 8)
+    assert eng._planner.catch_ratio == eng._planner.catch_log[0] / per_element
     # the ratio follows the fresh timings every 16th fresh query (medians cost ~1 µs)
-    eng._catch_log = _Timings([2 * eng._catch_log[0]])
-    before = eng._catch_ratio
+    eng._planner.catch_log = _Timings([2 * eng._planner.catch_log[0]])
+    before = eng._planner.catch_ratio
     for k in range(4, 17):
-        eng._direct_entry(0, 0)
-        assert (eng._catch_ratio == before) == (k < 16)
+        eng._fresh_entry(0, 0)
+        assert (eng._planner.catch_ratio == before) == (k < 16)
 
 
 def test_the_catch_up_ratio_follows_the_first_three_catch_ups_and_every_16th():
     n, d = 512, 8
     eng = make(n=n, d=d, seed=5, policy=10**6)
-    eng._fresh_log = _Timings([1e-5] * 3)
+    eng._planner.fresh_log = _Timings([1e-5] * 3)
     per_element = 1e-5 / (n * d)
     for k in range(1, 34):
-        eng._catch_log = _Timings([k * 1e-9])  # what a measurement after catch-up k sees
-        before = eng._catch_ratio
+        eng._planner.catch_log = _Timings([k * 1e-9])  # what a measurement after catch-up k sees
+        before = eng._planner.catch_ratio
         eng.update_k(k, 1, 0.2)
         eng._settle()
         eng._get_pack()  # one catch-up: the new row joins the pack
-        measured = eng._catch_ratio == pytest.approx(k * 1e-9 / per_element, rel=1e-12)
+        measured = eng._planner.catch_ratio == pytest.approx(k * 1e-9 / per_element, rel=1e-12)
         assert measured == (k <= 3 or k % 16 == 0), k
         if not measured:
-            assert eng._catch_ratio == before
+            assert eng._planner.catch_ratio == before
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -550,15 +561,15 @@ def test_a_flush_moves_the_precision_guards_by_the_removed_mass(dtype):
     event = eng.flush()
     assert event.repaired == 0
     K, V = np.array(eng.K, dtype=np.float64), np.array(eng.V, dtype=np.float64)
-    m = np.array(eng._m, dtype=np.float64)[:, None]
+    m = np.array(eng._stabiliser, dtype=np.float64)[:, None]
     w_now = np.exp(eng.scale * Q @ K.T - m)
     w_old = np.exp(eng.scale * Q @ K0.T - m)
     keyed = (K != K0).any(axis=1)
     valued = (V != V0).any(axis=1) & ~keyed
     removed_s = w_old[:, keyed].sum(axis=1)
     removed_c = w_old[:, keyed] @ np.abs(V0[keyed]) + w_now[:, valued] @ np.abs(V0[valued])
-    g = eng._growth
-    C = np.array(eng._C, dtype=np.float64)
+    g = eng._contrib.growth
+    C = np.array(eng._cache, dtype=np.float64)
     tol = dict(rtol=1e-9 if dtype == np.float64 else 2e-4, atol=0)
     np.testing.assert_allclose(C[:, d], w_now.sum(axis=1), **tol)
     np.testing.assert_allclose(C[:, d + 1], removed_s - g * w_now.sum(axis=1), **tol)
@@ -573,8 +584,8 @@ def test_inputs_the_snapshot_and_packed_rows_start_on_cache_lines(dtype):
     eng.update_v(4, 1, 0.5)
     eng.query_many([0, 1], [0, 1])  # packs the touched rows
     twin = eng.copy()
-    arrays = (eng._QA, eng._K, eng._V, eng._K0, eng._V0, eng._pack.Kp, eng._pack.B)
-    arrays += (twin._K, twin._K0, twin._V0, OnDemand(eng.Q, eng.K, eng.V)._K)
+    arrays = (eng._QA, eng._K, eng._V, eng._queue.K0, eng._queue.V0, eng._pack.Kp, eng._pack.B)
+    arrays += (twin._K, twin._queue.K0, twin._queue.V0, OnDemand(eng.Q, eng.K, eng.V)._K)
     assert all(a.ctypes.data % 64 == 0 for a in arrays)
     assert all(a.dtype == dtype and a.flags.c_contiguous for a in arrays)
 
@@ -900,7 +911,7 @@ def test_an_update_that_would_overflow_changes_nothing(call, dtype):
         ((np.ones((3, 2)),) * 3, {"dtype": "int64"}, TypeError, "dtype=int64"),
         ((np.ones((3, 2)),) * 3, {"scale": float("nan")}, ValueError, "scale=nan"),
         ((np.ones((3, 2)),) * 3, {"scale": 0}, ValueError, "scale=0"),
-        ((np.ones((3, 2)),) * 3, {"policy": 0}, ValueError, "k=0"),
+        ((np.ones((3, 2)),) * 3, {"policy": 0}, ValueError, "policy=0"),
         (
             (np.ones((3, 2)), np.full((3, 2), 1e300), np.ones((3, 2))),
             {"dtype": np.float32},
@@ -968,7 +979,7 @@ def test_entry_log_keeps_each_entrys_value_from_before_the_first_update(steps):
     # it entry by entry, bare rows included. Whatever the mix, the flush must remove exactly
     # the rows as they were.
     eng = make(n=4, d=3, policy=Fixed(10**9))
-    eng._short_log, eng._max_log = 1, 5
+    eng._queue.short_log, eng._queue.max_log = 1, 5
     orc = Oracle(eng)
     for on_k, i, j, delta, read in steps:
         (eng.update_k if on_k else eng.update_v)(i, j, delta)
@@ -996,11 +1007,11 @@ def test_entry_log_memory_stays_bounded():
     # never flushing and never queried, an engine must not keep every update: the log is
     # queued at _max_log entries
     eng = make(n=64, d=4, policy=Fixed(10**9))
-    eng._max_log = 50
+    eng._queue.max_log = 50
     rng = np.random.default_rng(0)
     for _ in range(5000):
         eng.update_v(int(rng.integers(4)), int(rng.integers(4)), 0.01)  # 4 hot rows
-        assert len(eng._log) <= eng._max_log
+        assert len(eng._log) <= eng._queue.max_log
     assert eng.pending == 5000 and eng.touched_v == {0, 1, 2, 3}
 
 
@@ -1063,7 +1074,7 @@ def test_writes_to_a_row_queued_without_its_old_rows(short_log, first, write):
     # (old row of the other array not copied): every later write to it must leave the old
     # rows recoverable, logged or not
     eng = make(n=6, d=3, policy=Fixed(10**9))
-    eng._short_log = short_log  # 0: every log is queued vectorised, its new rows bare
+    eng._queue.short_log = short_log  # 0: every log is queued vectorised, its new rows bare
     orc = Oracle(eng)
     row = np.array([0.9, -1.1, 0.4])
     if first == "log":

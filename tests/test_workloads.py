@@ -184,7 +184,7 @@ def test_load_npz_refuses_a_compressed_bomb(tmp_path):
     path = tmp_path / "bomb.npz"
     np.savez_compressed(path, Q=big, K=big, V=big)
     assert path.stat().st_size < 100_000
-    with pytest.raises(WorkloadError, match="bomb.npz: Q, K and V too large when decompressed"):
+    with pytest.raises(WorkloadError, match="bomb.npz: .*Q, K and V too large when decompressed"):
         load_npz(path, max_bytes=100_000)
 
 
@@ -236,14 +236,14 @@ def test_load_npz_overflow_in_requested_dtype(tmp_path):
 def test_load_npz_not_2d(tmp_path, shape):
     Q, K, V = good_qkv()
     path = write_npz(tmp_path / "s.npz", Q=Q, K=K, V=np.zeros(shape))
-    with pytest.raises(WorkloadError, match=r"s.npz: array 'V' must be 2-D"):
+    with pytest.raises(WorkloadError, match=r"s.npz: array 'V' \(member 'V.npy'\) must be 2-D"):
         load_npz(path)
 
 
 @pytest.mark.parametrize("shape", [(0, 3), (5, 0)])
 def test_load_npz_empty(tmp_path, shape):
     path = write_npz(tmp_path / "e.npz", Q=np.zeros(shape), K=np.zeros(shape), V=np.zeros(shape))
-    with pytest.raises(WorkloadError, match=r"e.npz: array 'Q' must have n >= 1 rows"):
+    with pytest.raises(WorkloadError, match=r"e.npz: array 'Q' .*must have n >= 1 rows"):
         load_npz(path)
 
 
@@ -259,22 +259,22 @@ def test_load_npz_corrupt_members():
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("Q.npy", b"\x93NUMPY garbage")
-        z.writestr("K", b"plain text")
+        z.writestr("K.npy", b"plain text")
         z.writestr("V.npy", b"")
     data = buf.getvalue()
-    with pytest.raises(WorkloadError, match=f"{UPLOADED}: array 'Q' cannot be read"):
+    with pytest.raises(WorkloadError, match=f"{UPLOADED}: array 'Q' \\(member 'Q.npy'\\)"):
         load_npz(data)
 
 
 def test_load_npz_member_without_npy_header():
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("Q", b"plain text")
+        z.writestr("Q.npy", b"plain text")
         for key in "KV":
             arr = io.BytesIO()
             np.save(arr, np.ones((2, 2)))
             z.writestr(f"{key}.npy", arr.getvalue())
-    with pytest.raises(WorkloadError, match="array 'Q' is not stored in .npy format"):
+    with pytest.raises(WorkloadError, match=r"array 'Q' \(member 'Q.npy'\) is not stored in .npy"):
         load_npz(buf.getvalue())
 
 

@@ -1,0 +1,259 @@
+"""Numerical kernels of the lazy engine: exact cache rows, the low-rank correction and the
+precision guards, shared with the eager baseline (:class:`~dynattn.strategies.EagerDense`).
+
+A *cache row* of query row ``i`` holds, over the current keys and values,
+``[N_i (d) | s_i | guard of s_i | guards of N_i (d)]`` (``2d + 2`` numbers) beside its
+stabiliser ``m_i``, with ``ã_ij = exp(scale · q_i·k_j − m_i)``, ``N_i = Σ_j ã_ij v_j`` and
+``s_i = Σ_j ã_ij``; the output row is ``N_i / s_i``.
+
+Invariants and costs:
+
+* The guards are ``removed − g · natural``: the mass that removals subtracted since the row was
+  last computed exactly, less ``g`` (:data:`GROWTH`) times its natural scale (``s_i`` and
+  ``Σ_j ã_ij |v_jc|``). Both parts are linear in the contributions, so every product that moves
+  N and s moves the guards too. A positive guard (or ``s ≤ 0``, or NaN) means a subtraction may
+  have cancelled more than ``log10 g`` digits: that row must be recomputed, O(n·d).
+* Every exponential stays below ``e^SHIFT_SLACK``: a row is rescaled (online softmax) where
+  Cauchy–Schwarz (``|q_i|·|k_j|``) allows a new logit above ``m_i + SHIFT_SLACK``.
+* Whole-matrix work runs in row blocks of about :data:`BLOCK_ELEMENTS` numbers, through
+  reused scratch (:class:`Workspace`): no n×n array, and no fresh multi-MB temporary per call
+  (first touches of fresh pages cost more than the arithmetic).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .._blas import add_product
+
+# g: removed mass may grow to this multiple of the remaining mass before a row is recomputed.
+# The incremental error is about unit-roundoff × (1 + 2·removed/remaining), so these bound it
+# near 5e-13 (float64) and 8e-6 (float32) of the entry's natural scale.
+GROWTH = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): 64.0}
+
+# From this many rows on, corrections and fresh rows are matrix products (compute-bound)
+# rather than matrix-vector products (memory-bound).
+MANY_ROWS = 16
+
+# Rows are not rescaled to a new maximum logit while Cauchy–Schwarz keeps every new logit
+# below m + this: exponentials up to e^16 overflow nothing, even in float32.
+SHIFT_SLACK = 16.0
+
+# Numbers per row block when a computation runs over every row: temporaries of a few MB.
+BLOCK_ELEMENTS = 1 << 20
+
+# Corrections exponentiate in base 2 (numpy's exp2 is 1.6x faster than exp in float32 and as
+# accurate); the factor log2(e) rides in the logit product for free.
+LOG2E = math.log2(math.e)
+
+
+class Workspace:
+    """Named scratch arrays reused across calls (grown, never shrunk, until :meth:`clear`)."""
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = dtype
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, int]) -> np.ndarray:
+        """A writable ``shape`` array whose contents are undefined."""
+        size = shape[0] * shape[1]
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = self._buffers[name] = np.empty(size, dtype=self.dtype)
+        return buf[:size].reshape(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+class Contributions:
+    """Rows that move the cache columns ``[N | s | guards]`` when multiplied by weights.
+
+    ``new``: a key-value pair coming in, ``[v, 1, −g, −g|v|]``; ``old``: one going out,
+    ``[−v, −1, 1+g, (1+g)|v|]``; ``changed``: a value replaced under an unchanged key,
+    ``[v − v_old, 0, 0, (1+g)|v_old| − g|v|]`` (s is untouched, so nothing cancels in it).
+    O(rows·d) each.
+    """
+
+    def __init__(self, d: int, dtype: np.dtype):
+        self.d, self.dtype = d, dtype
+        self.growth = g = GROWTH[dtype]
+        # s and its guard, as arrays: a tuple is converted at every call, and a catch-up
+        # after one update is all such calls
+        self._marks_new = np.array([1, -g], dtype=dtype)
+        self._marks_old = np.array([-1, 1 + g], dtype=dtype)
+
+    def new(self, out: np.ndarray, v: np.ndarray) -> None:
+        d = self.d
+        out[:, :d] = v
+        out[:, d : d + 2] = self._marks_new
+        np.multiply(np.abs(v), -self.growth, out=out[:, d + 2 :])
+
+    def old(self, out: np.ndarray, v: np.ndarray) -> None:
+        d = self.d
+        np.negative(v, out=out[:, :d])
+        out[:, d : d + 2] = self._marks_old
+        np.multiply(np.abs(v), 1 + self.growth, out=out[:, d + 2 :])
+
+    def changed(self, out: np.ndarray, v: np.ndarray, v_old: np.ndarray) -> None:
+        d, g = self.d, self.growth
+        np.subtract(v, v_old, out=out[:, :d])
+        out[:, d : d + 2] = 0
+        np.multiply(np.abs(v_old), 1 + g, out=out[:, d + 2 :])
+        out[:, d + 2 :] -= g * np.abs(v)
+
+
+def max_norm(rows: np.ndarray) -> float:
+    """Largest Euclidean norm among ``rows`` (0 for none; inf if a norm overflows)."""
+    if not len(rows):
+        return 0.0
+    if len(rows) == 1:  # a catch-up after one update: vdot neither warns nor needs errstate
+        return math.sqrt(np.vdot(rows, rows))
+    with np.errstate(over="ignore"):
+        return float(np.sqrt(np.einsum("ij,ij->i", rows, rows).max()))
+
+
+def guards_hold(C: np.ndarray, d: int) -> bool:
+    """Whether every row of ``C`` keeps its precision: ``s > 0`` and every guard ``≤ 0``, in
+    two whole-block reductions (NaN fails both). Row-wise reductions over short rows cost as
+    much as the exponentials of a small flush, so this usual case goes first."""
+    return len(C) == 0 or bool(C[:, d].min() > 0 and C[:, d + 1 :].max() <= 0)
+
+
+def lost_precision(C: np.ndarray, d: int) -> np.ndarray:
+    """Rows of ``C`` whose incremental value may have lost digits, or is not finite (bool).
+
+    With g the growth bound, each row carries the guards ``removed_s − g·s`` and, per output
+    column, ``removed_c − g·Σ_j ã_ij|v_jc|``. A positive guard means the removed mass exceeds g
+    times the remaining natural scale, so the subtraction may have cancelled more than
+    log10(g) digits. O(rows·d).
+    """
+    if guards_hold(C, d):
+        return np.zeros(len(C), dtype=bool)
+    bad = ~(C[:, d] > 0) | ~(C[:, d + 1] <= 0)  # negated comparisons also catch NaN
+    bad |= ~(C[:, d + 2 :] <= 0).all(axis=1)
+    return bad
+
+
+def exact_rows(
+    Q: np.ndarray,
+    K: np.ndarray,
+    V: np.ndarray,
+    scale: float,
+    growth: float,
+    idx: np.ndarray,
+    work: Workspace,
+    out_m: np.ndarray | None = None,
+    out_C: np.ndarray | None = None,
+    guards: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact stabilisers and cache rows of query rows ``idx`` from scratch, in row blocks.
+
+    Cost O(len(idx)·n·d) for n keys; memory one block of logits. Writes into ``out_m`` /
+    ``out_C`` (indexed like ``idx``) when given, so a full rebuild needs no second cache array.
+    Without ``guards`` the guard columns are zero: a third of the work saved where the rows are
+    only read, never corrected later.
+    """
+    n, d = K.shape
+    dt = K.dtype
+    m = np.empty(len(idx), dtype=dt) if out_m is None else out_m
+    C = np.empty((len(idx), 2 * d + 2), dtype=dt) if out_C is None else out_C
+    abs_v = np.abs(V) if guards else None
+    step = min(len(idx), max(32, BLOCK_ELEMENTS // n))
+    block = work.get("exact", (step, n))
+    scale = dt.type(scale)
+    for a in range(0, len(idx), step):
+        blk = slice(a, a + step)
+        L = block[: len(idx[blk])]
+        np.matmul(Q[idx[blk]] * scale, K.T, out=L)
+        mb = L.max(axis=1)
+        L -= mb[:, None]
+        np.exp(L, out=L)
+        m[blk] = mb
+        np.matmul(L, V, out=C[blk, :d])
+        L.sum(axis=1, out=C[blk, d])
+        if guards:
+            np.multiply(C[blk, d], -growth, out=C[blk, d + 1])
+            np.matmul(L, abs_v, out=C[blk, d + 2 :])
+            C[blk, d + 2 :] *= -growth
+        else:
+            C[blk, d + 1 :] = 0
+    return m, C
+
+
+def correct_rows(
+    QA: np.ndarray,
+    qnorm: np.ndarray,
+    qnorm_max: float,
+    m: np.ndarray,
+    C: np.ndarray,
+    pack,
+    work: Workspace | None = None,
+) -> np.ndarray:
+    """Bring cache rows ``(m, C)`` from the last flush to now, in place; returns the rows that
+    lost precision (:func:`lost_precision`).
+
+    ``C ← e^(m − m')·C + exp₂(QA·augᵀ) B`` with ``m'`` the rescaled stabiliser: new
+    contributions in, old ones out, guards moved, all in two matrix products over the P packed
+    entries, O(rows·P·d). ``QA`` is ``[Q[rows] | ·]`` with a spare column that receives ``−m``,
+    so the first product subtracts m itself and turns the logits into base 2
+    (``pack.augmented()`` is ``log₂e·[Kp | 1]``: an inner dimension of d+1 costs what d does,
+    a pass over the logits does not). ``qnorm``: the rows' query norms; ``qnorm_max``: a bound
+    on them. The second product accumulates into C where NumPy's BLAS allows
+    (:mod:`dynattn._blas`), else through a temporary. ``work``: scratch for the logits and that
+    temporary (the flush's hot loop), else fresh arrays. Rows are rescaled only where
+    Cauchy–Schwarz allows a new logit above ``m + SHIFT_SLACK``; elsewhere every exponential
+    stays below e^16 and a common factor cancels in N/s and the guards.
+    """
+    d = QA.shape[1] - 1
+    np.negative(m, out=QA[:, d])
+    aug = pack.augmented()
+    L = np.matmul(
+        QA, aug.T, out=work.get("logits", (len(m), len(aug))) if work is not None else None
+    )
+    new = pack.new
+    # one bound for the whole block first: the rows' own bounds cost four passes over them
+    if new is not None and qnorm_max * pack.knorm > m.min(initial=math.inf) + SHIFT_SLACK:
+        near = np.flatnonzero(qnorm * pack.knorm > m + SHIFT_SLACK)
+        if len(near):  # online softmax: rescale only the rows whose maximum moved
+            top = L[near][:, new].max(axis=1)
+            grew, up = near[top > 0], top[top > 0]
+            if len(grew):
+                C[grew] *= np.exp2(-up)[:, None]
+                m[grew] += up / LOG2E
+                L[grew] -= up[:, None]
+    np.exp2(L, out=L)
+    B = pack.views[1]
+    if not add_product(C, L, B):  # where NumPy's BLAS is out of reach: a temporary
+        C += np.matmul(L, B, out=work.get("product", C.shape) if work is not None else None)
+    return lost_precision(C, d)
+
+
+def correct_row(q, qnorm: float, m: float, cached: np.ndarray, pack, col: int | None):
+    """One cache row brought up to date, or None when its guards say it lost precision.
+
+    The arithmetic of :func:`correct_rows` on one row, with vector operations only: a single
+    query is dominated by per-call overhead, not flops (O(P·d)). With ``col`` only ``N[col]``
+    and ``s`` of the result are guaranteed (theirs are the guards checked).
+    """
+    Kp, B, new = pack.views
+    # ndarray.dot, not @: the same BLAS gemv without the matmul ufunc's dispatch (0.3 µs of a
+    # ~6 µs query)
+    L = Kp.dot(q)
+    m_new = m
+    # rescaling to the new maximum costs a reduction, as much as the exponentials: skipped
+    # while Cauchy–Schwarz bounds every new logit by m + SHIFT_SLACK
+    if new is not None and qnorm * pack.knorm > m + SHIFT_SLACK:
+        m_new = max(m, L[new].max())
+    L -= m_new
+    np.exp(L, out=L)
+    row = L.dot(B)
+    row += cached * math.exp(m - m_new) if m_new != m else cached
+    d = len(q)
+    if not (row[d] > 0 and row[d + 1] <= 0) or not (
+        row[d + 2 :].max() <= 0 if col is None else row[d + 2 + col] <= 0
+    ):
+        return None
+    return row

@@ -1,0 +1,154 @@
+"""Token-level verbs of :class:`~dynattn.engine.LazyAttention` (:class:`TokenVerbs`): query
+rows replaced, and token rows (a query, a key and a value each) inserted or deleted, as a
+language-model edit produces them.
+
+Invariant kept: the caches describe the snapshot (K and V as of the last flush). So
+
+* a new query row is computed exactly against the snapshot, ``O(n·d)`` a row;
+* an inserted key joins the snapshot at once: its contribution is added to every cache row
+  by one rank-t product (the flush's kernel with new entries only), ``O(m·t·d)``;
+* a deleted key leaves the snapshot at once: its snapshot contribution is removed by one
+  rank-t product (old entries only), ``O(m·t·d)``;
+* pending updates of the other rows stay pending, renumbered; those of deleted rows go.
+
+Arrays are copied to their new size, ``O((m + n)·d)``. Rows whose correction would lose
+precision are recomputed exactly. Every call checks all its arguments first and is applied
+whole or not at all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _validate as check
+from .kernels import LOG2E, correct_rows, exact_rows, max_norm
+
+
+class _OneSided:
+    """A correction pack of keys that only enter (``add``) or only leave the snapshot, in the
+    form :func:`~dynattn.engine.kernels.correct_rows` reads."""
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray, scale: float, contrib, add: bool):
+        t, d = keys.shape
+        Kp = keys * keys.dtype.type(scale)
+        B = np.empty((t, 2 * d + 2), dtype=keys.dtype)
+        (contrib.new if add else contrib.old)(B, values)
+        self.views = (Kp, B, slice(0, t) if add else None)
+        self.new = self.views[2]
+        self.knorm = max_norm(Kp) if add else 0.0  # leaving keys raise no logit
+
+    def augmented(self) -> np.ndarray:
+        """``log₂e·[Kp | 1]``, as :meth:`CorrectionPack.augmented`."""
+        Kp = self.views[0]
+        aug = np.empty((len(Kp), Kp.shape[1] + 1), dtype=Kp.dtype)
+        np.multiply(Kp, LOG2E, out=aug[:, :-1])
+        aug[:, -1] = LOG2E
+        return aug
+
+
+class TokenVerbs:
+    """Query-row replacement and token insertion and deletion for a square engine (m = n,
+    one row of Q, K and V per token); they use and rebuild the engine's state."""
+
+    def set_q_rows(self, rows, values) -> None:
+        """Replace ``Q[rows]`` by ``values`` (shape (t, d)); each row's cache is recomputed
+        exactly, ``O(t·n·d)``. Nothing is queued: a query row has no lazy form."""
+        r = check.as_indices("rows", rows, self._nq)
+        if len(np.unique(r)) != len(r):
+            raise ValueError(f"rows={r.tolist()} repeats a row; a row can be set once per call")
+        new = check.as_matrix("values", values, self._dtype, shape=(len(r), self._d))
+        self._settle()
+        q = self._queue
+        m, C = exact_rows(
+            new, q.K0, q.V0, self._scale, self._contrib.growth, np.arange(len(r)), self._work
+        )
+        self._QA[r, : self._d] = new
+        self._stabiliser[r], self._cache[r] = m, C
+        with np.errstate(over="ignore"):  # an infinite norm only disables a shortcut
+            self._qnorm[r] = np.sqrt(np.einsum("ij,ij->i", new, new))
+        self._qnorm_max = float(self._qnorm.max(initial=0.0))
+
+    def insert_rows(self, at, Q_rows, K_rows, V_rows) -> None:
+        """Insert t token rows before row ``at`` (0 ≤ at ≤ n; n appends): rows ``at`` and later
+        move down by t. Costs ``O(m·t·d)`` for the new keys, ``O(t·n·d)`` for the new query
+        rows, ``O((m + n)·d)`` to copy."""
+        self._require_square("insert_rows")
+        at = check.check_index("at", at, self._n + 1)
+        Qr = check.as_matrix("Q_rows", Q_rows, self._dtype)
+        t, d = len(Qr), self._d
+        Kr = check.as_matrix("K_rows", K_rows, self._dtype, shape=(t, d))
+        Vr = check.as_matrix("V_rows", V_rows, self._dtype, shape=(t, d))
+        if Qr.shape[1] != d:
+            raise ValueError(f"Q_rows has shape {Qr.shape}; expected ({t}, {d})")
+        self._settle()
+        q = self._queue
+        # the existing query rows take in the new keys (snapshot = current for new rows)
+        stab, cache = self._stabiliser.copy(), self._cache.copy()
+        pack = _OneSided(Kr, Vr, self._scale, self._contrib, add=True)
+        QA = self._QA.copy()
+        bad = correct_rows(QA, self._qnorm, self._qnorm_max, stab, cache, pack)
+        spot = np.arange(self._n)
+        spot[at:] += t  # old row -> new row
+        grow = lambda a, new: np.insert(a, at, new, axis=0)  # noqa: E731
+        QA_new = grow(QA, np.hstack([Qr, np.zeros((t, 1), dtype=self._dtype)]))
+        arrays = [grow(a, b) for a, b in ((self._K, Kr), (self._V, Vr), (q.K0, Kr), (q.V0, Vr))]
+        width = cache.shape[1]
+        cache = grow(cache, np.zeros((t, width), dtype=self._dtype))
+        stab = grow(stab, np.zeros(t, dtype=self._dtype))
+        fresh = np.concatenate([np.arange(at, at + t), spot[bad]])
+        self._rebuild_state(QA_new, *arrays, cache, stab, spot, fresh)
+
+    def delete_rows(self, rows) -> None:
+        """Delete token rows ``rows`` (distinct; at least one row must remain): later rows
+        move up. Costs ``O(m·t·d)`` to remove their keys, ``O((m + n)·d)`` to copy."""
+        self._require_square("delete_rows")
+        r = check.as_indices("rows", rows, self._n)
+        if len(np.unique(r)) != len(r):
+            raise ValueError(f"rows={r.tolist()} repeats a row")
+        if len(r) >= self._n:
+            raise ValueError(f"rows would delete all {self._n} rows; at least one must remain")
+        self._settle()
+        q = self._queue
+        stab, cache = self._stabiliser.copy(), self._cache.copy()
+        pack = _OneSided(q.K0[r], q.V0[r], self._scale, self._contrib, add=False)
+        bad = correct_rows(self._QA.copy(), self._qnorm, self._qnorm_max, stab, cache, pack)
+        keep = np.ones(self._n, dtype=bool)
+        keep[r] = False
+        spot = np.cumsum(keep) - 1
+        spot[~keep] = -1
+        arrays = [a[keep] for a in (self._K, self._V, q.K0, q.V0)]
+        fresh = spot[bad & keep]
+        self._rebuild_state(self._QA[keep], *arrays, cache[keep], stab[keep], spot, fresh)
+
+    def _require_square(self, verb: str) -> None:
+        if self._nq != self._n:
+            raise ValueError(
+                f"{verb} needs one query row per key (m = n); this engine has m={self._nq}, "
+                f"n={self._n}"
+            )
+
+    def _rebuild_state(self, QA, K, V, K0, V0, cache, stab, spot, fresh) -> None:
+        """Adopt resized arrays, keep counters, logs and the pending queue (renumbered by
+        ``spot``: old row -> new row, -1 for a deleted row), recompute rows ``fresh``."""
+        q = self._queue
+        touched = np.array(q.rows, dtype=np.intp)
+        flags = q.moved_k[touched], q.moved_v[touched]
+        keep = spot[touched] >= 0 if len(touched) else np.zeros(0, dtype=bool)
+        count, done = q.count, q.done
+        kept = (self.flush_log, self.query_log, self._n_queries, self._n_flushes)
+        self._adopt(*(check.aligned_copy(a) for a in (QA, K, V)), self._scale, self.policy)
+        self._cache, self._stabiliser = cache, stab
+        self.flush_log, self.query_log, self._n_queries, self._n_flushes = kept
+        queue = self._queue
+        queue.K0, queue.V0 = check.aligned_copy(K0), check.aligned_copy(V0)
+        rows = spot[touched[keep]]
+        if len(rows):
+            queue.queue(rows)
+            queue.moved_k[rows] = flags[0][keep]
+            queue.moved_v[rows] = flags[1][keep]
+        queue.count, queue.done = count, done
+        self._arm()
+        if len(fresh):
+            fresh = np.unique(fresh)
+            m, C = exact_rows(self._Q, K0, V0, self._scale, self._contrib.growth, fresh, self._work)
+            self._stabiliser[fresh], self._cache[fresh] = m, C

@@ -1,0 +1,215 @@
+"""The update verbs of :class:`~dynattn.engine.LazyAttention` (:class:`UpdateVerbs`).
+
+One verb per action, with vectorised batch forms beside it: ``update_k``/``update_v`` add to
+one entry, ``set_k_row``/``set_v_row`` replace a row, and ``update_k_many``,
+``update_v_many``, ``set_k_rows``, ``set_v_rows`` do many at once. Each writes K or V at
+once and queues the touched rows (:mod:`~dynattn.engine.pending`); the caches change only at
+a flush.
+
+Every call is all or nothing: arguments are checked before anything is written, and when the
+flush policy, asked after the write, raises or returns something that is not a threshold, the
+write and its queueing are taken back before the error propagates. Costs: an entry update is
+O(1) (a write and a log entry), a row O(d), a batch of m entries O(m) (m·d for rows); asking
+the policy is amortised (see :mod:`~dynattn.engine.schedule`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _validate as check
+from .reports import FlushEvent
+
+
+def _entry_update(which: str):
+    """``update_k`` or ``update_v``, written once and bound to its array here: passing the
+    array on to a shared method cost 0.05 µs of a 0.7 µs update."""
+    on_k = which == "K"
+
+    def update(self, i, j, delta) -> FlushEvent | None:
+        # the hot path of every stream: scalar work and a log entry only; the row joins the
+        # queue at the next read, with the others, vectorised
+        n = self._n
+        i = check.check_index("i", i, n)
+        j = check.check_index("j", j, self._d)
+        target = self._K if on_k else self._V
+        before, new = check.entry_sum(
+            which, target, i, j, check.check_scalar("delta", delta, self._dtype)
+        )
+        target[i, j] = new
+        log = self._log
+        log.append(i if on_k else n + i)
+        if len(log) >= self._ask_at:
+            return self._consult_or_restore(target, (i, j), before)
+        return None
+
+    return _method(
+        update,
+        f"update_{which.lower()}",
+        f"Add ``delta`` to ``{which}[i, j]``; logged, O(1). Returns the flush it caused, if any.",
+    )
+
+
+def _row_update(which: str):
+    """``set_k_row`` or ``set_v_row``, as :func:`_entry_update`: the write and the row logged
+    (the snapshot holds what it overwrote)."""
+    on_k = which == "K"
+
+    def update(self, i, row) -> FlushEvent | None:
+        n = self._n
+        i = check.check_index("i", i, n)
+        new = check.as_vector("row", row, self._d, self._dtype)
+        target = self._K if on_k else self._V
+        log = self._log
+        # the policy is asked after this write: keep what it overwrites, to take it back
+        old = target[i].copy() if len(log) + 1 >= self._ask_at else None
+        target[i] = new
+        log.append(i if on_k else n + i)
+        if old is not None:
+            return self._consult_or_restore(target, i, old)
+        return None
+
+    return _method(
+        update,
+        f"set_{which.lower()}_row",
+        f"Replace ``{which}[i]`` by ``row`` (shape (d,)); one update action, O(d), logged. "
+        "Returns the flush it caused, if any.",
+    )
+
+
+def _method(func, name: str, doc: str):
+    """``func`` named and documented as the method ``LazyAttention.<name>``."""
+    func.__name__, func.__qualname__, func.__doc__ = name, f"LazyAttention.{name}", doc
+    return func
+
+
+class UpdateVerbs:
+    """The update methods of :class:`~dynattn.engine.LazyAttention`, kept apart from its
+    queries; they use its state (``_K``, ``_V``, ``_log``, ``_queue``, ``_consult``)."""
+
+    update_k = _entry_update("K")
+    update_v = _entry_update("V")
+    set_k_row = _row_update("K")
+    set_v_row = _row_update("V")
+
+    def _consult_or_restore(self, target: np.ndarray, where, old) -> FlushEvent | None:
+        """Ask the policy after a single update; if that fails, ``target[where] = old`` and
+        the update's log entry goes. (Apart from the update itself: a closure there would make
+        its locals cells, 10 % of a 0.7 µs update.)"""
+        log = self._log
+        return self._consult(lambda: (target.__setitem__(where, old), log.pop()))
+
+    def update_k_many(self, rows, cols=None, deltas=None) -> FlushEvent | None:
+        """Add ``deltas`` to ``K[rows, cols]`` (repeats accumulate); all or nothing.
+
+        Parameters
+        ----------
+        rows, cols : array_like of int, shape (m,)
+            Entry positions. Alternatively pass a sequence of ``(i, j, delta)`` tuples as
+            ``rows`` alone, the original prototype's form.
+        deltas : array_like of float, shape (m,)
+
+        Returns
+        -------
+        FlushEvent or None
+            The flush the batch triggered (the policy is asked once, after the batch).
+        """
+        return self._update_entries("K", rows, cols, deltas)
+
+    def update_v_many(self, rows, cols=None, deltas=None) -> FlushEvent | None:
+        """Add ``deltas`` to ``V[rows, cols]``; see :meth:`update_k_many`."""
+        return self._update_entries("V", rows, cols, deltas)
+
+    def set_k_rows(self, rows, values) -> FlushEvent | None:
+        """Replace ``K[rows]`` by ``values`` (shape (m, d)); m update actions, all or nothing."""
+        return self._set_rows("K", rows, values)
+
+    def set_v_rows(self, rows, values) -> FlushEvent | None:
+        """Replace ``V[rows]`` by ``values`` (shape (m, d)); m update actions, all or nothing."""
+        return self._set_rows("V", rows, values)
+
+    def _update_entries(self, which: str, rows, cols, deltas) -> FlushEvent | None:
+        if cols is None and deltas is None:
+            r, c, dl = split_triples(rows, self._n, self._d, self._dtype)
+        elif cols is None or deltas is None:
+            raise TypeError(
+                f"update_{which.lower()}_many needs rows, cols and deltas, or one "
+                "sequence of (i, j, delta) tuples"
+            )
+        else:
+            r = check.as_indices("rows", rows, self._n)
+            c = check.as_indices("cols", cols, self._d)
+            if len(c) != len(r):
+                raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
+            dl = check.as_vector("deltas", deltas, len(r), self._dtype)
+        target = self._K if which == "K" else self._V
+        flat, final = check.entry_sums(which, target, r, c, dl)
+        old = target.ravel()[flat]
+        return self._apply_batch(
+            which, r, lambda values: target.ravel().put(flat, values), final, old
+        )
+
+    def _set_rows(self, which: str, rows, values) -> FlushEvent | None:
+        r = check.as_indices("rows", rows, self._n)
+        if len(np.unique(r)) != len(r):
+            raise ValueError(f"rows={r.tolist()} repeats a row; a row can be set once per call")
+        new = check.as_matrix("values", values, self._dtype, shape=(len(r), self._d))
+        target = self._K if which == "K" else self._V
+        return self._apply_batch(which, r, lambda v: target.__setitem__(r, v), new, target[r])
+
+    def _apply_batch(self, which: str, rows, write, new, old) -> FlushEvent | None:
+        """Queue ``rows`` of K or V, ``write(new)`` and ask the policy once its last answer
+        has run out; if asking fails, ``write(old)`` and the queue as it was."""
+        queue = self._queue
+        moved = queue.moved_k if which == "K" else queue.moved_v
+        mark, flags = queue.checkpoint(), moved[rows]
+        queue.touch(rows, moved, len(rows))
+        write(new)
+        if queue.count + len(self._log) >= self._schedule.check_at:
+            return self._consult(lambda: (write(old), queue.rollback(mark, rows, moved, flags)))
+        self._ask_at -= len(rows)  # _arm, for what just changed
+        return None
+
+
+def split_triples(updates, n: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked columns ``(rows, cols, deltas)`` of a sequence of ``(i, j, delta)``: checked
+    as a whole, item by item only to name the first bad item in the error."""
+    try:
+        items = list(updates)
+    except TypeError:
+        raise TypeError(f"updates={updates!r} must be a sequence of (i, j, delta)") from None
+    if not items:
+        raise ValueError("updates is empty; pass at least one (i, j, delta)")
+    try:
+        rows, cols, deltas = zip(*items, strict=True)
+    except (TypeError, ValueError):
+        k = next(
+            k for k, u in enumerate(items) if not (isinstance(u, (tuple, list)) and len(u) == 3)
+        )
+        raise ValueError(f"updates[{k}]={items[k]!r} is not an (i, j, delta) triple") from None
+    out = []
+    for pos, (name, values, bound) in enumerate((("i", rows, n), ("j", cols, d))):
+        arr = np.asarray(values)
+        if arr.dtype.kind not in "iu" or ((arr < 0) | (arr >= bound)).any():
+            arr = np.array(
+                [
+                    check.check_index(f"updates[{k}][{pos}] ({name})", v, bound)
+                    for k, v in enumerate(values)
+                ]
+            )
+        out.append(arr.astype(np.int64, copy=False))
+    dl = np.asarray(deltas)
+    ok = dl.dtype.kind in "biuf"
+    if ok:
+        with np.errstate(over="ignore"):  # a delta too large for float32 is named below
+            dl = dl.astype(dtype)
+        ok = np.isfinite(dl).all()
+    if not ok:
+        dl = np.array(
+            [
+                check.check_scalar(f"updates[{k}][2] (delta)", v, dtype)
+                for k, v in enumerate(deltas)
+            ],
+            dtype=dtype,
+        )
+    return out[0], out[1], dl
