@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from contract import CHECKS
 from dask.distributed import Client, LocalCluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -253,17 +254,17 @@ def test_the_buffer_is_shipped_in_batches_and_queries_take_their_shard_only(clie
     with ShardedAttention(Q, K, V, client=client, shards=2, buffer=8, policy=1000) as eng:
         for k in range(5):
             eng.update_k(k, 0, 0.1)
-        assert len(eng._log) == 5 and eng._sent == [0, 0]  # nothing sent yet
+        assert len(eng._queue.log) == 5 and eng._queue.sent == [0, 0]  # nothing sent yet
         eng.query(22, 0)  # row 22 lives on shard 1: only shard 1 gets the buffer
-        assert eng._sent == [0, 5]
+        assert eng._queue.sent == [0, 5]
         for k in range(3):
             eng.update_v(k, 1, 0.1)
         # the 8th buffered action sends the buffer to every shard, one batch each, without
         # waiting; the log is kept until the shards have applied it
-        assert [f[1] for f in eng._inflight] == [8, 8] and eng.pending == 8
+        assert [f[1] for f in eng._queue.inflight] == [8, 8] and eng.pending == 8
         orc = Oracle(eng)
         assert_close_natural(eng.output(), orc.output(), orc.natural_scale(), TOL, "output")
-        assert eng._inflight == [None, None] and len(eng._log) == 0 and eng.pending == 8
+        assert eng._queue.inflight == [None, None] and len(eng._queue.log) == 0 and eng.pending == 8
 
 
 def test_a_shard_that_raises_is_named(client):
@@ -388,6 +389,67 @@ def test_random_sequences_match_the_oracle(client, scenario):
 
 def test_the_interface_is_the_engines():
     public = {a for a in dir(LazyAttention) if not a.startswith("_")}
-    # not offered: copy (a second set of shards), the flop estimates (per shard)
-    missing = public - set(dir(ShardedAttention)) - {"copy", "correction_flops", "query_flops"}
+    # not offered: the flop estimates (per shard), inserting and deleting tokens (they would
+    # move rows between shards)
+    missing = (
+        public
+        - set(dir(ShardedAttention))
+        - {
+            "correction_flops",
+            "query_flops",
+            "insert_rows",
+            "delete_rows",
+        }
+    )
     assert not missing, f"ShardedAttention lacks {sorted(missing)}"
+
+
+# the shared contract (tests/contract.py), with engines on the module's cluster
+def sharded(shards, policy=None):
+    def factory(Q, K, V):
+        return ShardedAttention(Q, K, V, client=CLUSTER["client"], shards=shards, policy=policy)
+
+    return factory
+
+
+def a_head_of_many(Q, K, V):
+    mha = MultiHeadAttention([Q, Q[::-1]], [K, K], [V, -V], client=CLUSTER["client"])
+    return mha.head(0)
+
+
+CLUSTER = {}
+CONTRACT_FACTORIES = {
+    "1 shard": sharded(1),
+    "2 shards, flush every 3": sharded(2, Fixed(3)),
+    "3 shards": sharded(3),
+    "multi-head, one head": a_head_of_many,
+}
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=[] if name.startswith("2") else [pytest.mark.slow])
+        for name in CONTRACT_FACTORIES
+    ],
+)
+def test_contract(client, name, check):
+    CLUSTER["client"] = client
+    check(CONTRACT_FACTORIES[name])
+
+
+def test_set_q_rows_goes_to_the_shards_owning_them(client):
+    Q, K, V = qkv(seed=11)
+    with ShardedAttention(Q, K, V, client=client, shards=3, policy=1000) as eng:
+        eng.update_k(2, 1, 0.5)
+        rows, values = [1, 12, 22], np.random.default_rng(11).standard_normal((3, 5))
+        eng.set_q_rows(rows, values)
+        np.testing.assert_array_equal(eng.Q[rows], values)
+        orc = Oracle(eng)
+        assert_close_natural(eng.output(), orc.output(), orc.natural_scale(), TOL, "output")
+        with pytest.raises(ValueError, match="repeats"):
+            eng.set_q_rows([1, 1], np.ones((2, 5)))
+        with pytest.raises(IndexError, match="rows"):
+            eng.set_q_rows([23], np.ones((1, 5)))
+        np.testing.assert_array_equal(eng.Q[rows], values)

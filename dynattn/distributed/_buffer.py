@@ -1,137 +1,169 @@
-"""The client side of a sharded engine: its buffer of updates and its calls to the shards."""
+"""The client side of a sharded engine: its buffer of updates (:class:`ClientLog`) and its
+calls to the shards (:class:`ShardCalls`)."""
 
 from __future__ import annotations
 
 import bisect
+from array import array
 
 import numpy as np
 
-from ..engine import FlushEvent
 from ._cluster import ShardError
 
-__all__ = ["ShardBuffer"]
+__all__ = ["ClientLog", "ShardCalls"]
 
 
-class ShardBuffer:
-    """Update buffer and shard calls, for :class:`~dynattn.distributed.ShardedAttention`.
+class ClientLog:
+    """What the client has not yet applied everywhere: one flag per update action (row i of K
+    as i, of V as n + i), and the rows touched since the flush.
 
-    The buffer is a log of one flag per update action (row i of K as i, of V as n + i);
-    shard s has been sent ``log[:_sent[s]]``. A batch sent without waiting is *in flight*
-    until the next call to its shard confirms it; entries every shard has confirmed leave the
-    log and count as pending. The subclass provides ``_log``, ``_n``, ``_K``, ``_V``,
-    ``_hosts``, ``_starts``, ``_places``, ``_label``, ``_pending``, ``_arm`` and
-    ``_consult`` (the engine's).
+    It stands where the engine keeps its :class:`~dynattn.engine.pending.PendingUpdates`, with
+    the members the engine's update verbs and policy consultation use (``log``, ``count``,
+    ``done``, ``max_log``, ``moved_k``/``moved_v``, ``touch``, ``checkpoint``, ``rollback``),
+    so those run unchanged on the client. Shard s has been sent ``log[:sent[s]]``; a batch
+    sent without waiting is *in flight* until the next call to its shard confirms it; entries
+    every shard has confirmed leave the log (:meth:`trim`) and are counted in ``count``.
+    Memory: O(n) flags and the log (``max_log`` entries, more while a shard is behind).
     """
 
-    def _init_buffer(self, shards: int) -> None:
-        """An empty buffer for ``shards`` shards; no row touched."""
-        self._sent = [0] * shards
-        self._inflight = [None] * shards  # (future, log length) of a batch sent unwaited
-        self._batch_cache = None
-        self._noted = 0  # the log's flags up to here are folded into the touched rows
-        self._moved = np.zeros(2 * self._n, dtype=bool)
-        self._moved_k, self._moved_v = self._moved[: self._n], self._moved[self._n :]
-        self._row_hit = np.zeros(self._n, dtype=bool)
-        self._touched = 0
+    def __init__(self, n: int, shards: int, max_log: int):
+        self.n, self.max_log = n, max_log
+        self.log = array("q")
+        self.count = 0  # actions every shard has received, since the flush
+        self.done = 0  # actions applied by flushes
+        self.sent = [0] * shards
+        self.inflight = [None] * shards  # (future, log length) of a batch sent unwaited
+        self.moved = np.zeros(2 * n, dtype=bool)  # by flag: changed since the flush
+        self.moved_k, self.moved_v = self.moved[:n], self.moved[n:]
+        self.hit = np.zeros(n, dtype=bool)  # rows of K or V changed since the flush
+        self.touched = 0  # |S|: hit.sum(), kept as it changes
+        self.noted = 0  # log[:noted] is folded into moved and hit
 
-    @property
-    def touched_rows(self) -> int:
-        """Distinct rows of K or V touched since the last flush, |S|."""
-        self._note()
-        return self._touched
+    # --- what the engine's update verbs call (PendingUpdates' names and meanings)
+    def touch(self, rows: np.ndarray, moved: np.ndarray, count: int) -> None:
+        """Log ``rows`` of K (``moved`` is ``moved_k``) or V: one flag per action (``count``
+        of them, as the log counts itself)."""
+        flags = rows if moved is self.moved_k else rows + self.n
+        self.log.frombytes(np.asarray(flags, dtype=np.int64).tobytes())
 
-    @property
-    def touched_k(self) -> frozenset[int]:
-        """Rows of K changed since the last flush."""
-        self._note()
-        return frozenset(np.flatnonzero(self._moved_k).tolist())
+    def checkpoint(self) -> int:
+        return len(self.log)
 
-    @property
-    def touched_v(self) -> frozenset[int]:
-        """Rows of V changed since the last flush."""
-        self._note()
-        return frozenset(np.flatnonzero(self._moved_v).tolist())
+    def rollback(self, mark: int, rows: np.ndarray, moved: np.ndarray, flags: np.ndarray):
+        """Undo the batch logged since :meth:`checkpoint` gave ``mark``: its flags leave the
+        log, its ``rows`` get their ``moved`` flags back (``flags``) and the touched count
+        follows."""
+        del self.log[mark:]
+        self.noted = min(self.noted, mark)
+        moved[rows] = flags
+        rows = np.unique(rows)
+        now = self.moved_k[rows] | self.moved_v[rows]
+        self.touched -= int(np.count_nonzero(self.hit[rows] & ~now))
+        self.hit[rows] = now
 
-    def _touch(self, rows: np.ndarray, moved: np.ndarray) -> None:
-        """Log ``rows`` of K (``moved`` is ``_moved_k``) or V: one flag per action."""
-        flags = rows if moved is self._moved_k else rows + self._n
-        self._log.frombytes(flags.astype(np.int64).tobytes())
+    # --- the client's own bookkeeping
+    def note(self) -> None:
+        """Fold the flags logged since the last call into the touched rows, O(new flags)."""
+        log = self.log
+        self.noted = min(self.noted, len(log))  # a single update taken back after a note
+        if self.noted == len(log):
+            return
+        flags = np.frombuffer(log[self.noted :], dtype=np.int64)
+        self.noted = len(log)
+        self.moved[flags] = True
+        rows = np.where(flags >= self.n, flags - self.n, flags)
+        new = np.unique(rows[~self.hit[rows]])
+        self.hit[new] = True
+        self.touched += len(new)
 
-    def _counted(self, count: int) -> FlushEvent | None:
-        """After a batch of ``count`` logged actions: ask the policy if its answer ran out."""
-        if len(self._log) >= self._ask_at:
-            return self._consult()
-        return None
+    def batch(self, shard: int, K: np.ndarray, V: np.ndarray, memo: dict | None = None):
+        """``(batch, upto)``: the rows logged but not yet sent to ``shard``, with their current
+        values in K and V (|S|·d numbers each), and the log length they cover. ``memo``, kept
+        by a caller sending to several shards between two updates, makes each batch once."""
+        upto, start = len(self.log), self.sent[shard]
+        if start == upto:
+            return None, upto
+        if memo is not None and (start, upto) in memo:
+            return memo[start, upto], upto
+        flags = np.unique(np.frombuffer(self.log[start:upto], dtype=np.int64))
+        split = np.searchsorted(flags, self.n)
+        k_rows, v_rows = flags[:split], flags[split:] - self.n
+        batch = (k_rows, K[k_rows], v_rows, V[v_rows])
+        if memo is not None:
+            memo[start, upto] = batch
+        return batch, upto
+
+    def trim(self) -> bool:
+        """Drop the entries every shard has applied (they join ``count``); whether any."""
+        k = min(self.sent)
+        if k == 0:
+            return False
+        self.note()
+        self.count += k
+        del self.log[:k]
+        self.sent = [s - k for s in self.sent]
+        self.inflight = [f and (f[0], f[1] - k) for f in self.inflight]
+        self.noted -= k
+        return True
+
+    def clear(self) -> None:
+        """After a flush (the log is empty: every shard had it): nothing is pending."""
+        self.done += self.count
+        self.count = 0
+        self.moved[:] = False
+        self.hit[:] = False
+        self.touched = 0
+
+
+class ShardCalls:
+    """Calls from the client to the shards of :class:`~dynattn.distributed.ShardedAttention`,
+    each preceded by that shard's share of the buffer, with failures named. The subclass
+    provides ``_queue`` (a :class:`ClientLog`), ``_K``, ``_V``, ``_hosts``, ``_starts``,
+    ``_places``, ``_label`` and ``_arm``."""
 
     def _settle(self) -> None:
         """Send the buffer to every shard without waiting for them to apply it (the engine's
-        _consult calls this when the log is full): the client buffers on meanwhile; the next
-        call to a shard waits for its batch first, and reports a failure then."""
-        failures = []
-        for s in range(self.shards):
-            shard, fut, upto = self._issue(s, None)
+        policy consultation calls this when the log is full): the client buffers on meanwhile;
+        the next call to a shard waits for its batch first, and reports a failure then."""
+        failures, memo = [], {}
+        for s in range(len(self._hosts)):
+            shard, fut, upto = self._issue(s, None, memo=memo)
             if isinstance(fut, BaseException):
                 failures.append((self._describe(s), fut))
             else:
-                self._inflight[s] = (fut, upto)
+                self._queue.inflight[s] = (fut, upto)
         self._trim()
         if failures:
             raise ShardError("sending updates", failures)
 
-    def _note(self) -> None:
-        """Fold the log's flags not yet counted into the touched rows, O(new flags)."""
-        if self._noted == len(self._log):
-            return
-        flags = np.frombuffer(self._log[self._noted :], dtype=np.int64)
-        self._noted = len(self._log)
-        self._moved[flags] = True
-        rows = np.where(flags >= self._n, flags - self._n, flags)
-        new = np.unique(rows[~self._row_hit[rows]])
-        self._row_hit[new] = True
-        self._touched += len(new)
-
-    def _batch(self, shard: int):
-        """``(batch, upto)``: the buffer's rows not yet sent to ``shard`` with their current
-        values (|S|·d numbers for K and for V), and the log length they cover."""
-        upto = len(self._log)
-        start = self._sent[shard]
-        if start == upto:
-            return None, upto
-        # shards at the same point get the same batch: made once (an update lengthens the
-        # log, so (start, upto) names one content until the log is trimmed)
-        if self._batch_cache is not None and self._batch_cache[0] == (start, upto):
-            return self._batch_cache[1], upto
-        flags = np.unique(np.frombuffer(self._log[start:upto], dtype=np.int64))
-        split = np.searchsorted(flags, self._n)
-        k_rows, v_rows = flags[:split], flags[split:] - self._n
-        batch = (k_rows, self._K[k_rows], v_rows, self._V[v_rows])
-        self._batch_cache = ((start, upto), batch)
-        return batch, upto
-
-    # ------------------------------------------------------------------ calls to shards
-    def _issue(self, shard: int, name: str | None, *args, ship: bool = True):
+    def _issue(self, shard: int, name: str | None, *args, ship: bool = True, memo=None):
         """Start ``name(*args)`` on ``shard``, its share of the buffer first (unless not
         ``ship``); returns ``(shard, future or exception, log length covered)``. A batch
         still in flight to that shard is waited for first: calls to one actor are not
         ordered otherwise."""
-        if self._inflight[shard] is not None:
-            fut, upto = self._inflight[shard]
-            self._inflight[shard] = None
+        queue = self._queue
+        if queue.inflight[shard] is not None:
+            fut, upto = queue.inflight[shard]
+            queue.inflight[shard] = None
             try:
                 fut.result()
             except Exception as exc:
-                return shard, exc, self._sent[shard]
-            self._sent[shard] = max(self._sent[shard], upto)
-        batch, upto = self._batch(shard) if ship else (None, self._sent[shard])
+                return shard, exc, queue.sent[shard]
+            queue.sent[shard] = max(queue.sent[shard], upto)
+        if ship:
+            batch, upto = queue.batch(shard, self._K, self._V, memo)
+        else:
+            batch, upto = None, queue.sent[shard]
         try:
             return shard, self._hosts[shard].run(batch, name, *args), upto
         except Exception as exc:  # a lost actor refuses at once
-            return shard, exc, self._sent[shard]
+            return shard, exc, queue.sent[shard]
 
     def _gather(self, operation: str, calls, wait=lambda f: f.result()) -> dict:
         """Wait for ``calls`` (from :meth:`_issue`), record what each shard received, and
         return ``{shard: result}``; ShardError naming every shard that failed."""
         results, failures = {}, []
+        sent = self._queue.sent
         for shard, fut, upto in calls:
             try:
                 if isinstance(fut, BaseException):
@@ -140,7 +172,7 @@ class ShardBuffer:
             except Exception as exc:
                 failures.append((self._describe(shard), exc))
                 continue
-            self._sent[shard] = max(self._sent[shard], upto)
+            sent[shard] = max(sent[shard], upto)
         self._trim()
         if failures:
             raise ShardError(operation, failures)
@@ -148,30 +180,22 @@ class ShardBuffer:
 
     def _describe(self, shard: int) -> str:
         a, b = self._starts[shard], self._starts[shard + 1]
-        where = self._label.format(s=shard, count=len(self._sent), a=a, b=b)
+        queue = self._queue
+        where = self._label.format(s=shard, count=len(queue.sent), a=a, b=b)
         return (
-            f"{where}worker {self._places[shard]}; {len(self._log) - self._sent[shard]} "
+            f"{where}worker {self._places[shard]}; {len(queue.log) - queue.sent[shard]} "
             "buffered updates not yet applied there)"
         )
 
     def _trim(self) -> None:
-        """Drop the log's entries every shard has applied: they become pending counts."""
-        k = min(self._sent)
-        if k == 0:
-            return
-        self._note()
-        self._pending += k
-        del self._log[:k]
-        self._sent = [s - k for s in self._sent]
-        self._inflight = [f and (f[0], f[1] - k) for f in self._inflight]
-        self._noted -= k
-        self._batch_cache = None
-        self._arm()
+        if self._queue.trim():
+            self._arm()  # the policy's next consultation, as a log length, moved
 
     def _run_all(self, name: str | None, *args, ship: bool = True) -> list:
-        calls = [self._issue(s, name, *args, ship=ship) for s in range(self.shards)]
+        memo = {}
+        calls = [self._issue(s, name, *args, ship=ship, memo=memo) for s in range(len(self._hosts))]
         results = self._gather(name or "sending updates", calls)
-        return [results[s] for s in range(self.shards)]
+        return [results[s] for s in range(len(self._hosts))]
 
     def _by_shard(self, rows: np.ndarray):
         """``(shard, mask of rows it owns)`` for each shard owning one of ``rows``."""

@@ -12,10 +12,11 @@ import os
 import numpy as np
 import psutil  # a dependency of dask.distributed
 
-from ..engine import LazyAttention, _Norm
+from ..engine import LazyAttention
+from ..engine.reports import FrobeniusNorm
 from ..policies import Fixed
 
-__all__ = ["EngineHost"]
+__all__ = ["EngineHost", "copy_engine"]
 
 
 # the shards' policy: never flush unasked (the client decides, for every shard at once)
@@ -30,8 +31,9 @@ class EngineHost:
     Memory: the engine's ~8·n·d numbers for n keys (K, V, their snapshot, Q block, caches).
     """
 
-    def __init__(self, Q, K, V, engine_kwargs: dict):
-        self.engine = LazyAttention(Q, K, V, policy=_NEVER, **engine_kwargs)
+    def __init__(self, Q, K, V, engine_kwargs: dict, engine: LazyAttention | None = None):
+        # ``engine``: adopt one made on this worker (:func:`copy_engine`) instead of building
+        self.engine = engine or LazyAttention(Q, K, V, policy=_NEVER, **engine_kwargs)
 
     def run(self, batch, name: str | None, *args):
         """Apply ``batch`` (rows of K and V with their current values, from the client's
@@ -56,7 +58,7 @@ class EngineHost:
 
     def norms(self, rows=None) -> tuple[float, float, float, float]:
         """``(scale, ssq)`` of ``O_stale − O`` and of ``O`` over the output ``rows`` (all when
-        None), as the engine's error norms accumulate them (see ``engine._Norm``), so the
+        None), as the engine's error norms accumulate them (see ``FrobeniusNorm``), so the
         client can merge the shards' parts without overflow; O(rows·|S|·d)."""
         eng = self.engine
         if rows is None:
@@ -65,7 +67,7 @@ class EngineHost:
             idx = np.asarray(rows, dtype=np.int64)
             exact = eng._rows_out(idx, stale=False, count=0)  # not a user query: not counted
             stale = eng._rows_out(idx, stale=True, count=0)
-        diff, total = _Norm(), _Norm()
+        diff, total = FrobeniusNorm(), FrobeniusNorm()
         diff.add(stale - exact)
         total.add(exact)
         return diff.scale, diff.ssq, total.scale, total.ssq
@@ -80,3 +82,12 @@ class EngineHost:
             "max_correction_rows": eng.max_correction_rows,
             "max_query_rows": eng.max_query_rows,
         }
+
+
+def copy_engine(key: str) -> LazyAttention:
+    """A copy of the engine of the actor ``key``, made on the worker that holds it (run as a
+    task there, so the copy never travels): O((m + n)·d), no rebuild. The caller has no call
+    to that actor running."""
+    from distributed import get_worker  # on the worker, where Dask is loaded anyway
+
+    return get_worker().state.actors[key].engine.copy(policy=_NEVER)

@@ -73,12 +73,13 @@ class MultiHeadAttention:
             futures = []
             for h, (Qa, Ka, Va, kwargs) in enumerate(inputs):
                 head = ShardedAttention.__new__(ShardedAttention)
-                head._place(shared, Qa, Ka, Va, kwargs, [0, len(Qa)], [workers[h % len(workers)]])
+                place = [workers[h % len(workers)]]
+                head._place(shared, Qa, Ka, Va, kwargs, [0, len(Qa)], place, buffer)
                 head._label = f"head {h} ("
                 futures.append(head._submit([0]))  # every head's engine builds at once
                 self._heads.append(head)
             for head, fut in zip(self._heads, futures, strict=True):
-                head._setup(copy.deepcopy(policy), fut, buffer)
+                head._setup(copy.deepcopy(policy), fut)
         except BaseException:
             self._cluster.close()
             raise

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import time
-from array import array
 from collections import deque
 
 import numpy as np
 
 from .. import _validate as V_
-from ..engine import ErrorReport, FlushEvent, LazyAttention, _Norm
-from ..policies import as_policy
-from ._buffer import ShardBuffer
-from ._cluster import Cluster
+from ..engine import ErrorReport, FlushEvent, LazyAttention, QueryRecord
+from ..engine.reports import FrobeniusNorm
+from ..engine.schedule import FlushSchedule
+from ..engine.updates import UpdateVerbs
+from ._buffer import ClientLog, ShardCalls
+from ._cluster import Cluster, ShardError
+from ._host import copy_engine
 
 __all__ = ["ShardedAttention"]
 
@@ -44,7 +46,7 @@ def checked_inputs(Q, K, V, engine_kwargs: dict):
     return Qa, Ka, Va, kwargs
 
 
-class ShardedAttention(ShardBuffer):
+class ShardedAttention(UpdateVerbs, ShardCalls):
     """:class:`~dynattn.engine.LazyAttention` with its m query rows split into blocks, each
     block a ``LazyAttention(Q_block, K, V)`` on a Dask worker (an actor), K and V replicated.
 
@@ -85,7 +87,7 @@ class ShardedAttention(ShardBuffer):
     """
 
     def __init__(self, Q, K, V, *, client=None, shards=None, buffer: int = 16384, **engine_kwargs):
-        policy = as_policy(engine_kwargs.pop("policy", None))
+        policy = engine_kwargs.pop("policy", None)
         Qa, Ka, Va, kwargs = checked_inputs(Q, K, V, engine_kwargs)
         if shards is not None:
             shards = V_.check_index("shards", shards, len(Qa) + 1)
@@ -99,21 +101,23 @@ class ShardedAttention(ShardBuffer):
             count = shards or len(workers)
             starts = [len(Qa) * s // count for s in range(count + 1)]
             places = [workers[s % len(workers)] for s in range(count)]
-            self._place(cluster, Qa, Ka, Va, kwargs, starts, places)
-            self._setup(policy, self._submit(range(count)), buffer)
+            self._place(cluster, Qa, Ka, Va, kwargs, starts, places, buffer)
+            self._setup(policy, self._submit(range(count)))
         except BaseException:
             cluster.close()
             raise
 
-    def _place(self, cluster, Qa, Ka, Va, kwargs, starts, places) -> None:
-        """Take the validated copies (the client's Q, K, V) and the shards' layout: shard s
-        holds query rows ``starts[s]:starts[s+1]`` on worker ``places[s]``."""
+    def _place(self, cluster, Qa, Ka, Va, kwargs, starts, places, buffer) -> None:
+        """Take the validated copies (the client's Q, K, V), the shards' layout (shard s
+        holds query rows ``starts[s]:starts[s+1]`` on worker ``places[s]``) and an empty
+        buffer sent to the shards at ``buffer`` actions."""
         self._cluster, self._places, self._starts = cluster, places, starts
         self._kwargs, self._label = kwargs, "shard {s} of {count} (query rows {a}:{b}, "
         self._nq, (self._n, self._d), self._dtype = len(Qa), Ka.shape, Ka.dtype
         self._scale = kwargs["scale"]
         self._Qm, self._K, self._V = Qa, Ka, Va  # the client's copies: K, V kept current
-        self._log = array("q")
+        self._queue = ClientLog(self._n, len(places), buffer)
+        self._log = self._queue.log  # the update verbs append to it directly
 
     def _submit(self, shards) -> list:
         """Start the actors of ``shards`` (the engines build in parallel) from the client's Q
@@ -133,7 +137,7 @@ class ShardedAttention(ShardBuffer):
             args.append((w, (Qf, Kf, Vf, self._kwargs)))
         return self._cluster.submit_hosts(args)
 
-    def _setup(self, policy, futures, buffer) -> None:
+    def _setup(self, policy, futures) -> None:
         """Counters, buffer and views; waits for the shards' actors (``futures``): a shard
         that fails to start raises ShardError."""
         self._futures = futures
@@ -142,20 +146,17 @@ class ShardedAttention(ShardBuffer):
             view = arr.view()
             view.flags.writeable = False
             self._views[name] = view
-        self._policy = policy
-        self._max_log = buffer
-        self._init_buffer(len(futures))
-        self._pending = self._done = self._n_queries = self._n_flushes = 0
+        self._schedule = FlushSchedule(policy)
+        self._n_queries = self._n_flushes = 0
         self.flush_log: deque[FlushEvent] = deque(maxlen=1000)
-        self.query_log: deque[tuple[int, int, float]] = deque(maxlen=2048)
+        self.query_log: deque[QueryRecord] = deque(maxlen=2048)
         self._hosts = list(futures)  # placeholders while they start, for _describe
         started = self._gather("start", [(s, f, 0) for s, f in enumerate(futures)])
         self._hosts = [started[s] for s in range(len(futures))]
         info = self._hosts[0].run(None, "info").result()
         self._max_query_rows = info["max_query_rows"]
         self._max_correction_rows = info["max_correction_rows"]
-        self._check_at = 0
-        self._arm()
+        self._ask_policy_next()
 
     # ------------------------------------------------------------------ properties
     # the engine's own properties: this class keeps the state they read under the same names
@@ -183,6 +184,29 @@ class ShardedAttention(ShardBuffer):
     policy = LazyAttention.policy
     threshold = LazyAttention.threshold
     last_flush = LazyAttention.last_flush
+    weight = LazyAttention.weight
+    # the engine's policy consultation, on this class's ClientLog (as the engine's queue)
+    _consult = LazyAttention._consult
+    _arm = LazyAttention._arm
+    _ask_policy_next = LazyAttention._ask_policy_next
+
+    @property
+    def touched_rows(self) -> int:
+        """Distinct rows of K or V touched since the last flush, |S|."""
+        self._queue.note()
+        return self._queue.touched
+
+    @property
+    def touched_k(self) -> frozenset[int]:
+        """Rows of K changed since the last flush."""
+        self._queue.note()
+        return frozenset(np.flatnonzero(self._queue.moved_k).tolist())
+
+    @property
+    def touched_v(self) -> frozenset[int]:
+        """Rows of V changed since the last flush."""
+        self._queue.note()
+        return frozenset(np.flatnonzero(self._queue.moved_v).tolist())
 
     @property
     def blocks(self) -> list[tuple[int, int, str]]:
@@ -190,23 +214,33 @@ class ShardedAttention(ShardBuffer):
         return [(self._starts[s], self._starts[s + 1], self._places[s]) for s in range(self.shards)]
 
     # ------------------------------------------------------------------ updates
-    # LazyAttention's own update methods, on the client's K and V: the same checks, errors
-    # and all-or-nothing batches; what they queue (_touch, the log) is this class's buffer
-    update_k = LazyAttention.update_k
-    update_v = LazyAttention.update_v
-    update_k_many = LazyAttention.update_k_many
-    update_v_many = LazyAttention.update_v_many
-    set_k_row = LazyAttention.set_k_row
-    set_v_row = LazyAttention.set_v_row
-    set_k_rows = LazyAttention.set_k_rows
-    set_v_rows = LazyAttention.set_v_rows
-    _update_entries = LazyAttention._update_entries
-    _split_tuples = LazyAttention._split_tuples
-    _set_rows = LazyAttention._set_rows
-    _consult = LazyAttention._consult
-    _arm = LazyAttention._arm
-    _ask_policy_next = LazyAttention._ask_policy_next
-    weight = LazyAttention.weight
+    # The engine's update verbs (UpdateVerbs) run here unchanged on the client's K and V, with
+    # the same checks, errors and all-or-nothing batches; what they queue goes to _queue.
+
+    def set_q_rows(self, rows, values) -> None:
+        """Replace ``Q[rows]`` by ``values`` (shape (t, d)) on the shards owning them, which
+        recompute those cache rows exactly, O(t·n·d) in all, in parallel. Checked as a whole
+        before any shard is asked; a shard that fails leaves its rows (and only those) as
+        they were, here too."""
+        r = V_.as_indices("rows", rows, self._nq)
+        if len(np.unique(r)) != len(r):
+            raise ValueError(f"rows={r.tolist()} repeats a row; a row can be set once per call")
+        new = V_.as_matrix("values", values, self._dtype, shape=(len(r), self._d))
+        masks = dict(self._by_shard(r))
+        calls = [
+            self._issue(s, "set_q_rows", r[mask] - self._starts[s], new[mask])
+            for s, mask in masks.items()
+        ]
+        failures = []
+        for call in calls:
+            try:
+                self._gather("set_q_rows", [call])
+            except ShardError as exc:
+                failures.extend(exc.failures)
+                continue
+            self._Qm[r[masks[call[0]]]] = new[masks[call[0]]]
+        if failures:
+            raise ShardError("set_q_rows", failures)
 
     # ------------------------------------------------------------------ flush
     def flush(self) -> FlushEvent | None:
@@ -235,30 +269,26 @@ class ShardedAttention(ShardBuffer):
         """Wait for :meth:`_begin`'s calls and record the flush as one event."""
         kind, calls, t0 = started
         events = [e for e in self._gather(kind, calls).values() if e is not None]
-        self._note()
+        queue = self._queue
+        queue.note()
         event = FlushEvent(
             index=self._n_flushes + 1,
             at_update=self.n_updates,
             updates=self.pending,
-            rows=self._touched,
-            k_rows=int(np.count_nonzero(self._moved_k)),
-            v_rows=int(np.count_nonzero(self._moved_v)),
+            rows=queue.touched,
+            k_rows=int(np.count_nonzero(queue.moved_k)),
+            v_rows=int(np.count_nonzero(queue.moved_v)),
             flops=sum(e.flops for e in events),
             seconds=time.perf_counter() - t0,
             kind="rebuild" if any(e.kind == "rebuild" for e in events) else "incremental",
             repaired=sum(e.repaired for e in events),
         )
         self._n_flushes += 1
-        self._done += self.pending
-        self._pending = 0
-        self._moved[:] = False
-        self._row_hit[:] = False
-        self._touched = 0
+        queue.clear()
+        self._ask_policy_next()  # a flush may change the policy's answer
         self.flush_log.append(event)
-        on_flush = getattr(self._policy, "on_flush", None)
-        if on_flush is not None:
-            on_flush(event)
-        self._ask_policy_next()
+        if self._schedule.on_flush is not None:
+            self._schedule.on_flush(event)
         return event
 
     # ------------------------------------------------------------------ queries
@@ -273,7 +303,8 @@ class ShardedAttention(ShardBuffer):
     def _count_queries(self, count: int, t0: float) -> None:
         """Count ``count`` exact entries answered since ``t0`` (for policies' cost models)."""
         self._n_queries += count
-        self.query_log.append((self._touched, count, time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        self.query_log.append(QueryRecord(self._queue.touched, count, seconds))
 
     def query(self, i, j, stale: bool = False) -> float:
         """Output entry ``O[i, j]``; exact (one round trip to the shard owning row i, which
@@ -329,9 +360,9 @@ class ShardedAttention(ShardBuffer):
         return out
 
     # ------------------------------------------------------------------ error
-    def _norms(self, parts) -> tuple[_Norm, _Norm]:
+    def _norms(self, parts) -> tuple[FrobeniusNorm, FrobeniusNorm]:
         """The shards' ``(scale, ssq)`` pairs merged into the norms of ``O_stale − O`` and O."""
-        merged = _Norm(), _Norm()
+        merged = FrobeniusNorm(), FrobeniusNorm()
         for part in parts:
             for k, norm in enumerate(merged):
                 scale, ssq = part[2 * k], part[2 * k + 1]
@@ -366,6 +397,38 @@ class ShardedAttention(ShardBuffer):
         return diff.ssq * (diff.scale / top) ** 2, exact.ssq * (exact.scale / top) ** 2
 
     # ------------------------------------------------------------------ life cycle
+    def copy(self, policy=None) -> ShardedAttention:
+        """An independent twin in the same state, on the same workers, with its own
+        ``policy`` (None: CostModel) and empty logs: every shard's engine is copied where it
+        lives (O((m/W + n)·d) each, no rebuild), the client's arrays and buffer here. It uses
+        this object's cluster, so it lives as long as that does."""
+        self._run_all(None)  # every shard has the whole buffer: the copies need none of it
+        client = self._cluster.client
+        new = object.__new__(type(self))
+        arrays = (V_.aligned_copy(a) for a in (self._Qm, self._K, self._V))
+        new._place(
+            Cluster(client),
+            *arrays,
+            self._kwargs,
+            list(self._starts),
+            list(self._places),
+            self._queue.max_log,
+        )
+        new._label = self._label
+        engines = [
+            client.submit(copy_engine, f.key, workers=[w], pure=False)
+            for f, w in zip(self._futures, self._places, strict=True)
+        ]
+        places = zip(self._places, engines, strict=True)
+        hosts = [(w, (None, None, None, None, e)) for w, e in places]
+        new._setup(policy, new._cluster.submit_hosts(hosts))
+        mine, theirs = self._queue, new._queue
+        theirs.count, theirs.done, theirs.touched = mine.count, mine.done, mine.touched
+        theirs.moved[...], theirs.hit[...] = mine.moved, mine.hit
+        new._n_queries, new._n_flushes = self._n_queries, self._n_flushes
+        new._ask_policy_next()
+        return new
+
     def memory(self) -> list[dict]:
         """Per shard: its worker, its engine's array bytes and its worker process's RSS."""
         infos = self._run_all("info", ship=False)
@@ -393,7 +456,8 @@ class ShardedAttention(ShardBuffer):
         calls = [(s, f, len(self._log)) for s, f in zip(lost, futures, strict=True)]
         hosts = self._gather("recover", calls)
         for s, f in zip(lost, futures, strict=True):
-            self._futures[s], self._hosts[s], self._inflight[s] = f, hosts[s], None
+            self._futures[s], self._hosts[s] = f, hosts[s]
+            self._queue.inflight[s] = None
         return lost
 
     def close(self) -> None:
@@ -413,5 +477,5 @@ class ShardedAttention(ShardBuffer):
             f"ShardedAttention({'' if self._nq == self._n else f'm={self._nq}, '}n={self._n}, "
             f"d={self._d}, dtype={self._dtype}, scale={self._scale:.4g}, shards={self.shards}, "
             f"pending={self.pending}, touched_rows={self.touched_rows}, "
-            f"flushes={self._n_flushes}, policy={self._policy!r})"
+            f"flushes={self._n_flushes}, policy={self.policy!r})"
         )
