@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import Oracle, assert_close_natural
 
-from dynattn import CostModel, ErrorBudget, Fixed, LazyAttention
+from dynattn import CostModel, ErrorBudget, Fixed, LazyAttention, dense_attention
 from dynattn.distributed import MultiHeadAttention, ShardedAttention, ShardError, limit_blas
 
 TOL = 1e-12
@@ -277,6 +277,21 @@ def test_a_shard_that_raises_is_named(client):
         assert eng.pending == 1  # still buffered, and shard 0 still owes it
         orc = Oracle(eng)
         assert_close_natural(eng.output(), orc.output(), orc.natural_scale(), TOL, "output")
+
+
+def test_multihead_failures_name_every_head(client):
+    rng = np.random.default_rng(12)
+    with MultiHeadAttention(*rng.standard_normal((3, 3, 4, 2)), client=client) as mha:
+        mha.update_v(2, 1, 1, 0.5)
+        with pytest.raises(ShardError, match=r"(?s)query failed on 3 .*head 0 \(.*head 2 \("):
+            mha._each(  # every head refuses the row: each is named, none hides another
+                "query",
+                lambda h, head: [head._issue(0, "query", 10**6, 0)],
+                lambda head, calls: head._gather("query", calls)[0],
+            )
+        assert mha.pending == 1
+        want = dense_attention(mha.head(2).Q, mha.head(2).K, mha.head(2).V, mha.head(2).scale)
+        np.testing.assert_allclose(mha.output()[2], want, rtol=1e-12)
 
 
 def test_a_lost_worker_is_reported_and_nothing_buffered_is_lost(client):
