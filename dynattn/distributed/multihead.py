@@ -11,7 +11,7 @@ from .. import _validate as V_
 from ..engine import ErrorReport, FlushEvent
 from ..policies import as_policy
 from ._cluster import Cluster, ShardError
-from .sharded import ShardedAttention, checked_inputs
+from .sharded import ShardedAttention, checked_buffer, checked_inputs
 
 __all__ = ["MultiHeadAttention"]
 
@@ -41,13 +41,14 @@ class MultiHeadAttention:
 
     Notes
     -----
-    Memory per worker: its H/W heads' engines, ~(5·n + 3·m)·d numbers each; on the client
+    Memory per worker: its H/W heads' engines, ~(4·n + 3·m)·d numbers each; on the client
     every head's Q, K, V. A flush costs O(m·|S_h|·d) per head, the heads of a worker one after
     another, the workers in parallel.
     """
 
     def __init__(self, Q, K, V, *, client=None, buffer: int = 16384, **engine_kwargs):
         policy = as_policy(engine_kwargs.pop("policy", None))
+        checked_buffer(buffer)
         Qs, Ks, Vs = (list(x) for x in (Q, K, V))
         if not len(Qs) == len(Ks) == len(Vs) >= 1:
             raise ValueError(

@@ -46,6 +46,12 @@ def checked_inputs(Q, K, V, engine_kwargs: dict):
     return Qa, Ka, Va, kwargs
 
 
+def checked_buffer(buffer) -> None:
+    """Refuse a buffer size that is not a positive integer."""
+    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+        raise ValueError(f"buffer={buffer!r} must be an integer >= 1")
+
+
 class ShardedAttention(UpdateVerbs, ShardCalls):
     """:class:`~dynattn.engine.LazyAttention` with its m query rows split into blocks, each
     block a ``LazyAttention(Q_block, K, V)`` on a Dask worker (an actor), K and V replicated.
@@ -93,8 +99,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
             shards = V_.check_index("shards", shards, len(Qa) + 1)
             if shards < 1:
                 raise ValueError("shards=0: there must be at least one shard")
-        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
-            raise ValueError(f"buffer={buffer!r} must be an integer >= 1")
+        checked_buffer(buffer)
         cluster = Cluster(client, workers=shards)
         try:
             workers = cluster.workers()
