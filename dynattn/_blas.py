@@ -45,23 +45,16 @@ def add_product(C: np.ndarray, A: np.ndarray, B: np.ndarray) -> bool:
     if k2 != k or C.shape != (m, p):
         return False
     if m and p and k:  # with k = 0 the product is zero; BLAS would refuse lda = 0
-        gemm(
-            _ROW_MAJOR,
-            _NO_TRANS,
-            _NO_TRANS,
-            m,
-            p,
-            k,
-            1.0,
-            A.ctypes.data,
-            lds[0],
-            B.ctypes.data,
-            lds[1],
-            1.0,
-            C.ctypes.data,
-            lds[2],
-        )
+        _accumulate(gemm, A, B, C, *lds)
     return True
+
+
+def _accumulate(gemm, A, B, C, lda: int, ldb: int, ldc: int) -> None:
+    """``C += A @ B`` by ``gemm`` on row-major arrays with these leading dimensions."""
+    m, k = A.shape
+    p = B.shape[1]
+    args = (m, p, k, 1.0, A.ctypes.data, lda, B.ctypes.data, ldb, 1.0, C.ctypes.data, ldc)
+    gemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, *args)
 
 
 def _leading(X: np.ndarray) -> int | None:
@@ -103,22 +96,7 @@ def _gemm(dtype: np.dtype):
     rng = np.random.default_rng(0)
     A, B, C = (rng.standard_normal(shape).astype(dtype) for shape in ((5, 3), (3, 4), (5, 4)))
     expected = C + A @ B
-    gemm(
-        _ROW_MAJOR,
-        _NO_TRANS,
-        _NO_TRANS,
-        5,
-        4,
-        3,
-        1.0,
-        A.ctypes.data,
-        3,
-        B.ctypes.data,
-        4,
-        1.0,
-        C.ctypes.data,
-        4,
-    )
+    _accumulate(gemm, A, B, C, 3, 4, 4)
     return gemm if np.allclose(C, expected, rtol=1e-5, atol=1e-5) else None
 
 

@@ -21,6 +21,7 @@ from collections import Counter, deque
 
 import numpy as np
 
+from ._validate import check_int
 from .protocols import FlushPolicy
 
 __all__ = [
@@ -56,9 +57,7 @@ class Fixed:
     """
 
     def __init__(self, k: int = 10):
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"k={k!r} must be an integer >= 1")
-        self._k = int(k)
+        self._k = check_int("k", k)
 
     k = property(
         lambda self: self._k,
@@ -94,8 +93,7 @@ class OriginalAdaptive:
     """
 
     def __init__(self, initial: int = 10, func=adaptive_threshold, window: int = 10):
-        if isinstance(initial, bool) or not isinstance(initial, numbers.Integral) or initial < 1:
-            raise ValueError(f"initial={initial!r} must be an integer >= 1")
+        initial = check_int("initial", initial)
         if not callable(func):
             raise TypeError(f"func={func!r} must be callable (avg_updates, matrix_size) -> int")
         self.initial = int(initial)
@@ -165,10 +163,7 @@ class CostModel:
     """
 
     def __init__(self, initial: int = 16, window: int = 2048, max_threshold: float = math.inf):
-        if isinstance(initial, bool) or not isinstance(initial, numbers.Integral) or initial < 1:
-            raise ValueError(f"initial={initial!r} must be an integer >= 1")
-        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
-            raise ValueError(f"window={window!r} must be an integer >= 1")
+        initial, window = check_int("initial", initial), check_int("window", window)
         if not max_threshold >= 1:
             raise ValueError(f"max_threshold={max_threshold!r} must be >= 1")
         self.initial = int(initial)
@@ -347,8 +342,7 @@ class ErrorBudget:
     def __init__(self, tolerance: float, sample: int = 64, safety: float = 0.5, seed: int = 0):
         if not (isinstance(tolerance, numbers.Real) and 0 < tolerance <= 1):
             raise ValueError(f"tolerance={tolerance!r} must be in (0, 1]")
-        if not (isinstance(sample, numbers.Integral) and sample >= 1):
-            raise ValueError(f"sample={sample!r} must be an integer >= 1")
+        sample = check_int("sample", sample)
         if not (isinstance(safety, numbers.Real) and 0 < safety <= 1):
             raise ValueError(f"safety={safety!r} must be in (0, 1]")
         self.tolerance = float(tolerance)
@@ -409,11 +403,7 @@ def as_policy(policy):
     if policy is None:
         return CostModel()
     if isinstance(policy, numbers.Integral) and not isinstance(policy, bool):
-        if policy < 1:
-            raise ValueError(
-                f"policy={policy!r}: an integer policy flushes every k updates and must be >= 1"
-            )
-        return Fixed(policy)
+        return Fixed(check_int("policy", policy))  # flush every `policy` updates
     if isinstance(policy, FlushPolicy) and callable(policy.threshold):
         return policy
     if callable(policy):

@@ -48,6 +48,15 @@ class _Baseline:
     V have been written, with what they held before) and ``_rows(idx) -> (len(idx), d)``
     exact output rows; they may override the single-entry forms with cheaper special cases.
     Every call checks all its arguments before it writes anything.
+
+    Parameters
+    ----------
+    Q, K, V : array_like, shape (n, d)
+        Copied.
+    scale : float, optional
+        Logit scale, default ``1/sqrt(d)``.
+    dtype : {None, float32, float64}
+        Working precision; ``None``: float32 if all inputs are float32, else float64.
     """
 
     def __init__(self, Q, K, V, *, scale=None, dtype=None):
@@ -198,14 +207,8 @@ class _Baseline:
 class OnDemand(_Baseline):
     """Exact attention answered on demand: O(1) updates, O(n·d) per queried row.
 
-    Parameters
-    ----------
-    Q, K, V : array_like, shape (n, d)
-        Copied.
-    scale : float, optional
-        Logit scale, default ``1/sqrt(d)``.
-    dtype : {None, float32, float64}
-        Working precision; ``None``: float32 if all inputs are float32, else float64.
+    Parameters: ``Q, K, V, *, scale=None, dtype=None`` as for every baseline (see
+    :class:`_Baseline`).
 
     Notes
     -----
@@ -267,14 +270,8 @@ class EagerDense(_Baseline):
     took out, compared with ``g`` times what is left; see
     :class:`~dynattn.engine.LazyAttention`). Every update is applied at once.
 
-    Parameters
-    ----------
-    Q, K, V : array_like, shape (n, d)
-        Copied.
-    scale : float, optional
-        Logit scale, default ``1/sqrt(d)``.
-    dtype : {None, float32, float64}
-        Working precision; ``None``: float32 if all inputs are float32, else float64.
+    Parameters: ``Q, K, V, *, scale=None, dtype=None`` as for every baseline (see
+    :class:`_Baseline`).
 
     Notes
     -----
@@ -428,16 +425,8 @@ class EagerDense(_Baseline):
 class Recompute(_Baseline):
     """Recompute the whole output after every update: O(n²·d) per update, O(1) per query.
 
-    Uses :func:`~dynattn.reference.dense_attention` (row blocks, no n×n array).
-
-    Parameters
-    ----------
-    Q, K, V : array_like, shape (n, d)
-        Copied.
-    scale : float, optional
-        Logit scale, default ``1/sqrt(d)``.
-    dtype : {None, float32, float64}
-        Working precision; ``None``: float32 if all inputs are float32, else float64.
+    Uses :func:`~dynattn.reference.dense_attention` (row blocks, no n×n array). Parameters
+    as for every baseline (see :class:`_Baseline`).
     """
 
     def __init__(self, Q, K, V, *, scale=None, dtype=None):
@@ -487,8 +476,7 @@ def dense_recompute_seconds(
     float
         Seconds for all n rows.
     """
-    if isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 1:
-        raise ValueError(f"sample_rows={sample_rows!r} must be an integer >= 1")
+    sample_rows = V_.check_int("sample_rows", sample_rows)
     n = Q.shape[0]
     rows = min(n, sample_rows)
     best = math.inf

@@ -1164,3 +1164,14 @@ def test_rectangular_engine_reports_its_shape_and_refuses_mismatched_keys():
         LazyAttention(Q, rng.random((9, 3)), rng.random((9, 3)))
     with pytest.raises(ValueError, match="V has shape"):
         LazyAttention(Q, K, rng.random((8, 4)))
+
+
+def test_weights_refuses_windows_larger_than_a_display_needs():
+    # the default window is all of P: n×n, the array the engine exists to avoid
+    n = 2049
+    eng = LazyAttention(np.zeros((n, 2)), np.zeros((n, 2)), np.ones((n, 2)), policy=10)
+    with pytest.raises(ValueError, match=r"2,049 × 2,049 = 4,198,401 weights"):
+        eng.weights()
+    window = eng.weights(slice(0, 512), slice(0, 512))
+    np.testing.assert_allclose(window, 1 / n, rtol=1e-12)
+    assert eng.weights(slice(0, 2048), slice(0, 2048)).shape == (2048, 2048)

@@ -242,12 +242,6 @@ def _engine():
     return eng
 
 
-TUPLE_PATH = pytest.mark.xfail(
-    strict=True,
-    reason="the engine's own (i, j, delta) parser takes bools; it is to call V_.as_triples",
-)
-
-
 BOOL_CALLS = [
     lambda e: e.update_k(0, 0, True),
     lambda e: e.update_v_many([0], [0], [True]),
@@ -265,8 +259,8 @@ BOOL_CALLS = [
     "call",
     [
         *BOOL_CALLS,
-        pytest.param(lambda e: e.update_k_many([(0, 0, True)]), marks=TUPLE_PATH),
-        pytest.param(lambda e: e.update_v_many([(0, 0, 0.5), (True, 1, 0.5)]), marks=TUPLE_PATH),
+        lambda e: e.update_k_many([(0, 0, True)]),
+        lambda e: e.update_v_many([(0, 0, 0.5), (True, 1, 0.5)]),
     ],
 )
 def test_bools_are_refused_on_every_engine_path_and_change_nothing(call):
@@ -291,7 +285,6 @@ def test_bools_are_refused_on_every_engine_path_and_change_nothing(call):
             lambda e: e.update_k_many([(0, [1, 2], 0.5), (1, [0], 0.5)]),
             TypeError,
             r"updates\[0\]\[1\] \(j\)=\[1, 2\]",
-            marks=TUPLE_PATH,
         ),
     ],
 )

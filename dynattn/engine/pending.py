@@ -138,10 +138,10 @@ class PendingUpdates:
         return (len(self.rows), self.count, len(self.log))
 
     def rollback(self, mark: tuple, rows: np.ndarray, moved: np.ndarray, flags: np.ndarray):
-        """Undo a batch queued since :meth:`checkpoint` returned ``mark``: its ``rows`` get
-        their flags in ``moved`` back (``flags``, as they were before), rows it queued anew
-        leave the queue, the counts return. Rows marked dirty stay so (a repack of unchanged
-        rows is harmless)."""
+        """Undo what was logged or queued since :meth:`checkpoint` returned ``mark`` (with
+        the log empty then): ``moved[rows] = flags`` (the flags as they were), rows queued
+        anew leave the queue, the log and the count return. Rows marked dirty stay so (a
+        repack of unchanged rows is harmless)."""
         size, count, logged = mark
         moved[rows] = flags
         for r in self.rows[size:]:

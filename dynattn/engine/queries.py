@@ -20,6 +20,10 @@ from ..reference import entry_from_scratch
 from .kernels import correct_row
 from .reports import ErrorReport, FrobeniusNorm, QueryRecord
 
+# Largest weights window returned (2,048 × 2,048: 32 MB in float64): a display or a test
+# needs far less, and the default window (all of P) would be the n×n array the engine avoids
+MAX_WINDOW = 1 << 22
+
 # QueryRecord(...) goes through a Python __new__: 0.23 µs of a 6 µs query; this is 0.09
 _record = tuple.__new__
 
@@ -77,7 +81,8 @@ class QueryVerbs:
         Parameters
         ----------
         rows, cols : slice, int or array of int
-            The window; keep ``len(rows)·len(cols)`` display-sized.
+            The window, at most :data:`MAX_WINDOW` entries (the default, all of P, only
+            where m·n is that small).
         stale : bool
             Weights as of the last flush (old keys, cached denominators) instead of exact.
 
@@ -88,6 +93,12 @@ class QueryVerbs:
         """
         I = check.as_selection("rows", rows, self._nq)
         J = check.as_selection("cols", cols, self._n)
+        if len(I) * len(J) > MAX_WINDOW:
+            raise ValueError(
+                f"weights(rows, cols) would return {len(I):,} × {len(J):,} = "
+                f"{len(I) * len(J):,} weights, more than {MAX_WINDOW:,}; pass a window, e.g. "
+                "weights(slice(0, 512), slice(0, 512)) (a display needs no more)"
+            )
         d = self._d
         if stale:
             m, s, keys = self._stabiliser[I], self._cache[I, d], self._queue.K0[J]

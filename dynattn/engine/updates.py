@@ -93,11 +93,22 @@ class UpdateVerbs:
     set_v_row = _row_update("V")
 
     def _consult_or_restore(self, target: np.ndarray, where, old) -> FlushEvent | None:
-        """Ask the policy after a single update; if that fails, ``target[where] = old`` and
-        the update's log entry goes. (Apart from the update itself: a closure there would make
-        its locals cells, 10 % of a 0.7 µs update.)"""
-        log = self._log
-        return self._consult(lambda: (target.__setitem__(where, old), log.pop()))
+        """Ask the policy after a single update; if that fails, ``target[where] = old`` and the
+        queue is as before the update. A policy may read exact answers, which queues the log,
+        so the queue is checkpointed with every other logged update already in it. (Apart
+        from the update itself: a closure there would make its locals cells, 10 % of it.)"""
+        log, queue = self._log, self._queue
+        flag = log.pop()
+        self._settle()
+        mark, was = queue.checkpoint(), queue.moved[flag : flag + 1].copy()
+        log.append(flag)
+        self._arm()
+
+        def undo():
+            target[where] = old
+            queue.rollback(mark, np.array([flag]), queue.moved, was)
+
+        return self._consult(undo)
 
     def update_k_many(self, rows, cols=None, deltas=None) -> FlushEvent | None:
         """Add ``deltas`` to ``K[rows, cols]`` (repeats accumulate); all or nothing.
@@ -130,7 +141,7 @@ class UpdateVerbs:
 
     def _update_entries(self, which: str, rows, cols, deltas) -> FlushEvent | None:
         if cols is None and deltas is None:
-            r, c, dl = split_triples(rows, self._n, self._d, self._dtype)
+            r, c, dl = check.as_triples(rows, self._n, self._d, self._dtype)
         elif cols is None or deltas is None:
             raise TypeError(
                 f"update_{which.lower()}_many needs rows, cols and deltas, or one "
@@ -160,6 +171,7 @@ class UpdateVerbs:
     def _apply_batch(self, which: str, rows, write, new, old) -> FlushEvent | None:
         """Queue ``rows`` of K or V, ``write(new)`` and ask the policy once its last answer
         has run out; if asking fails, ``write(old)`` and the queue as it was."""
+        self._settle()  # a policy reading exact answers would queue the log: not undoable
         queue = self._queue
         moved = queue.moved_k if which == "K" else queue.moved_v
         mark, flags = queue.checkpoint(), moved[rows]
@@ -169,47 +181,3 @@ class UpdateVerbs:
             return self._consult(lambda: (write(old), queue.rollback(mark, rows, moved, flags)))
         self._ask_at -= len(rows)  # _arm, for what just changed
         return None
-
-
-def split_triples(updates, n: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Checked columns ``(rows, cols, deltas)`` of a sequence of ``(i, j, delta)``: checked
-    as a whole, item by item only to name the first bad item in the error."""
-    try:
-        items = list(updates)
-    except TypeError:
-        raise TypeError(f"updates={updates!r} must be a sequence of (i, j, delta)") from None
-    if not items:
-        raise ValueError("updates is empty; pass at least one (i, j, delta)")
-    try:
-        rows, cols, deltas = zip(*items, strict=True)
-    except (TypeError, ValueError):
-        k = next(
-            k for k, u in enumerate(items) if not (isinstance(u, (tuple, list)) and len(u) == 3)
-        )
-        raise ValueError(f"updates[{k}]={items[k]!r} is not an (i, j, delta) triple") from None
-    out = []
-    for pos, (name, values, bound) in enumerate((("i", rows, n), ("j", cols, d))):
-        arr = np.asarray(values)
-        if arr.dtype.kind not in "iu" or ((arr < 0) | (arr >= bound)).any():
-            arr = np.array(
-                [
-                    check.check_index(f"updates[{k}][{pos}] ({name})", v, bound)
-                    for k, v in enumerate(values)
-                ]
-            )
-        out.append(arr.astype(np.int64, copy=False))
-    dl = np.asarray(deltas)
-    ok = dl.dtype.kind in "biuf"
-    if ok:
-        with np.errstate(over="ignore"):  # a delta too large for float32 is named below
-            dl = dl.astype(dtype)
-        ok = np.isfinite(dl).all()
-    if not ok:
-        dl = np.array(
-            [
-                check.check_scalar(f"updates[{k}][2] (delta)", v, dtype)
-                for k, v in enumerate(deltas)
-            ],
-            dtype=dtype,
-        )
-    return out[0], out[1], dl
