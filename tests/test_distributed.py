@@ -15,6 +15,7 @@ from dask.distributed import Client, LocalCluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import Oracle, assert_close_natural
+from test_policy_failures import CALLS, Broken, state
 
 from dynattn import CostModel, ErrorBudget, Fixed, LazyAttention, dense_attention
 from dynattn.distributed import MultiHeadAttention, ShardedAttention, ShardError, limit_blas
@@ -468,3 +469,35 @@ def test_set_q_rows_goes_to_the_shards_owning_them(client):
         with pytest.raises(IndexError, match="rows"):
             eng.set_q_rows([23], np.ones((1, 5)))
         np.testing.assert_array_equal(eng.Q[rows], values)
+
+
+@pytest.mark.parametrize("reads", [False, True], ids=["blind", "reads exact answers"])
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+def test_a_failing_policy_takes_the_update_back_on_every_shard(client, call, reads):
+    # a policy that queries first has sent the update to a shard before failing: the
+    # shards must get the old values back
+    call, actions = call
+    rng = np.random.default_rng(7)
+    eng = ShardedAttention(
+        *rng.standard_normal((3, 8, 3)),
+        client=client,
+        shards=2,
+        buffer=2,
+        policy=Broken(RuntimeError("policy failed"), 4, reads),
+    )
+    with eng:
+        for u in range(3):
+            eng.update_k(u, u, 0.25)
+        eng.update_v_many([7], [1], [0.5])
+        before = state(eng)
+        with pytest.raises(RuntimeError, match="policy failed"):
+            call(eng)
+        for a, b in zip(before, state(eng), strict=True):
+            np.testing.assert_array_equal(a, b)
+        eng.policy = 1000
+        call(eng)
+        assert eng.pending == before[2] + actions
+        want = dense_attention(eng.Q, eng.K, eng.V)
+        np.testing.assert_allclose(eng.output(), want, rtol=1e-12)
+        eng.flush()
+        np.testing.assert_allclose(eng.output(stale=True), want, rtol=1e-12)

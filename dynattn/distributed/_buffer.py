@@ -38,6 +38,7 @@ class ClientLog:
         self.hit = np.zeros(n, dtype=bool)  # rows of K or V changed since the flush
         self.touched = 0  # |S|: hit.sum(), kept as it changes
         self.noted = 0  # log[:noted] is folded into moved and hit
+        self.base = 0  # entries trimmed so far: log[k] is the base + k-th ever logged
 
     # --- what the engine's update verbs call (PendingUpdates' names and meanings)
     def touch(self, rows: np.ndarray, moved: np.ndarray, count: int) -> None:
@@ -47,15 +48,29 @@ class ClientLog:
         self.log.frombytes(np.asarray(flags, dtype=np.int64).tobytes())
 
     def checkpoint(self) -> int:
-        return len(self.log)
+        """The log's end, counted from the first entry ever logged (trims do not move it)."""
+        return self.base + len(self.log)
 
     def rollback(self, mark: int, rows: np.ndarray, moved: np.ndarray, flags: np.ndarray):
-        """Undo the batch logged since :meth:`checkpoint` gave ``mark``: its flags leave the
-        log, its ``rows`` get their ``moved`` flags back (``flags``) and the touched count
-        follows."""
-        del self.log[mark:]
-        self.noted = min(self.noted, mark)
+        """Undo what was logged since :meth:`checkpoint` gave ``mark`` (the caller has put
+        the values back): ``moved[rows] = flags`` and pending as it was. Entries no shard has
+        been sent leave the log. If a shard already has some (a policy read exact answers
+        before failing), ``rows`` are logged again so every shard gets the values back,
+        uncounted: pending still returns to what it was."""
+        start = mark - self.base
+        sent = max(self.sent + [f[1] for f in self.inflight if f])
+        if start >= sent:
+            del self.log[start:]
+            self.noted = min(self.noted, start)
+        else:
+            again = rows if moved is not self.moved_v else rows + self.n
+            self.count -= self.base + len(self.log) - mark + len(again)
+            self.note()  # everything logged so far; the rows logged again mark nothing
+            self.log.frombytes(np.asarray(again, dtype=np.int64).tobytes())
+            self.noted = len(self.log)
         moved[rows] = flags
+        if moved is self.moved:  # rows are flags (K's row i as i, V's as n + i)
+            rows = np.where(rows >= self.n, rows - self.n, rows)
         rows = np.unique(rows)
         now = self.moved_k[rows] | self.moved_v[rows]
         self.touched -= int(np.count_nonzero(self.hit[rows] & ~now))
@@ -101,6 +116,7 @@ class ClientLog:
         self.note()
         self.count += k
         del self.log[:k]
+        self.base += k
         self.sent = [s - k for s in self.sent]
         self.inflight = [f and (f[0], f[1] - k) for f in self.inflight]
         self.noted -= k
@@ -122,9 +138,11 @@ class ShardCalls:
     ``_places``, ``_label`` and ``_arm``."""
 
     def _settle(self) -> None:
-        """Send the buffer to every shard without waiting for them to apply it (the engine's
-        policy consultation calls this when the log is full): the client buffers on meanwhile;
+        """Where the engine queues its log: here, once the log is full (``max_log``), send it
+        to every shard without waiting for them to apply it. The client buffers on meanwhile;
         the next call to a shard waits for its batch first, and reports a failure then."""
+        if len(self._queue.log) < self._queue.max_log:
+            return
         failures, memo = [], {}
         for s in range(len(self._hosts)):
             shard, fut, upto = self._issue(s, None, memo=memo)
