@@ -94,7 +94,9 @@ def measure(quick: bool, n: int | None = None) -> dict:
         out["sharded_build"] = time.perf_counter() - t0
         out["sharded_flush"] = _flush_time(eng, rng, touched, repeats)
         _touch(eng, rng.choice(n, touched, replace=False), 0)
-        out["shipped"] = sum(a.nbytes for a in eng._batch(0)[0])  # what a flush sends a shard
+        out["shipped"] = sum(
+            a.nbytes for a in eng._queue.batch(0, eng.K, eng.V)[0]
+        )  # what a flush sends a shard
         eng.flush()
         out["sharded_rebuild"] = _best(lambda k: eng.rebuild(), 1 if not quick else repeats)
         out.update(_update_costs(eng, rng))
@@ -131,13 +133,13 @@ def _update_costs(eng, rng, count: int = 200_000) -> dict:
     out = {}
     for name, buffer in (("update_call", 10 * count), ("update_amortised", 16384)):
         eng.flush()
-        eng._max_log = buffer
+        eng._queue.max_log = buffer
         eng._ask_policy_next()
         t0 = time.perf_counter()
         for i, j in zip(rows, cols, strict=True):
             eng.update_k(i, j, 1e-6)
         out[name] = (time.perf_counter() - t0) / count
-    eng._max_log = 16384
+    eng._queue.max_log = 16384
     eng.flush()
     return out
 
