@@ -10,8 +10,10 @@ d = 64 (float64; ``--quick``: n = 8,192):
 * a rebuild on 2 workers against the single-process rebuild (target ≤ 1.3×);
 * the peak RSS of each worker against what its engine holds.
 
-Each worker runs one BLAS thread, the single-process engine as many as there are cores, so
-both use the whole machine. Timings are the best of a few repeats (the machine is shared).
+Each worker runs one BLAS thread; the single-process engine is timed with one BLAS thread and
+with as many as there are cores, and the better counts (on a loaded machine two spinning BLAS
+threads can lose to one by several times). Timings are the best of a few repeats (the machine
+is shared).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
@@ -77,8 +80,16 @@ def measure(quick: bool, n: int | None = None) -> dict:
     out = {"n": n, "d": d, "touched": touched, "cores": machine_cores()}
 
     single = LazyAttention(Q, K, V, policy=Fixed(NEVER))
-    out["single_flush"] = _flush_time(single, rng, touched, repeats)
-    out["single_rebuild"] = _best(lambda k, e=single: e.rebuild(), 1 if not quick else repeats)
+    # the single process at its best: on a loaded machine BLAS threads that wait for each
+    # other spin, and one thread can beat two by several times
+    for threads in sorted({1, out["cores"]}):
+        with threadpool_limits(limits=threads):
+            flush = _flush_time(single, rng, touched, repeats)
+            rebuild = _best(lambda k, e=single: e.rebuild(), 1 if not quick else repeats)
+        if flush < out.get("single_flush", np.inf):
+            out["single_flush"], out["single_flush_threads"] = flush, threads
+        if rebuild < out.get("single_rebuild", np.inf):
+            out["single_rebuild"], out["single_rebuild_threads"] = rebuild, threads
     out["single_nbytes"] = single.nbytes
     del single
 
@@ -155,7 +166,9 @@ def table(r: dict) -> str:
     rebuild_ratio = r["sharded_rebuild"] / r["single_rebuild"]
     lines = [
         f"n = {r['n']:,}, d = {r['d']}, float64, 2 workers × {max(1, r['cores'] // 2)} BLAS "
-        f"thread(s) against one process with {r['cores']}; built in {r['sharded_build']:.1f} s.",
+        f"thread(s) against one process at its best of 1 and {r['cores']} BLAS threads (flush: "
+        f"{r['single_flush_threads']}, rebuild: {r['single_rebuild_threads']}); sharded engine "
+        f"built in {r['sharded_build']:.1f} s.",
         "",
         "| measure | 2 workers | single process | ratio | target | status |",
         "|---|---|---|---|---|---|",
