@@ -93,8 +93,10 @@ class Cluster:
         return workers
 
     def submit_hosts(self, placements: list[tuple[str, tuple]]) -> list:
-        """Start an :class:`EngineHost` per ``(worker, (Q, K, V, engine_kwargs))``, pinned
-        to its worker; returns their futures at once (engines build in parallel)."""
+        """Start an :class:`EngineHost` per ``(worker, args)``, pinned to its worker (args:
+        ``(Q, K, V, engine_kwargs)``, arrays or futures of them, or ``(None, None, None, None,
+        engine)`` to adopt an engine made there); returns their futures at once, so the
+        engines build in parallel."""
         return [
             self.client.submit(
                 EngineHost, *args, actor=True, workers=[w], allow_other_workers=False, pure=False
@@ -103,6 +105,7 @@ class Cluster:
         ]
 
     def close(self) -> None:
+        """Stop the LocalCluster and its client if this object started them; idempotent."""
         if self._cluster is not None:
             self.client.close()
             self._cluster.close()

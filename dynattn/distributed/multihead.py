@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from .. import _validate as V_
+from .. import _validate as check
 from ..engine import ErrorReport, FlushEvent
 from ..policies import as_policy
 from ._cluster import Cluster, ShardError
@@ -100,7 +100,7 @@ class MultiHeadAttention:
 
     def head(self, h) -> ShardedAttention:
         """Head ``h`` as an engine (the whole LazyAttention interface)."""
-        return self._heads[V_.check_index("h", h, len(self._heads))]
+        return self._heads[check.check_index("h", h, len(self._heads))]
 
     # ------------------------------------------------------------------ updates
     def update_k(self, h, i, j, delta) -> FlushEvent | None:
@@ -138,22 +138,22 @@ class MultiHeadAttention:
 
     def _groups(self, heads, rows):
         """Checked ``(heads, rows)`` arrays and ``(head, mask)`` for each head addressed."""
-        hs = V_.as_indices("heads", heads, len(self._heads))
-        r = V_.as_indices("rows", rows, self._n)
+        hs = check.as_indices("heads", heads, len(self._heads))
+        r = check.as_indices("rows", rows, self._n)
         if len(r) != len(hs):
             raise ValueError(f"heads has {len(hs)} entries but rows has {len(r)}")
         return hs, r, [(h, hs == h) for h in np.unique(hs).tolist()]
 
     def _entries(self, which, heads, rows, cols, deltas) -> list[FlushEvent]:
         hs, r, groups = self._groups(heads, rows)
-        c = V_.as_indices("cols", cols, self._d)
+        c = check.as_indices("cols", cols, self._d)
         if len(c) != len(r):
             raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
-        dl = V_.as_vector("deltas", deltas, len(r), self._dtype)
+        dl = check.as_vector("deltas", deltas, len(r), self._dtype)
         for h, mask in groups:  # every head's sums checked before any head is written
             target = self._heads[h]._K if which == "K" else self._heads[h]._V
             try:
-                V_.entry_sums(which, target, r[mask], c[mask], dl[mask])
+                check.entry_sums(which, target, r[mask], c[mask], dl[mask])
             except ValueError as exc:
                 raise ValueError(f"head {h}: {exc}") from exc
         name = f"update_{which.lower()}_many"
@@ -162,7 +162,7 @@ class MultiHeadAttention:
 
     def _rows(self, which, heads, rows, values) -> list[FlushEvent]:
         hs, r, groups = self._groups(heads, rows)
-        vals = V_.as_matrix("values", values, self._dtype, shape=(len(r), self._d))
+        vals = check.as_matrix("values", values, self._dtype, shape=(len(r), self._d))
         pairs = hs * self._n + r
         if len(np.unique(pairs)) != len(pairs):
             raise ValueError("(heads, rows) repeats a row; a row can be set once per call")
@@ -217,9 +217,9 @@ class MultiHeadAttention:
 
     def query_many(self, heads, rows, cols, stale: bool = False) -> np.ndarray:
         """Entries ``O[heads[k], rows[k], cols[k]]`` (k,), the heads queried in parallel."""
-        hs = V_.as_indices("heads", heads, len(self._heads))
-        r = V_.as_indices("rows", rows, self._m)
-        c = V_.as_indices("cols", cols, self._d)
+        hs = check.as_indices("heads", heads, len(self._heads))
+        r = check.as_indices("rows", rows, self._m)
+        c = check.as_indices("cols", cols, self._d)
         if not len(hs) == len(r) == len(c):
             raise ValueError(f"heads, rows and cols have {len(hs)}, {len(r)} and {len(c)} entries")
         masks = {h: hs == h for h in np.unique(hs).tolist()}

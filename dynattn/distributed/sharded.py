@@ -7,7 +7,7 @@ from collections import deque
 
 import numpy as np
 
-from .. import _validate as V_
+from .. import _validate as check
 from ..engine import ErrorReport, FlushEvent, LazyAttention, QueryRecord
 from ..engine.reports import FrobeniusNorm
 from ..engine.schedule import FlushSchedule
@@ -29,18 +29,18 @@ def checked_inputs(Q, K, V, engine_kwargs: dict):
             f"unexpected keyword argument(s) {sorted(unknown)}; engines take "
             "scale, dtype and policy"
         )
-    dt = V_.resolve_dtype(kwargs.get("dtype"), Q, K, V)
-    Qa = V_.as_matrix("Q", Q, dt)
-    Ka = V_.as_matrix("K", K, dt)
+    dt = check.resolve_dtype(kwargs.get("dtype"), Q, K, V)
+    Qa = check.as_matrix("Q", Q, dt)
+    Ka = check.as_matrix("K", K, dt)
     if Ka.shape[1] != Qa.shape[1]:
         raise ValueError(
             f"K has shape {Ka.shape}; expected (n, {Qa.shape[1]}): as many columns as Q"
         )
-    Va = V_.as_matrix("V", V, dt, shape=Ka.shape)
+    Va = check.as_matrix("V", V, dt, shape=Ka.shape)
     kwargs["dtype"] = dt
     scale = kwargs.get("scale")
     scale = 1.0 / np.sqrt(Qa.shape[1]) if scale is None else scale
-    kwargs["scale"] = V_.check_scalar("scale", scale, dt)
+    kwargs["scale"] = check.check_scalar("scale", scale, dt)
     if kwargs["scale"] == 0:
         raise ValueError("scale=0 makes every row uniform; use a nonzero scale")
     return Qa, Ka, Va, kwargs
@@ -96,7 +96,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
         policy = engine_kwargs.pop("policy", None)
         Qa, Ka, Va, kwargs = checked_inputs(Q, K, V, engine_kwargs)
         if shards is not None:
-            shards = V_.check_index("shards", shards, len(Qa) + 1)
+            shards = check.check_index("shards", shards, len(Qa) + 1)
             if shards < 1:
                 raise ValueError("shards=0: there must be at least one shard")
         checked_buffer(buffer)
@@ -227,10 +227,10 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
         recompute those cache rows exactly, O(t·n·d) in all, in parallel. Checked as a whole
         before any shard is asked; a shard that fails leaves its rows (and only those) as
         they were, here too."""
-        r = V_.as_indices("rows", rows, self._nq)
+        r = check.as_indices("rows", rows, self._nq)
         if len(np.unique(r)) != len(r):
             raise ValueError(f"rows={r.tolist()} repeats a row; a row can be set once per call")
-        new = V_.as_matrix("values", values, self._dtype, shape=(len(r), self._d))
+        new = check.as_matrix("values", values, self._dtype, shape=(len(r), self._d))
         masks = dict(self._by_shard(r))
         calls = [
             self._issue(s, "set_q_rows", r[mask] - self._starts[s], new[mask])
@@ -314,22 +314,22 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
     def query(self, i, j, stale: bool = False) -> float:
         """Output entry ``O[i, j]``; exact (one round trip to the shard owning row i, which
         first applies its share of the buffer), or the cached value if ``stale``."""
-        i = V_.check_index("i", i, self._nq)
-        j = V_.check_index("j", j, self._d)
+        i = check.check_index("i", i, self._nq)
+        j = check.check_index("j", j, self._d)
         s = self._owner(i)
         return self._ask(s, "query", i - self._starts[s], j, stale, stale=stale)
 
     def query_row(self, i, stale: bool = False) -> np.ndarray:
         """Output row ``O[i]`` (shape (d,)); exact, or cached if ``stale``."""
-        i = V_.check_index("i", i, self._nq)
+        i = check.check_index("i", i, self._nq)
         s = self._owner(i)
         return self._ask(s, "query_row", i - self._starts[s], stale, stale=stale)
 
     def query_many(self, rows, cols, stale: bool = False) -> np.ndarray:
         """Output entries ``O[rows[k], cols[k]]`` (shape (k,)): one call per shard involved,
         all in parallel."""
-        r = V_.as_indices("rows", rows, self._nq)
-        c = V_.as_indices("cols", cols, self._d)
+        r = check.as_indices("rows", rows, self._nq)
+        c = check.as_indices("cols", cols, self._d)
         if len(r) != len(c):
             raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
         t0 = time.perf_counter()
@@ -358,8 +358,8 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
     def weights(self, rows=slice(None), cols=slice(None), stale: bool = False) -> np.ndarray:
         """A window ``P[rows][:, cols]`` of the attention weights (see LazyAttention.weights),
         each row from its shard."""
-        I = V_.as_selection("rows", rows, self._nq)
-        J = V_.as_selection("cols", cols, self._n)
+        I = check.as_selection("rows", rows, self._nq)
+        J = check.as_selection("cols", cols, self._n)
         out = np.empty((len(I), len(J)), dtype=self._dtype)
         self._scatter_rows(out, I, "weights", lambda sel: (J, stale), ship=not stale)
         return out
@@ -392,7 +392,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
     def rows_error(self, rows) -> tuple[float, float]:
         """``(Σ (O_stale − O)², Σ O²)`` over the output ``rows``, both divided by the square
         of the largest entry of either (see LazyAttention.rows_error)."""
-        idx = V_.as_indices("rows", rows, self._nq)
+        idx = check.as_indices("rows", rows, self._nq)
         masks = dict(self._by_shard(idx))
         calls = [self._issue(s, "norms", idx[mask] - self._starts[s]) for s, mask in masks.items()]
         diff, exact = self._norms(self._gather("rows_error", calls).values())
@@ -410,7 +410,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
         self._run_all(None)  # every shard has the whole buffer: the copies need none of it
         client = self._cluster.client
         new = object.__new__(type(self))
-        arrays = (V_.aligned_copy(a) for a in (self._Qm, self._K, self._V))
+        arrays = (check.aligned_copy(a) for a in (self._Qm, self._K, self._V))
         new._place(
             Cluster(client),
             *arrays,
