@@ -20,7 +20,7 @@ from collections import deque
 
 import numpy as np
 
-from . import _validate as V_
+from . import _validate as check
 from .engine import LazyAttention
 from .policies import OriginalAdaptive, adaptive_threshold
 from .reference import dense_attention
@@ -67,7 +67,7 @@ class EnhancedDynamicAttention:
     ):
         if not (isinstance(sparsity_threshold, numbers.Real) and 0 <= sparsity_threshold <= 1):
             raise ValueError(f"sparsity_threshold={sparsity_threshold!r} must be in [0, 1]")
-        initial = V_.check_int("initial_threshold", initial_threshold)
+        initial = check.check_int("initial_threshold", initial_threshold)
 
         def constant(avg_updates, matrix_size):
             return initial
@@ -131,7 +131,7 @@ class EnhancedDynamicAttention:
 
     def _lazy_update(self, which: str, updates) -> None:
         engine = self.engine
-        rows, cols, deltas = V_.as_triples(
+        rows, cols, deltas = check.as_triples(
             updates, engine.n, engine.d, engine.dtype, allow_empty=True
         )
         if not len(rows):

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from . import _validate as V_
+from . import _validate as check
 from .engine.kernels import BLOCK_ELEMENTS, Contributions, guards_hold, lost_precision
 from .reference import dense_attention, entry_from_scratch
 
@@ -60,12 +60,12 @@ class _Baseline:
     """
 
     def __init__(self, Q, K, V, *, scale=None, dtype=None):
-        dt = V_.resolve_dtype(dtype, Q, K, V)
-        self._Q = V_.as_matrix("Q", Q, dt)
+        dt = check.resolve_dtype(dtype, Q, K, V)
+        self._Q = check.as_matrix("Q", Q, dt)
         n, d = self._Q.shape
-        self._K = V_.as_matrix("K", K, dt, shape=(n, d))
-        self._V = V_.as_matrix("V", V, dt, shape=(n, d))
-        self.scale = V_.check_scalar("scale", 1.0 / math.sqrt(d) if scale is None else scale, dt)
+        self._K = check.as_matrix("K", K, dt, shape=(n, d))
+        self._V = check.as_matrix("V", V, dt, shape=(n, d))
+        self.scale = check.check_scalar("scale", 1.0 / math.sqrt(d) if scale is None else scale, dt)
         self.dtype = dt
         self.n, self.d = n, d
 
@@ -103,7 +103,7 @@ class _Baseline:
     def _add_entry(self, which: str, target: np.ndarray, i, j, delta) -> None:
         i, j, delta = self._check_entry(i, j, delta)
         old = target[i].copy()
-        target[i, j] = V_.entry_sum(which, target, i, j, delta)[1]
+        target[i, j] = check.entry_sum(which, target, i, j, delta)[1]
         self._rows_changed(which, np.array([i]), old[None])
 
     def _set_row(self, which: str, target: np.ndarray, i, row) -> None:
@@ -129,13 +129,13 @@ class _Baseline:
         self._set("V", rows, values)
 
     def _add(self, which: str, rows, cols, deltas) -> None:
-        r = V_.as_indices("rows", rows, self.n)
-        c = V_.as_indices("cols", cols, self.d)
+        r = check.as_indices("rows", rows, self.n)
+        c = check.as_indices("cols", cols, self.d)
         if len(c) != len(r):
             raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
         target = self._K if which == "K" else self._V
-        flat, final = V_.entry_sums(
-            which, target, r, c, V_.as_vector("deltas", deltas, len(r), self.dtype)
+        flat, final = check.entry_sums(
+            which, target, r, c, check.as_vector("deltas", deltas, len(r), self.dtype)
         )
         changed = np.unique(r)
         old = target[changed]
@@ -143,24 +143,24 @@ class _Baseline:
         self._rows_changed(which, changed, old)
 
     def _set(self, which: str, rows, values) -> None:
-        r = V_.as_indices("rows", rows, self.n)
+        r = check.as_indices("rows", rows, self.n)
         if len(np.unique(r)) != len(r):
             raise ValueError(f"rows={r.tolist()} repeats a row; a row can be set once per call")
         target = self._K if which == "K" else self._V
-        new = V_.as_matrix("values", values, self.dtype, shape=(len(r), self.d))
+        new = check.as_matrix("values", values, self.dtype, shape=(len(r), self.d))
         old = target[r]
         target[r] = new
         self._rows_changed(which, r, old)
 
     def _check_entry(self, i, j, delta) -> tuple[int, int, float]:
         return (
-            V_.check_index("i", i, self.n),
-            V_.check_index("j", j, self.d),
-            V_.check_scalar("delta", delta, self.dtype),
+            check.check_index("i", i, self.n),
+            check.check_index("j", j, self.d),
+            check.check_scalar("delta", delta, self.dtype),
         )
 
     def _check_row(self, i, row) -> tuple[int, np.ndarray]:
-        return (V_.check_index("i", i, self.n), V_.as_vector("row", row, self.d, self.dtype))
+        return (check.check_index("i", i, self.n), check.as_vector("row", row, self.d, self.dtype))
 
     def _rows_changed(self, which: str, rows: np.ndarray, old_rows: np.ndarray) -> None:
         raise NotImplementedError
@@ -168,23 +168,23 @@ class _Baseline:
     # ------------------------------------------------------------------ queries
     def query(self, i, j) -> float:
         """Exact output entry ``O[i, j]``."""
-        j = V_.check_index("j", j, self.d)
+        j = check.check_index("j", j, self.d)
         return float(self.query_row(i)[j])
 
     def query_row(self, i) -> np.ndarray:
         """Exact output row ``O[i]`` (shape (d,))."""
-        i = V_.check_index("i", i, self.n)
+        i = check.check_index("i", i, self.n)
         return self._rows(np.array([i]))[0]
 
     def query_rows(self, rows) -> np.ndarray:
         """Exact output rows ``O[rows]`` (shape (len(rows), d)); ``rows`` may repeat."""
-        return self._rows(V_.as_indices("rows", rows, self.n))
+        return self._rows(check.as_indices("rows", rows, self.n))
 
     def query_many(self, rows, cols) -> np.ndarray:
         """Exact output entries ``O[rows[k], cols[k]]`` (shape (m,)); each distinct row is
         computed once."""
-        r = V_.as_indices("rows", rows, self.n)
-        c = V_.as_indices("cols", cols, self.d)
+        r = check.as_indices("rows", rows, self.n)
+        c = check.as_indices("cols", cols, self.d)
         if len(c) != len(r):
             raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
         distinct, inverse = np.unique(r, return_inverse=True)
@@ -219,12 +219,12 @@ class OnDemand(_Baseline):
     def update_k(self, i, j, delta) -> None:
         """Add ``delta`` to ``K[i, j]``; O(1)."""
         i, j, delta = self._check_entry(i, j, delta)
-        self._K[i, j] = V_.entry_sum("K", self._K, i, j, delta)[1]
+        self._K[i, j] = check.entry_sum("K", self._K, i, j, delta)[1]
 
     def update_v(self, i, j, delta) -> None:
         """Add ``delta`` to ``V[i, j]``; O(1)."""
         i, j, delta = self._check_entry(i, j, delta)
-        self._V[i, j] = V_.entry_sum("V", self._V, i, j, delta)[1]
+        self._V[i, j] = check.entry_sum("V", self._V, i, j, delta)[1]
 
     def set_k_row(self, i, row) -> None:
         """Replace ``K[i]`` by ``row`` (shape (d,)); O(d)."""
@@ -242,8 +242,8 @@ class OnDemand(_Baseline):
     def query(self, i, j) -> float:
         """Exact ``O[i, j]`` from scratch: ``2·n·d + 4·n`` flops (one logit row, one column of
         V), with vector operations only."""
-        i = V_.check_index("i", i, self.n)
-        j = V_.check_index("j", j, self.d)
+        i = check.check_index("i", i, self.n)
+        j = check.check_index("j", j, self.d)
         return entry_from_scratch(self._Q[i], self._K, self._V[:, j], self.scale)
 
     def _rows(self, idx: np.ndarray) -> np.ndarray:
@@ -335,7 +335,7 @@ class EagerDense(_Baseline):
         """Add ``delta`` to ``V[i, j]``: one column of N and of its guards moves, O(n)."""
         i, j, delta = self._check_entry(i, j, delta)
         old = float(self._V[i, j])
-        self._V[i, j] = V_.entry_sum("V", self._V, i, j, delta)[1]
+        self._V[i, j] = check.entry_sum("V", self._V, i, j, delta)[1]
         self._v_entry_changed(i, j, old)
 
     def _rows_changed(self, which: str, rows: np.ndarray, old_rows: np.ndarray) -> None:
@@ -413,8 +413,8 @@ class EagerDense(_Baseline):
 
     def query(self, i, j) -> float:
         """Exact ``O[i, j]`` from the caches: O(1)."""
-        i = V_.check_index("i", i, self.n)
-        j = V_.check_index("j", j, self.d)
+        i = check.check_index("i", i, self.n)
+        j = check.check_index("j", j, self.d)
         return float(self._C[i, j] / self._C[i, self.d])
 
     def _rows(self, idx: np.ndarray) -> np.ndarray:
@@ -441,7 +441,7 @@ class Recompute(_Baseline):
 
     def query(self, i, j) -> float:
         """Exact ``O[i, j]``: O(1)."""
-        return float(self._O[V_.check_index("i", i, self.n), V_.check_index("j", j, self.d)])
+        return float(self._O[check.check_index("i", i, self.n), check.check_index("j", j, self.d)])
 
     def _rows(self, idx: np.ndarray) -> np.ndarray:
         return self._O[idx].copy()
@@ -476,7 +476,7 @@ def dense_recompute_seconds(
     float
         Seconds for all n rows.
     """
-    sample_rows = V_.check_int("sample_rows", sample_rows)
+    sample_rows = check.check_int("sample_rows", sample_rows)
     n = Q.shape[0]
     rows = min(n, sample_rows)
     best = math.inf

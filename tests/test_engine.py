@@ -1175,3 +1175,16 @@ def test_weights_refuses_windows_larger_than_a_display_needs():
     window = eng.weights(slice(0, 512), slice(0, 512))
     np.testing.assert_allclose(window, 1 / n, rtol=1e-12)
     assert eng.weights(slice(0, 2048), slice(0, 2048)).shape == (2048, 2048)
+
+
+def test_a_copy_asks_its_policy_when_the_original_would():
+    # copy() queues the original's log; both must still ask their policy at every update
+    eng = make(n=32, d=4, seed=8, policy=Recording())
+    for u in range(5):
+        eng.update_k(u, 1, 0.1)
+    twin = eng.copy(policy=Recording())
+    for u in range(4):
+        eng.update_v(u, 2, 0.1)
+        twin.update_v(u, 2, 0.1)
+    assert eng.policy.asked == list(range(1, 10))
+    assert twin.policy.asked == list(range(6, 10))

@@ -140,6 +140,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
     def copy(self, policy=None) -> LazyAttention:
         """An independent engine in the same state (arrays, caches, pending queue, counters),
         with its own ``policy`` (None: CostModel) and empty logs. O((m + n)·d), no rebuild."""
+        self._settle()
         new = object.__new__(type(self))
         arrays = (check.aligned_copy(a) for a in (self._QA, self._K, self._V))
         new._adopt(*arrays, self._scale, policy)

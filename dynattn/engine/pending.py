@@ -62,8 +62,7 @@ class PendingUpdates:
         self.K0, self.V0 = _validate.aligned_copy(self.K), _validate.aligned_copy(self.V)
 
     def copy_state(self, other: PendingUpdates) -> None:
-        """Take ``other``'s snapshot, queue and counters (its log settled first), O(n·d)."""
-        other.settle()
+        """Take ``other``'s snapshot, queue and counters (its log must be settled), O(n·d)."""
         self.K0, self.V0 = _validate.aligned_copy(other.K0), _validate.aligned_copy(other.V0)
         self.slot[...] = other.slot
         self.rows = list(other.rows)
