@@ -122,7 +122,7 @@ class LazyAttention(UpdateVerbs, QueryVerbs):
         self._cache = np.empty((self._nq, 2 * d + 2), dtype=dt)
         self._stabiliser = np.empty(self._nq, dtype=dt)
         self._work = Workspace(dt)
-        self._contrib = Contributions(d, dt)
+        self._contrib = Contributions(d, dt, self._qnorm_max)
         self._queue = PendingUpdates(K, V)
         self._log = self._queue.log  # the hot path appends to it directly
         self._pack = self._queue.pack = CorrectionPack(self._queue, scale, self._contrib)

@@ -28,10 +28,18 @@ import numpy as np
 
 from .._blas import add_product
 
-# g: removed mass may grow to this multiple of the remaining mass before a row is recomputed.
-# The incremental error is about unit-roundoff × (1 + 2·removed/remaining), so these bound it
-# near 5e-13 (float64) and 8e-6 (float32) of the entry's natural scale.
-GROWTH = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): 64.0}
+# g: removed mass, weighted by its logits' magnitude (see Contributions), may grow to this
+# multiple of the remaining mass before a row is recomputed. A recomputed exponential
+# exp(x − m) carries a relative error of about u·(|x| + |m|) (u the unit roundoff: the
+# logit product rounds at that magnitude), the one it cancels carried as much, so removing
+# mass R leaves an error of about 2u·(1 + |x| + |m|)·R. With the weights below that is at
+# most 2u·(1 + PLAIN_LOGITS)·g of the entry's natural scale: 1.2e-13 (float64), 3e-5
+# (float32), whatever the logits' size.
+GROWTH = {np.dtype(np.float64): 16.0, np.dtype(np.float32): 8.0}
+
+# Logits up to this magnitude (|x| + |m| for the mass that counts) weigh 1 in the guards;
+# larger ones weigh proportionally more (Contributions.weights).
+PLAIN_LOGITS = 32.0
 
 # From this many rows on, corrections and fresh rows are matrix products (compute-bound)
 # rather than matrix-vector products (memory-bound).
@@ -72,18 +80,42 @@ class Contributions:
     """Rows that move the cache columns ``[N | s | guards]`` when multiplied by weights.
 
     ``new``: a key-value pair coming in, ``[v, 1, −g, −g|v|]``; ``old``: one going out,
-    ``[−v, −1, 1+g, (1+g)|v|]``; ``changed``: a value replaced under an unchanged key,
-    ``[v − v_old, 0, 0, (1+g)|v_old| − g|v|]`` (s is untouched, so nothing cancels in it).
+    ``[−v, −1, w+g, (w+g)|v|]``; ``changed``: a value replaced under an unchanged key,
+    ``[v − v_old, 0, 0, (w+g)|v_old| − g|v|]`` (s is untouched, so nothing cancels in it).
     O(rows·d) each.
+
+    ``w`` weighs removed mass by the error of recomputing it (:meth:`weights`). With
+    ``qnorm_max`` None removals are exact (the caller subtracts the very exponentials it
+    added, as :class:`~dynattn.strategies.EagerDense` does) and weigh 1.
     """
 
-    def __init__(self, d: int, dtype: np.dtype):
+    def __init__(self, d: int, dtype: np.dtype, qnorm_max: float | None = None):
         self.d, self.dtype = d, dtype
         self.growth = g = GROWTH[dtype]
+        self.qnorm_max = qnorm_max
         # s and its guard, as arrays: a tuple is converted at every call, and a catch-up
         # after one update is all such calls
         self._marks_new = np.array([1, -g], dtype=dtype)
         self._marks_old = np.array([-1, 1 + g], dtype=dtype)
+
+    def weights(self, keys: np.ndarray | None) -> np.ndarray | None:
+        """Weights ``w + g`` of removing the entries of the packed ``keys`` (pre-scaled),
+        shape (rows,), or None for ``1 + g`` each.
+
+        A logit x = q·k is computed with an error of about u·|q|·|k| (Cauchy–Schwarz bounds
+        the magnitudes its rounding sees), and the stabiliser m of a row where this entry
+        carries mass lies within a few units of x; so ``w = max(1, (1 + 2·|q|max·|k|) /
+        (1 + PLAIN_LOGITS))``: plain logits weigh 1 (GROWTH is calibrated for them), and a
+        logit of 10,000 some 600 times more. O(rows·d).
+        """
+        if self.qnorm_max is None or keys is None:
+            return None
+        w = np.sqrt(np.einsum("ij,ij->i", keys, keys))
+        w *= 2 * self.qnorm_max / (1 + PLAIN_LOGITS)
+        w += 1 / (1 + PLAIN_LOGITS)
+        np.maximum(w, 1.0, out=w)
+        w += self.growth
+        return w
 
     def new(self, out: np.ndarray, v: np.ndarray) -> None:
         d = self.d
@@ -91,17 +123,26 @@ class Contributions:
         out[:, d : d + 2] = self._marks_new
         np.multiply(np.abs(v), -self.growth, out=out[:, d + 2 :])
 
-    def old(self, out: np.ndarray, v: np.ndarray) -> None:
+    def old(self, out: np.ndarray, v: np.ndarray, keys: np.ndarray | None = None) -> None:
         d = self.d
         np.negative(v, out=out[:, :d])
-        out[:, d : d + 2] = self._marks_old
-        np.multiply(np.abs(v), 1 + self.growth, out=out[:, d + 2 :])
+        w = self.weights(keys)
+        if w is None:
+            out[:, d : d + 2] = self._marks_old
+            np.multiply(np.abs(v), 1 + self.growth, out=out[:, d + 2 :])
+        else:
+            out[:, d] = -1
+            out[:, d + 1] = w
+            np.multiply(np.abs(v), w[:, None], out=out[:, d + 2 :])
 
-    def changed(self, out: np.ndarray, v: np.ndarray, v_old: np.ndarray) -> None:
+    def changed(
+        self, out: np.ndarray, v: np.ndarray, v_old: np.ndarray, keys: np.ndarray | None = None
+    ) -> None:
         d, g = self.d, self.growth
         np.subtract(v, v_old, out=out[:, :d])
         out[:, d : d + 2] = 0
-        np.multiply(np.abs(v_old), 1 + g, out=out[:, d + 2 :])
+        w = self.weights(keys)
+        np.multiply(np.abs(v_old), 1 + g if w is None else w[:, None], out=out[:, d + 2 :])
         out[:, d + 2 :] -= g * np.abs(v)
 
 
