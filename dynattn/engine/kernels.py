@@ -9,10 +9,13 @@ stabiliser ``m_i``, with ``ã_ij = exp(scale · q_i·k_j − m_i)``, ``N_i = Σ_
 Invariants and costs:
 
 * The guards are ``removed − g · natural``: the mass that removals subtracted since the row was
-  last computed exactly, less ``g`` (:data:`GROWTH`) times its natural scale (``s_i`` and
-  ``Σ_j ã_ij |v_jc|``). Both parts are linear in the contributions, so every product that moves
-  N and s moves the guards too. A positive guard (or ``s ≤ 0``, or NaN) means a subtraction may
-  have cancelled more than ``log10 g`` digits: that row must be recomputed, O(n·d).
+  last computed exactly, each removed exponential weighted by the error of recomputing it
+  (``w ≥ 1``, growing with its logit's magnitude: :meth:`Contributions.weights`), less ``g``
+  (:data:`GROWTH`) times the row's natural scale (``s_i`` and ``Σ_j ã_ij |v_jc|``). Both
+  parts are linear in the contributions, so every product that moves N and s moves the guards
+  too. A positive guard (or ``s ≤ 0``, or NaN) means the subtractions may have left an error
+  above ``2u·(1 + PLAIN_LOGITS)·g`` of the natural scale (u the unit roundoff): that row must be
+  recomputed, O(n·d).
 * Every exponential stays below ``e^SHIFT_SLACK``: a row is rescaled (online softmax) where
   Cauchy–Schwarz (``|q_i|·|k_j|``) allows a new logit above ``m_i + SHIFT_SLACK``.
 * Whole-matrix work runs in row blocks of about :data:`BLOCK_ELEMENTS` numbers, through
@@ -36,6 +39,10 @@ from .._blas import add_product
 # most 2u·(1 + PLAIN_LOGITS)·g of the entry's natural scale: 1.2e-13 (float64), 3e-5
 # (float32), whatever the logits' size.
 GROWTH = {np.dtype(np.float64): 16.0, np.dtype(np.float32): 8.0}
+
+# g where removals subtract the very exponentials that were added (EagerDense stores them):
+# only the sums' rounding remains, about u·(1 + 2g), 2.3e-13 (float64) and 8e-6 (float32).
+GROWTH_EXACT_REMOVAL = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): 64.0}
 
 # Logits up to this magnitude (|x| + |m| for the mass that counts) weigh 1 in the guards;
 # larger ones weigh proportionally more (Contributions.weights).
@@ -79,19 +86,20 @@ class Workspace:
 class Contributions:
     """Rows that move the cache columns ``[N | s | guards]`` when multiplied by weights.
 
-    ``new``: a key-value pair coming in, ``[v, 1, −g, −g|v|]``; ``old``: one going out,
-    ``[−v, −1, w+g, (w+g)|v|]``; ``changed``: a value replaced under an unchanged key,
-    ``[v − v_old, 0, 0, (w+g)|v_old| − g|v|]`` (s is untouched, so nothing cancels in it).
-    O(rows·d) each.
+    ``new``: a key-value pair coming in, ``[v, 1, a−g, (a−g)|v|]`` with ``a = (w − 1)/2``;
+    ``old``: one going out, ``[−v, −1, w+g, (w+g)|v|]``; ``changed``: a value replaced under
+    an unchanged key, ``[v − v_old, 0, 0, (w+g)|v_old| + (a−g)|v|]`` (s is untouched, so
+    nothing cancels in it). O(rows·d) each.
 
-    ``w`` weighs removed mass by the error of recomputing it (:meth:`weights`). With
-    ``qnorm_max`` None removals are exact (the caller subtracts the very exponentials it
-    added, as :class:`~dynattn.strategies.EagerDense` does) and weigh 1.
+    ``w`` weighs removed mass by the error of recomputing it (:meth:`weights`); ``g`` is
+    :data:`GROWTH`. With ``qnorm_max`` None removals are exact (the caller subtracts the very
+    exponentials it added, as :class:`~dynattn.strategies.EagerDense` does): they weigh 1,
+    and ``g`` is :data:`GROWTH_EXACT_REMOVAL`.
     """
 
     def __init__(self, d: int, dtype: np.dtype, qnorm_max: float | None = None):
         self.d, self.dtype = d, dtype
-        self.growth = g = GROWTH[dtype]
+        self.growth = g = (GROWTH if qnorm_max is not None else GROWTH_EXACT_REMOVAL)[dtype]
         self.qnorm_max = qnorm_max
         # s and its guard, as arrays: a tuple is converted at every call, and a catch-up
         # after one update is all such calls
@@ -117,11 +125,21 @@ class Contributions:
         w += self.growth
         return w
 
-    def new(self, out: np.ndarray, v: np.ndarray) -> None:
-        d = self.d
+    def new(self, out: np.ndarray, v: np.ndarray, keys: np.ndarray | None = None) -> None:
+        d, g = self.d, self.growth
         out[:, :d] = v
-        out[:, d : d + 2] = self._marks_new
-        np.multiply(np.abs(v), -self.growth, out=out[:, d + 2 :])
+        w = self.weights(keys)
+        if w is None:
+            out[:, d : d + 2] = self._marks_new
+            np.multiply(np.abs(v), -g, out=out[:, d + 2 :])
+        else:
+            # an added exponential errs by as much as a removed one, but cancels nothing: half
+            # the weight beyond 1 (plain logits add nothing to the guards' g per unit mass)
+            w -= 1 + 3 * g  # weights() gave w + g
+            w *= 0.5
+            out[:, d] = 1
+            out[:, d + 1] = w
+            np.multiply(np.abs(v), w[:, None], out=out[:, d + 2 :])
 
     def old(self, out: np.ndarray, v: np.ndarray, keys: np.ndarray | None = None) -> None:
         d = self.d
@@ -142,8 +160,14 @@ class Contributions:
         np.subtract(v, v_old, out=out[:, :d])
         out[:, d : d + 2] = 0
         w = self.weights(keys)
-        np.multiply(np.abs(v_old), 1 + g if w is None else w[:, None], out=out[:, d + 2 :])
-        out[:, d + 2 :] -= g * np.abs(v)
+        if w is None:
+            np.multiply(np.abs(v_old), 1 + g, out=out[:, d + 2 :])
+            out[:, d + 2 :] -= g * np.abs(v)
+        else:  # the old value out with weight w + g, the new one in with a − g (see new)
+            np.multiply(np.abs(v_old), w[:, None], out=out[:, d + 2 :])
+            w -= 1 + 3 * g
+            w *= 0.5
+            out[:, d + 2 :] += w[:, None] * np.abs(v)
 
 
 def max_norm(rows: np.ndarray) -> float:

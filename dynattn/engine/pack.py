@@ -115,7 +115,7 @@ class CorrectionPack:
             kr = np.array([rows[k] for k in ks], dtype=np.intp)  # converted once, used 4 times
             np.multiply(q.K[kr], self.scale, out=Kp[p : p + nk])
             np.multiply(q.K0[kr], self.scale, out=Kp[p + nk : r])
-            contrib.new(B[p : p + nk], q.V[kr])
+            contrib.new(B[p : p + nk], q.V[kr], Kp[p : p + nk])
             contrib.old(B[p + nk : r], q.V0[kr], Kp[p + nk : r])
             self.knorm = max(self.knorm, max_norm(Kp[p : p + nk]))
             pos = self.newpos = np.concatenate([self.newpos, np.arange(p, p + nk)])
@@ -158,7 +158,7 @@ class CorrectionPack:
             self.Kp[new_e] = keys
             self.knorm = max(self.knorm, max_norm(keys))
             B_new = np.empty((len(new_e), width), dtype=dt)
-            self.contrib.new(B_new, q.V[new_r])
+            self.contrib.new(B_new, q.V[new_r], keys)
             self.B[new_e] = B_new
         if chg_e:
             B_chg = np.empty((len(chg_e), width), dtype=dt)
