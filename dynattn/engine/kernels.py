@@ -283,10 +283,14 @@ def correct_rows(
     if new is not None and qnorm_max * pack.knorm > m.min(initial=math.inf) + SHIFT_SLACK:
         near = np.flatnonzero(qnorm * pack.knorm > m + SHIFT_SLACK)
         if len(near):  # online softmax: rescale only the rows whose maximum moved
-            top = L[near][:, new].max(axis=1)
+            logits = L[near][:, new]
+            at = logits.argmax(axis=1)
+            top = logits[np.arange(len(near)), at]
             grew, up = near[top > 0], top[top > 0]
             if len(grew):
-                C[grew] *= np.exp2(-up)[:, None]
+                rows = C[grew] * np.exp2(-up)[:, None]
+                rescaled_guards(rows, pack.views[1][pack.newpos[at[top > 0]]], pack)
+                C[grew] = rows
                 m[grew] += up / LOG2E
                 L[grew] -= up[:, None]
     np.exp2(L, out=L)
@@ -294,6 +298,19 @@ def correct_rows(
     if not add_product(C, L, B):  # where NumPy's BLAS is out of reach: a temporary
         C += np.matmul(L, B, out=work.get("product", C.shape) if work is not None else None)
     return lost_precision(C, d)
+
+
+def rescaled_guards(C: np.ndarray, top: np.ndarray, pack) -> None:
+    """Guards of cache rows ``C`` just rescaled (in place) to the logit of a new entry, whose
+    contributions are ``top`` (one row each): that entry's exponential is exactly 1, so it
+    errs by nothing, while all the old mass was scaled by one factor that errs by the logit's
+    error. The weight that entry adds (``a``, see :class:`Contributions`) moves onto the old
+    mass, ``s`` and ``|N|``. O(rows·d); rescaling is rare.
+    """
+    d, g = pack.contrib.d, pack.contrib.growth
+    a = top[:, d + 1] + g  # the entry's guard of s is a − g
+    C[:, d + 1] += a * (C[:, d] - 1)
+    C[:, d + 2 :] += a[:, None] * (np.abs(C[:, :d]) - np.abs(top[:, :d]))
 
 
 def correct_row(q, qnorm: float, m: float, cached: np.ndarray, pack, col: int | None):
@@ -311,11 +328,17 @@ def correct_row(q, qnorm: float, m: float, cached: np.ndarray, pack, col: int | 
     # rescaling to the new maximum costs a reduction, as much as the exponentials: skipped
     # while Cauchy–Schwarz bounds every new logit by m + SHIFT_SLACK
     if new is not None and qnorm * pack.knorm > m + SHIFT_SLACK:
-        m_new = max(m, L[new].max())
+        at = int(L[new].argmax())
+        m_new = max(m, L[new][at])
     L -= m_new
     np.exp(L, out=L)
     row = L.dot(B)
-    row += cached * math.exp(m - m_new) if m_new != m else cached
+    if m_new != m:
+        scaled = cached[None] * math.exp(m - m_new)
+        rescaled_guards(scaled, B[pack.newpos[at]][None], pack)
+        row += scaled[0]
+    else:
+        row += cached
     d = len(q)
     if not (row[d] > 0 and row[d + 1] <= 0) or not (
         row[d + 2 :].max() <= 0 if col is None else row[d + 2 + col] <= 0
