@@ -289,7 +289,7 @@ def correct_rows(
             grew, up = near[top > 0], top[top > 0]
             if len(grew):
                 rows = C[grew] * np.exp2(-up)[:, None]
-                rescaled_guards(rows, pack.views[1][pack.newpos[at[top > 0]]], pack)
+                rescaled_guards(rows, pack.views[1][_entries(new, at[top > 0])], pack)
                 C[grew] = rows
                 m[grew] += up / LOG2E
                 L[grew] -= up[:, None]
@@ -311,6 +311,11 @@ def rescaled_guards(C: np.ndarray, top: np.ndarray, pack) -> None:
     a = top[:, d + 1] + g  # the entry's guard of s is a − g
     C[:, d + 1] += a * (C[:, d] - 1)
     C[:, d + 2 :] += a[:, None] * (np.abs(C[:, :d]) - np.abs(top[:, :d]))
+
+
+def _entries(new: slice | np.ndarray, at):
+    """Packed entries of positions ``at`` among the new-key entries ``new``."""
+    return new.start + at if isinstance(new, slice) else new[at]
 
 
 def correct_row(q, qnorm: float, m: float, cached: np.ndarray, pack, col: int | None):
@@ -335,7 +340,7 @@ def correct_row(q, qnorm: float, m: float, cached: np.ndarray, pack, col: int | 
     row = L.dot(B)
     if m_new != m:
         scaled = cached[None] * math.exp(m - m_new)
-        rescaled_guards(scaled, B[pack.newpos[at]][None], pack)
+        rescaled_guards(scaled, B[_entries(new, at)][None], pack)
         row += scaled[0]
     else:
         row += cached
