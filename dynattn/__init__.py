@@ -16,8 +16,33 @@ from .workloads import PRESETS, STREAMS, UpdateStream, WorkloadError, load_npz, 
 
 __version__ = "0.1.0"
 
+# The real model and the Dask engines are imported when first named (dynattn.MiniLM,
+# dynattn.ShardedAttention, ...): tokenizers and dask.distributed cost a second to import,
+# which nobody who only wants LazyAttention should pay.
+_LAZY = {
+    "MiniLM": "models",
+    "TextAttention": "models",
+    "Edit": "models",
+    "MultiHeadAttention": "distributed",
+    "ShardedAttention": "distributed",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'dynattn' has no attribute {name!r}")
+
+
 __all__ = [
     "CostModel",
+    "Edit",
+    "MiniLM",
+    "MultiHeadAttention",
+    "ShardedAttention",
+    "TextAttention",
     "EnhancedDynamicAttention",
     "ErrorBudget",
     "ErrorReport",

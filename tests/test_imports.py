@@ -59,3 +59,21 @@ def test_bench_is_no_longer_a_package_command(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench"])
     assert exc.value.code == 2 and "invalid choice: 'bench'" in capsys.readouterr().err
+
+
+def test_the_model_and_dask_load_when_first_named():
+    code = (
+        "import sys, dynattn\n"
+        "before = {m for m in ('dask', 'tokenizers') if m in sys.modules}\n"
+        "dynattn.MiniLM, dynattn.ShardedAttention\n"
+        "after = {m for m in ('dask', 'tokenizers') if m in sys.modules}\n"
+        "print(sorted(before), sorted(after))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    ).stdout.split("\n")[0]
+    assert out == "[] ['dask', 'tokenizers']"
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        import dynattn
+
+        dynattn.Nothing  # noqa: B018

@@ -22,7 +22,16 @@ from collections import deque
 import numpy as np
 
 from .. import _validate as check
-from .kernels import BLOCK_ELEMENTS, MANY_ROWS, Contributions, Workspace, correct_rows, exact_rows
+from .kernels import (
+    BLOCK_ELEMENTS,
+    GROWTH,
+    MANY_ROWS,
+    Contributions,
+    Workspace,
+    correct_rows,
+    exact_rows,
+)
+from .limits import EntryLimits
 from .pack import CorrectionPack
 from .pending import PendingUpdates
 from .planner import QueryPlanner
@@ -96,6 +105,8 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         if scale == 0:
             raise ValueError("scale=0 makes every row uniform; use a nonzero scale")
         self._adopt(QA, Ka, Va, scale, policy)
+        self._limits.check("K", "K", Ka)
+        self._limits.check("V", "V", Va)
         self._store_exact()
         # the snapshot is made after the build and its scratch block are gone, while the
         # caller's inputs may still be alive: this keeps the peak at n = 50,000 under 300 MB
@@ -105,8 +116,9 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
     def _adopt(self, QA, K, V, scale: float, policy) -> None:
         """Take owned, validated arrays: ``QA = [Q | ·]`` (m, d+1) with a spare column (the
         flush's logit product takes ``[Q | −m]`` as it stands, rather than copying Q beside
-        the stabilisers), K and V (n, d). Caches allocated, queue empty, counters zero; the
-        caller fills the caches and takes the snapshot."""
+        the stabilisers), K and V (n, d). Caches allocated, queue empty, counters zero, the
+        entry limits set (a ValueError when Q is too large for them); the caller checks K and
+        V against them, fills the caches and takes the snapshot."""
         n, d = K.shape
         dt = K.dtype
         self._dtype, self._scale = dt, scale
@@ -116,6 +128,8 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         with np.errstate(over="ignore"):  # an infinite norm only disables a shortcut
             self._qnorm = np.sqrt(np.einsum("ij,ij->i", Q, Q))
         self._qnorm_max = float(self._qnorm.max(initial=0.0))  # Q never changes
+        self._limits = EntryLimits(self._qnorm_max, scale, n, d, dt, GROWTH[dt])
+        self._limit_k, self._limit_v = self._limits.k, self._limits.v  # for the hot path
         self._views = {}
         for name, arr in (("Q", Q), ("K", K), ("V", V)):
             view = arr.view()
@@ -124,7 +138,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         self._cache = np.empty((self._nq, 2 * d + 2), dtype=dt)
         self._stabiliser = np.empty(self._nq, dtype=dt)
         self._work = Workspace(dt)
-        self._contrib = Contributions(d, dt)
+        self._contrib = Contributions(d, dt, self._qnorm_max)
         self._queue = PendingUpdates(K, V)
         self._log = self._queue.log  # the hot path appends to it directly
         self._pack = self._queue.pack = CorrectionPack(self._queue, scale, self._contrib)

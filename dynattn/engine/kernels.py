@@ -9,10 +9,13 @@ stabiliser ``m_i``, with ``ã_ij = exp(scale · q_i·k_j − m_i)``, ``N_i = Σ_
 Invariants and costs:
 
 * The guards are ``removed − g · natural``: the mass that removals subtracted since the row was
-  last computed exactly, less ``g`` (:data:`GROWTH`) times its natural scale (``s_i`` and
-  ``Σ_j ã_ij |v_jc|``). Both parts are linear in the contributions, so every product that moves
-  N and s moves the guards too. A positive guard (or ``s ≤ 0``, or NaN) means a subtraction may
-  have cancelled more than ``log10 g`` digits: that row must be recomputed, O(n·d).
+  last computed exactly, each removed exponential weighted by the error of recomputing it
+  (``w ≥ 1``, growing with its logit's magnitude: :meth:`Contributions.weights`), less ``g``
+  (:data:`GROWTH`) times the row's natural scale (``s_i`` and ``Σ_j ã_ij |v_jc|``). Both
+  parts are linear in the contributions, so every product that moves N and s moves the guards
+  too. A positive guard (or ``s ≤ 0``, or NaN) means the subtractions may have left an error
+  above ``2u·(1 + PLAIN_LOGITS)·g`` of the natural scale (u the unit roundoff): that row must be
+  recomputed, O(n·d).
 * Every exponential stays below ``e^SHIFT_SLACK``: a row is rescaled (online softmax) where
   Cauchy–Schwarz (``|q_i|·|k_j|``) allows a new logit above ``m_i + SHIFT_SLACK``.
 * Whole-matrix work runs in row blocks of about :data:`BLOCK_ELEMENTS` numbers, through
@@ -28,10 +31,22 @@ import numpy as np
 
 from .._blas import add_product
 
-# g: removed mass may grow to this multiple of the remaining mass before a row is recomputed.
-# The incremental error is about unit-roundoff × (1 + 2·removed/remaining), so these bound it
-# near 5e-13 (float64) and 8e-6 (float32) of the entry's natural scale.
-GROWTH = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): 64.0}
+# g: removed mass, weighted by its logits' magnitude (see Contributions), may grow to this
+# multiple of the remaining mass before a row is recomputed. A recomputed exponential
+# exp(x − m) carries a relative error of about u·(|x| + |m|) (u the unit roundoff: the
+# logit product rounds at that magnitude), the one it cancels carried as much, so removing
+# mass R leaves an error of about 2u·(1 + |x| + |m|)·R. With the weights below that is at
+# most 2u·(1 + PLAIN_LOGITS)·g of the entry's natural scale: 1.2e-13 (float64), 3e-5
+# (float32), whatever the logits' size.
+GROWTH = {np.dtype(np.float64): 16.0, np.dtype(np.float32): 8.0}
+
+# g where removals subtract the very exponentials that were added (EagerDense stores them):
+# only the sums' rounding remains, about u·(1 + 2g), 2.3e-13 (float64) and 8e-6 (float32).
+GROWTH_EXACT_REMOVAL = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): 64.0}
+
+# Logits up to this magnitude (|x| + |m| for the mass that counts) weigh 1 in the guards;
+# larger ones weigh proportionally more (Contributions.weights).
+PLAIN_LOGITS = 32.0
 
 # From this many rows on, corrections and fresh rows are matrix products (compute-bound)
 # rather than matrix-vector products (memory-bound).
@@ -71,38 +86,88 @@ class Workspace:
 class Contributions:
     """Rows that move the cache columns ``[N | s | guards]`` when multiplied by weights.
 
-    ``new``: a key-value pair coming in, ``[v, 1, −g, −g|v|]``; ``old``: one going out,
-    ``[−v, −1, 1+g, (1+g)|v|]``; ``changed``: a value replaced under an unchanged key,
-    ``[v − v_old, 0, 0, (1+g)|v_old| − g|v|]`` (s is untouched, so nothing cancels in it).
-    O(rows·d) each.
+    ``new``: a key-value pair coming in, ``[v, 1, a−g, (a−g)|v|]`` with ``a = (w − 1)/2``;
+    ``old``: one going out, ``[−v, −1, w+g, (w+g)|v|]``; ``changed``: a value replaced under
+    an unchanged key, ``[v − v_old, 0, 0, (w+g)|v_old| + (a−g)|v|]`` (s is untouched, so
+    nothing cancels in it). O(rows·d) each.
+
+    ``w`` weighs removed mass by the error of recomputing it (:meth:`weights`); ``g`` is
+    :data:`GROWTH`. With ``qnorm_max`` None removals are exact (the caller subtracts the very
+    exponentials it added, as :class:`~dynattn.strategies.EagerDense` does): they weigh 1,
+    and ``g`` is :data:`GROWTH_EXACT_REMOVAL`.
     """
 
-    def __init__(self, d: int, dtype: np.dtype):
+    def __init__(self, d: int, dtype: np.dtype, qnorm_max: float | None = None):
         self.d, self.dtype = d, dtype
-        self.growth = g = GROWTH[dtype]
+        self.growth = g = (GROWTH if qnorm_max is not None else GROWTH_EXACT_REMOVAL)[dtype]
+        self.qnorm_max = qnorm_max
         # s and its guard, as arrays: a tuple is converted at every call, and a catch-up
         # after one update is all such calls
         self._marks_new = np.array([1, -g], dtype=dtype)
         self._marks_old = np.array([-1, 1 + g], dtype=dtype)
 
-    def new(self, out: np.ndarray, v: np.ndarray) -> None:
-        d = self.d
-        out[:, :d] = v
-        out[:, d : d + 2] = self._marks_new
-        np.multiply(np.abs(v), -self.growth, out=out[:, d + 2 :])
+    def weights(self, keys: np.ndarray | None) -> np.ndarray | None:
+        """Weights ``w + g`` of removing the entries of the packed ``keys`` (pre-scaled),
+        shape (rows,), or None for ``1 + g`` each.
 
-    def old(self, out: np.ndarray, v: np.ndarray) -> None:
+        A logit x = q·k is computed with an error of about u·|q|·|k| (Cauchy–Schwarz bounds
+        the magnitudes its rounding sees), and the stabiliser m of a row where this entry
+        carries mass lies within a few units of x; so ``w = max(1, (1 + 2·|q|max·|k|) /
+        (1 + PLAIN_LOGITS))``: plain logits weigh 1 (GROWTH is calibrated for them), and a
+        logit of 10,000 some 600 times more. O(rows·d).
+        """
+        if self.qnorm_max is None or keys is None:
+            return None
+        w = np.sqrt(np.einsum("ij,ij->i", keys, keys))
+        w *= 2 * self.qnorm_max / (1 + PLAIN_LOGITS)
+        w += 1 / (1 + PLAIN_LOGITS)
+        np.maximum(w, 1.0, out=w)
+        w += self.growth
+        return w
+
+    def new(self, out: np.ndarray, v: np.ndarray, keys: np.ndarray | None = None) -> None:
+        d, g = self.d, self.growth
+        out[:, :d] = v
+        w = self.weights(keys)
+        if w is None:
+            out[:, d : d + 2] = self._marks_new
+            np.multiply(np.abs(v), -g, out=out[:, d + 2 :])
+        else:
+            # an added exponential errs by as much as a removed one, but cancels nothing: half
+            # the weight beyond 1 (plain logits add nothing to the guards' g per unit mass)
+            w -= 1 + 3 * g  # weights() gave w + g
+            w *= 0.5
+            out[:, d] = 1
+            out[:, d + 1] = w
+            np.multiply(np.abs(v), w[:, None], out=out[:, d + 2 :])
+
+    def old(self, out: np.ndarray, v: np.ndarray, keys: np.ndarray | None = None) -> None:
         d = self.d
         np.negative(v, out=out[:, :d])
-        out[:, d : d + 2] = self._marks_old
-        np.multiply(np.abs(v), 1 + self.growth, out=out[:, d + 2 :])
+        w = self.weights(keys)
+        if w is None:
+            out[:, d : d + 2] = self._marks_old
+            np.multiply(np.abs(v), 1 + self.growth, out=out[:, d + 2 :])
+        else:
+            out[:, d] = -1
+            out[:, d + 1] = w
+            np.multiply(np.abs(v), w[:, None], out=out[:, d + 2 :])
 
-    def changed(self, out: np.ndarray, v: np.ndarray, v_old: np.ndarray) -> None:
+    def changed(
+        self, out: np.ndarray, v: np.ndarray, v_old: np.ndarray, keys: np.ndarray | None = None
+    ) -> None:
         d, g = self.d, self.growth
         np.subtract(v, v_old, out=out[:, :d])
         out[:, d : d + 2] = 0
-        np.multiply(np.abs(v_old), 1 + g, out=out[:, d + 2 :])
-        out[:, d + 2 :] -= g * np.abs(v)
+        w = self.weights(keys)
+        if w is None:
+            np.multiply(np.abs(v_old), 1 + g, out=out[:, d + 2 :])
+            out[:, d + 2 :] -= g * np.abs(v)
+        else:  # the old value out with weight w + g, the new one in with a − g (see new)
+            np.multiply(np.abs(v_old), w[:, None], out=out[:, d + 2 :])
+            w -= 1 + 3 * g
+            w *= 0.5
+            out[:, d + 2 :] += w[:, None] * np.abs(v)
 
 
 def max_norm(rows: np.ndarray) -> float:
@@ -218,10 +283,14 @@ def correct_rows(
     if new is not None and qnorm_max * pack.knorm > m.min(initial=math.inf) + SHIFT_SLACK:
         near = np.flatnonzero(qnorm * pack.knorm > m + SHIFT_SLACK)
         if len(near):  # online softmax: rescale only the rows whose maximum moved
-            top = L[near][:, new].max(axis=1)
+            logits = L[near][:, new]
+            at = logits.argmax(axis=1)
+            top = logits[np.arange(len(near)), at]
             grew, up = near[top > 0], top[top > 0]
             if len(grew):
-                C[grew] *= np.exp2(-up)[:, None]
+                rows = C[grew] * np.exp2(-up)[:, None]
+                rescaled_guards(rows, pack.views[1][_entries(new, at[top > 0])], pack)
+                C[grew] = rows
                 m[grew] += up / LOG2E
                 L[grew] -= up[:, None]
     np.exp2(L, out=L)
@@ -229,6 +298,24 @@ def correct_rows(
     if not add_product(C, L, B):  # where NumPy's BLAS is out of reach: a temporary
         C += np.matmul(L, B, out=work.get("product", C.shape) if work is not None else None)
     return lost_precision(C, d)
+
+
+def rescaled_guards(C: np.ndarray, top: np.ndarray, pack) -> None:
+    """Guards of cache rows ``C`` just rescaled (in place) to the logit of a new entry, whose
+    contributions are ``top`` (one row each): that entry's exponential is exactly 1, so it
+    errs by nothing, while all the old mass was scaled by one factor that errs by the logit's
+    error. The weight that entry adds (``a``, see :class:`Contributions`) moves onto the old
+    mass, ``s`` and ``|N|``. O(rows·d); rescaling is rare.
+    """
+    d, g = pack.contrib.d, pack.contrib.growth
+    a = top[:, d + 1] + g  # the entry's guard of s is a − g
+    C[:, d + 1] += a * (C[:, d] - 1)
+    C[:, d + 2 :] += a[:, None] * (np.abs(C[:, :d]) - np.abs(top[:, :d]))
+
+
+def _entries(new: slice | np.ndarray, at):
+    """Packed entries of positions ``at`` among the new-key entries ``new``."""
+    return new.start + at if isinstance(new, slice) else new[at]
 
 
 def correct_row(q, qnorm: float, m: float, cached: np.ndarray, pack, col: int | None):
@@ -246,11 +333,17 @@ def correct_row(q, qnorm: float, m: float, cached: np.ndarray, pack, col: int | 
     # rescaling to the new maximum costs a reduction, as much as the exponentials: skipped
     # while Cauchy–Schwarz bounds every new logit by m + SHIFT_SLACK
     if new is not None and qnorm * pack.knorm > m + SHIFT_SLACK:
-        m_new = max(m, L[new].max())
+        at = int(L[new].argmax())
+        m_new = max(m, L[new][at])
     L -= m_new
     np.exp(L, out=L)
     row = L.dot(B)
-    row += cached * math.exp(m - m_new) if m_new != m else cached
+    if m_new != m:
+        scaled = cached[None] * math.exp(m - m_new)
+        rescaled_guards(scaled, B[_entries(new, at)][None], pack)
+        row += scaled[0]
+    else:
+        row += cached
     d = len(q)
     if not (row[d] > 0 and row[d + 1] <= 0) or not (
         row[d + 2 :].max() <= 0 if col is None else row[d + 2 + col] <= 0

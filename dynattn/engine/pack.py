@@ -115,8 +115,8 @@ class CorrectionPack:
             kr = np.array([rows[k] for k in ks], dtype=np.intp)  # converted once, used 4 times
             np.multiply(q.K[kr], self.scale, out=Kp[p : p + nk])
             np.multiply(q.K0[kr], self.scale, out=Kp[p + nk : r])
-            contrib.new(B[p : p + nk], q.V[kr])
-            contrib.old(B[p + nk : r], q.V0[kr])
+            contrib.new(B[p : p + nk], q.V[kr], Kp[p : p + nk])
+            contrib.old(B[p + nk : r], q.V0[kr], Kp[p + nk : r])
             self.knorm = max(self.knorm, max_norm(Kp[p : p + nk]))
             pos = self.newpos = np.concatenate([self.newpos, np.arange(p, p + nk)])
             contiguous = pos[-1] - pos[0] + 1 == len(pos)
@@ -124,7 +124,7 @@ class CorrectionPack:
         if nv:
             vr = np.array([rows[k] for k in vs], dtype=np.intp)
             np.multiply(q.K[vr], self.scale, out=Kp[r : r + nv])
-            contrib.changed(B[r : r + nv], q.V[vr], q.V0[vr])
+            contrib.changed(B[r : r + nv], q.V[vr], q.V0[vr], Kp[r : r + nv])
         grow = max(max(slots) + 1 - len(self.entry), 0)
         self.entry.extend([-1] * grow)
         self.keyed.extend([False] * grow)
@@ -158,11 +158,11 @@ class CorrectionPack:
             self.Kp[new_e] = keys
             self.knorm = max(self.knorm, max_norm(keys))
             B_new = np.empty((len(new_e), width), dtype=dt)
-            self.contrib.new(B_new, q.V[new_r])
+            self.contrib.new(B_new, q.V[new_r], keys)
             self.B[new_e] = B_new
         if chg_e:
             B_chg = np.empty((len(chg_e), width), dtype=dt)
-            self.contrib.changed(B_chg, q.V[chg_r], q.V0[chg_r])
+            self.contrib.changed(B_chg, q.V[chg_r], q.V0[chg_r], self.Kp[chg_e])
             self.B[chg_e] = B_chg
 
 

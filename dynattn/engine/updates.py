@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _validate as check
+from .limits import entry_sum
 from .reports import FlushEvent
 
 
@@ -32,9 +33,9 @@ def _entry_update(which: str):
         n = self._n
         i = check.check_index("i", i, n)
         j = check.check_index("j", j, self._d)
-        target = self._K if on_k else self._V
-        before, new = check.entry_sum(
-            which, target, i, j, check.check_scalar("delta", delta, self._dtype)
+        target, limit = (self._K, self._limit_k) if on_k else (self._V, self._limit_v)
+        before, new = entry_sum(
+            which, target, i, j, check.check_scalar("delta", delta, self._dtype), limit
         )
         target[i, j] = new
         log = self._log
@@ -59,6 +60,7 @@ def _row_update(which: str):
         n = self._n
         i = check.check_index("i", i, n)
         new = check.as_vector("row", row, self._d, self._dtype)
+        self._limits.check("row", which, new)
         target = self._K if on_k else self._V
         log = self._log
         # the policy is asked after this write: keep what it overwrites, to take it back
@@ -155,6 +157,7 @@ class UpdateVerbs:
             dl = check.as_vector("deltas", deltas, len(r), self._dtype)
         target = self._K if which == "K" else self._V
         flat, final = check.entry_sums(which, target, r, c, dl)
+        self._limits.check_sums(which, flat, final, self._d)
         old = target.ravel()[flat]
         return self._apply_batch(
             which, r, lambda values: target.ravel().put(flat, values), final, old
@@ -165,6 +168,7 @@ class UpdateVerbs:
         if len(np.unique(r)) != len(r):
             raise ValueError(f"rows={r.tolist()} repeats a row; a row can be set once per call")
         new = check.as_matrix("values", values, self._dtype, shape=(len(r), self._d))
+        self._limits.check("values", which, new)
         target = self._K if which == "K" else self._V
         return self._apply_batch(which, r, lambda v: target.__setitem__(r, v), new, target[r])
 
