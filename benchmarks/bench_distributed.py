@@ -12,8 +12,8 @@ d = 64 (float64; ``--quick``: n = 8,192):
 
 Each worker runs one BLAS thread; the single-process engine is timed with one BLAS thread and
 with as many as there are cores, and the better counts (on a loaded machine two spinning BLAS
-threads can lose to one by several times). Timings are the best of a few repeats (the machine
-is shared).
+threads can lose to one by several times). Timings are the best of a few repeats, the
+configurations taking turns within each repeat (the machine is shared and its load drifts).
 """
 
 from __future__ import annotations
@@ -41,31 +41,43 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _best(func, repeats: int) -> float:
-    """Least wall time of ``repeats`` calls of ``func(k)`` (k = repeat number)."""
-    best = float("inf")
-    for k in range(repeats):
-        t0 = time.perf_counter()
-        func(k)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _touch(eng, rows: np.ndarray, k: int) -> None:
     """One entry update on each of ``rows`` of K: |S| = len(rows) key rows."""
     eng.update_k_many(rows, np.full(len(rows), k % eng.d), np.full(len(rows), 1e-3))
 
 
-def _flush_time(eng, rng, touched: int, repeats: int) -> float:
-    n = eng.n
+def _flush_once(eng, rng, touched: int, k: int) -> float:
+    """Seconds of one flush of ``touched`` fresh key rows (shipping the buffer included)."""
+    _touch(eng, rng.choice(eng.n, touched, replace=False), k)
+    t0 = time.perf_counter()
+    eng.flush()
+    return time.perf_counter() - t0
 
-    def one(k):
-        _touch(eng, rng.choice(n, touched, replace=False), k)
-        t0 = time.perf_counter()
-        eng.flush()
-        return time.perf_counter() - t0
 
-    return min(one(k) for k in range(repeats))
+def _interleaved(runs: dict, repeats: int) -> dict:
+    """Best seconds of each ``runs[name](k)``, the runs taking turns within each repeat, so
+    that a shared machine's load, which drifts over minutes, weighs on all of them alike."""
+    best = dict.fromkeys(runs, np.inf)
+    for k in range(repeats):
+        for name, run in runs.items():
+            best[name] = min(best[name], run(k))
+    return best
+
+
+def _single(eng, threads: int, func):
+    """``func`` timed on the single-process engine with ``threads`` BLAS threads."""
+
+    def run(k):
+        with threadpool_limits(limits=threads):
+            return func(eng, k)
+
+    return run
+
+
+def _timed_rebuild(eng, k) -> float:
+    t0 = time.perf_counter()
+    eng.rebuild()
+    return time.perf_counter() - t0
 
 
 def measure(quick: bool, n: int | None = None) -> dict:
@@ -74,25 +86,9 @@ def measure(quick: bool, n: int | None = None) -> dict:
     from dask.distributed import Client, LocalCluster
 
     n, d, touched = n or (8192 if quick else 65536), 64, 512
-    repeats = 3
     rng = np.random.default_rng(0)
     Q, K, V = rng.standard_normal((3, n, d))
     out = {"n": n, "d": d, "touched": touched, "cores": machine_cores()}
-
-    single = LazyAttention(Q, K, V, policy=Fixed(NEVER))
-    # the single process at its best: on a loaded machine BLAS threads that wait for each
-    # other spin, and one thread can beat two by several times
-    for threads in sorted({1, out["cores"]}):
-        with threadpool_limits(limits=threads):
-            flush = _flush_time(single, rng, touched, repeats)
-            rebuild = _best(lambda k, e=single: e.rebuild(), 1 if not quick else repeats)
-        if flush < out.get("single_flush", np.inf):
-            out["single_flush"], out["single_flush_threads"] = flush, threads
-        if rebuild < out.get("single_rebuild", np.inf):
-            out["single_rebuild"], out["single_rebuild_threads"] = rebuild, threads
-    out["single_nbytes"] = single.nbytes
-    del single
-
     cluster = LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1"
     )
@@ -100,18 +96,30 @@ def measure(quick: bool, n: int | None = None) -> dict:
     try:
         limit_blas(client, max(1, out["cores"] // 2))
         out["base_rss"] = min(client.run(_base_rss).values())
+        single = LazyAttention(Q, K, V, policy=Fixed(NEVER))
+        out["single_nbytes"] = single.nbytes
         t0 = time.perf_counter()
         eng = ShardedAttention(Q, K, V, client=client, shards=2, policy=Fixed(NEVER))
         out["sharded_build"] = time.perf_counter() - t0
-        out["sharded_flush"] = _flush_time(eng, rng, touched, repeats)
+        # the single process at its best of 1 and all BLAS threads: on a loaded machine
+        # threads that wait for each other spin, and one can beat two by several times
+        threads = sorted({1, out["cores"]})
+        for what, func, repeats in (
+            ("flush", lambda e, k: _flush_once(e, rng, touched, k), 3),
+            ("rebuild", _timed_rebuild, 3 if quick else 1),
+        ):
+            runs = {t: _single(single, t, func) for t in threads}
+            runs["sharded"] = lambda k, f=func: f(eng, k)
+            best = _interleaved(runs, repeats)
+            out[f"sharded_{what}"] = best.pop("sharded")
+            t = min(best, key=best.get)
+            out[f"single_{what}"], out[f"single_{what}_threads"] = best[t], t
+        del single
         _touch(eng, rng.choice(n, touched, replace=False), 0)
-        out["shipped"] = sum(
-            a.nbytes for a in eng._queue.batch(0, eng.K, eng.V)[0]
-        )  # what a flush sends a shard
+        batch = eng._queue.batch(0, eng.K, eng.V)[0]
+        out["shipped"] = sum(a.nbytes for a in batch)  # what a flush sends each shard
         eng.flush()
-        out["sharded_rebuild"] = _best(lambda k: eng.rebuild(), 1 if not quick else repeats)
-        out.update(_update_costs(eng, rng))
-        memory = eng.memory()
+        memory = eng.memory()  # before the update stream grows the shards' packs
         peaks = client.run(_peak_rss)
         out["workers"] = [
             {
@@ -122,6 +130,7 @@ def measure(quick: bool, n: int | None = None) -> dict:
             }
             for m in memory
         ]
+        out.update(_update_costs(eng, rng))
         eng.close()
     finally:
         client.close()
