@@ -227,10 +227,11 @@ def test_a_failed_call_changes_nothing(client):
             np.testing.assert_array_equal(eng.V, before[1])
             assert eng.pending == before[2]
         np.testing.assert_array_equal(eng.output(), before[3])
-        # the sum check is the engine's: K[0, 0] + 1e308 + 1e308 overflows on the 2nd update
-        eng.update_k(0, 0, 1e308)
-        with pytest.raises(ValueError, match=r"K\[0, 0\]"):
-            eng.update_k(0, 0, 1e308)
+        # the sum check is the engine's: two steps of 0.75x its K limit pass it on the 2nd
+        big = 0.75 * eng._limit_k
+        eng.update_k(0, 0, big)
+        with pytest.raises(ValueError, match=r"K\[0, 0\].*limit"):
+            eng.update_k(0, 0, big)
         assert eng.pending == before[2] + 1
     rng = np.random.default_rng(6)
     with MultiHeadAttention(*rng.standard_normal((3, 2, 5, 3)), client=client) as mha:
@@ -243,10 +244,11 @@ def test_a_failed_call_changes_nothing(client):
             with pytest.raises(error):
                 call()
             assert mha.pending == 0
-        mha.update_k(1, 0, 0, 1e308)
+        big = 0.75 * mha.head(1)._limit_k
+        mha.update_k(1, 0, 0, big)
         k00 = mha.head(0).K[0, 0]
         with pytest.raises(ValueError, match="head 1"):  # head 0's half is not written either
-            mha.update_k_many([0, 1], [0, 0], [0, 0], [1.0, 1e308])
+            mha.update_k_many([0, 1], [0, 0], [0, 0], [1.0, big])
         assert mha.pending == 1 and mha.head(0).K[0, 0] == k00
 
 

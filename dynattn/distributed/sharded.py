@@ -9,6 +9,9 @@ import numpy as np
 
 from .. import _validate as check
 from ..engine import ErrorReport, FlushEvent, LazyAttention, QueryRecord
+from ..engine.attention import checked_inputs as engine_inputs
+from ..engine.kernels import GROWTH
+from ..engine.limits import EntryLimits
 from ..engine.reports import FrobeniusNorm
 from ..engine.schedule import FlushSchedule
 from ..engine.updates import UpdateVerbs
@@ -20,7 +23,7 @@ __all__ = ["ShardedAttention"]
 
 
 def checked_inputs(Q, K, V, engine_kwargs: dict):
-    """``(Q, K, V, scale, dtype)`` validated and copied as the engine would (so bad input is
+    """``(Q, K, V, limits, kwargs)`` validated and copied as the engine does (so bad input is
     refused before any worker is asked), and the engine keywords the shards get."""
     kwargs = dict(engine_kwargs)
     unknown = set(kwargs) - {"scale", "dtype"}
@@ -29,21 +32,9 @@ def checked_inputs(Q, K, V, engine_kwargs: dict):
             f"unexpected keyword argument(s) {sorted(unknown)}; engines take "
             "scale, dtype and policy"
         )
-    dt = check.resolve_dtype(kwargs.get("dtype"), Q, K, V)
-    Qa = check.as_matrix("Q", Q, dt)
-    Ka = check.as_matrix("K", K, dt)
-    if Ka.shape[1] != Qa.shape[1]:
-        raise ValueError(
-            f"K has shape {Ka.shape}; expected (n, {Qa.shape[1]}): as many columns as Q"
-        )
-    Va = check.as_matrix("V", V, dt, shape=Ka.shape)
-    kwargs["dtype"] = dt
-    scale = kwargs.get("scale")
-    scale = 1.0 / np.sqrt(Qa.shape[1]) if scale is None else scale
-    kwargs["scale"] = check.check_scalar("scale", scale, dt)
-    if kwargs["scale"] == 0:
-        raise ValueError("scale=0 makes every row uniform; use a nonzero scale")
-    return Qa, Ka, Va, kwargs
+    Qa, Ka, Va, scale, limits = engine_inputs(Q, K, V, kwargs.get("scale"), kwargs.get("dtype"))
+    kwargs.update(scale=scale, dtype=Ka.dtype)
+    return Qa, Ka, Va, limits, kwargs
 
 
 def checked_buffer(buffer) -> None:
@@ -94,7 +85,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
 
     def __init__(self, Q, K, V, *, client=None, shards=None, buffer: int = 16384, **engine_kwargs):
         policy = engine_kwargs.pop("policy", None)
-        Qa, Ka, Va, kwargs = checked_inputs(Q, K, V, engine_kwargs)
+        Qa, Ka, Va, limits, kwargs = checked_inputs(Q, K, V, engine_kwargs)
         if shards is not None:
             shards = check.check_index("shards", shards, len(Qa) + 1)
             if shards < 1:
@@ -106,14 +97,15 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
             count = shards or len(workers)
             starts = [len(Qa) * s // count for s in range(count + 1)]
             places = [workers[s % len(workers)] for s in range(count)]
-            self._place(cluster, Qa, Ka, Va, kwargs, starts, places, buffer)
+            self._place(cluster, Qa, Ka, Va, limits, kwargs, starts, places, buffer)
             self._setup(policy, self._submit(range(count)))
         except BaseException:
             cluster.close()
             raise
 
-    def _place(self, cluster, Qa, Ka, Va, kwargs, starts, places, buffer) -> None:
-        """Take the validated copies (the client's Q, K, V), the shards' layout (shard s
+    def _place(self, cluster, Qa, Ka, Va, limits, kwargs, starts, places, buffer) -> None:
+        """Take the validated copies (the client's Q, K, V) and their entry limits (the
+        client refuses what a shard would), the shards' layout (shard s
         holds query rows ``starts[s]:starts[s+1]`` on worker ``places[s]``) and an empty
         buffer sent to the shards at ``buffer`` actions."""
         self._cluster, self._places, self._starts = cluster, places, starts
@@ -123,6 +115,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
         self._Qm, self._K, self._V = Qa, Ka, Va  # the client's copies: K, V kept current
         self._queue = ClientLog(self._n, len(places), buffer)
         self._log = self._queue.log  # the update verbs append to it directly
+        self._set_limits(limits)
 
     def _submit(self, shards) -> list:
         """Start the actors of ``shards`` (the engines build in parallel) from the client's Q
@@ -192,6 +185,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
     weight = LazyAttention.weight
     # the engine's policy consultation, on this class's ClientLog (as the engine's queue)
     _consult = LazyAttention._consult
+    _set_limits = LazyAttention._set_limits
     _arm = LazyAttention._arm
     _ask_policy_next = LazyAttention._ask_policy_next
 
@@ -244,6 +238,11 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
                 failures.extend(exc.failures)
                 continue
             self._Qm[r[masks[call[0]]]] = new[masks[call[0]]]
+        with np.errstate(over="ignore"):  # the shards accepted these rows: limits follow
+            qnorm_max = float(np.sqrt(np.einsum("ij,ij->i", self._Qm, self._Qm)).max())
+        self._set_limits(
+            EntryLimits(qnorm_max, self._scale, self._n, self._d, self._dtype, GROWTH[self._dtype])
+        )
         if failures:
             raise ShardError("set_q_rows", failures)
 
@@ -414,6 +413,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
         new._place(
             Cluster(client),
             *arrays,
+            self._limits,
             self._kwargs,
             list(self._starts),
             list(self._places),

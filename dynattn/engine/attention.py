@@ -42,6 +42,33 @@ from .tokens import TokenVerbs
 from .updates import UpdateVerbs
 
 
+def checked_inputs(Q, K, V, scale=None, dtype=None, pad: int = 0):
+    """``(Q, K, V, scale, limits)``: owned copies of the inputs in the working dtype (Q with
+    ``pad`` zero columns after its d), the scale and the entry limits they imply, every
+    argument checked as an engine checks it (an exception naming it); O((m + n)·d).
+
+    Shared by every engine built from Q, K and V (also :mod:`dynattn.distributed`), so bad
+    input is refused the same way before anything is built anywhere.
+    """
+    dt = check.resolve_dtype(dtype, Q, K, V)
+    Qa = check.as_matrix("Q", Q, dt, pad=pad)
+    d = Qa.shape[1] - pad
+    Ka = check.as_matrix("K", K, dt)
+    if Ka.shape[1] != d:
+        raise ValueError(f"K has shape {Ka.shape}; expected (n, {d}): as many columns as Q")
+    Va = check.as_matrix("V", V, dt, shape=Ka.shape)
+    scale = check.check_scalar("scale", 1.0 / math.sqrt(d) if scale is None else scale, dt)
+    if scale == 0:
+        raise ValueError("scale=0 makes every row uniform; use a nonzero scale")
+    Q = Qa[:, :d]
+    with np.errstate(over="ignore"):  # an infinite norm is refused by the limits
+        qnorm_max = float(np.sqrt(np.einsum("ij,ij->i", Q, Q)).max())
+    limits = EntryLimits(qnorm_max, scale, len(Ka), d, dt, GROWTH[dt])
+    limits.check("K", "K", Ka)
+    limits.check("V", "V", Va)
+    return Qa, Ka, Va, scale, limits
+
+
 class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
     """Attention output kept exact under updates to K and V, with deferred (lazy) cache work.
 
@@ -92,21 +119,8 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
     """
 
     def __init__(self, Q, K, V, *, scale=None, dtype=None, policy=None):
-        dt = check.resolve_dtype(dtype, Q, K, V)
-        QA = check.as_matrix("Q", Q, dt, pad=1)
-        d = QA.shape[1] - 1
-        Ka = check.as_matrix("K", K, dt)
-        if Ka.shape[1] != d:
-            raise ValueError(f"K has shape {Ka.shape}; expected (n, {d}): as many columns as Q")
-        Va = check.as_matrix("V", V, dt, shape=Ka.shape)
-        if scale is None:
-            scale = 1.0 / math.sqrt(d)
-        scale = check.check_scalar("scale", scale, dt)
-        if scale == 0:
-            raise ValueError("scale=0 makes every row uniform; use a nonzero scale")
+        QA, Ka, Va, scale, _ = checked_inputs(Q, K, V, scale, dtype, pad=1)
         self._adopt(QA, Ka, Va, scale, policy)
-        self._limits.check("K", "K", Ka)
-        self._limits.check("V", "V", Va)
         self._store_exact()
         # the snapshot is made after the build and its scratch block are gone, while the
         # caller's inputs may still be alive: this keeps the peak at n = 50,000 under 300 MB
@@ -117,8 +131,8 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         """Take owned, validated arrays: ``QA = [Q | ·]`` (m, d+1) with a spare column (the
         flush's logit product takes ``[Q | −m]`` as it stands, rather than copying Q beside
         the stabilisers), K and V (n, d). Caches allocated, queue empty, counters zero, the
-        entry limits set (a ValueError when Q is too large for them); the caller checks K and
-        V against them, fills the caches and takes the snapshot."""
+        entry limits set (inputs as :func:`checked_inputs` returns them); the caller fills the
+        caches and takes the snapshot."""
         n, d = K.shape
         dt = K.dtype
         self._dtype, self._scale = dt, scale
