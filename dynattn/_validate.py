@@ -144,19 +144,27 @@ def check_int(name: str, value, low: int = 1) -> int:
     return i
 
 
-def entry_sum(which: str, target: np.ndarray, i: int, j: int, delta: float):
+def entry_sum(
+    which: str, target: np.ndarray, i: int, j: int, delta: float, limit: float | None = None
+):
     """``(old, new)``: ``target[i, j]`` as a float and ``target[i, j] + delta`` in the target's
-    dtype; a ValueError naming the entry when the sum is not finite there (checked before
-    anything is written)."""
+    dtype; a ValueError naming ``delta`` and the entry when the sum is not finite there, or
+    beyond ``limit`` (an engine's limit for the entries of ``which``), checked before
+    anything is written. O(1): the one range check every entry update makes."""
     dt = target.dtype
     old, step = target[i, j], dt.type(delta)
     before = float(old)
     total = before + float(step)
-    limit = FINITE_LIMIT[dt]
-    if -limit <= total <= limit:
+    bound = FINITE_LIMIT[dt] if limit is None else limit
+    if -bound <= total <= bound:
         return before, old + step
+    if limit is None:
+        raise ValueError(
+            f"delta={delta!r} would make {which}[{i}, {j}] = {total!r}, not finite in {dt}"
+        )
     raise ValueError(
-        f"delta={delta!r} would make {which}[{i}, {j}] = {total!r}, not finite in {dt}"
+        f"delta={delta!r} would make {which}[{i}, {j}] = {total!r}, beyond this engine's "
+        f"limit for {which} entries, ±{limit:.4g} (larger values could overflow its sums)"
     )
 
 

@@ -99,19 +99,3 @@ class EntryLimits:
             f"{what} exceeds this engine's limit for {which} entries, ±{limit:.4g} "
             "(larger values could overflow its sums)"
         )
-
-
-def entry_sum(which: str, target: np.ndarray, i: int, j: int, delta: float, limit: float):
-    """``(old, new)``: ``target[i, j]`` as a float and ``target[i, j] + delta`` in the target's
-    dtype; a ValueError naming ``delta``, the entry and the ``limit`` when the sum exceeds it
-    (checked before anything is written). The range check every entry update makes anyway,
-    with the engine's limit in place of the largest finite number: O(1), no extra work."""
-    old = target[i, j]
-    before = float(old)
-    total = before + delta
-    if -limit <= total <= limit:
-        return before, old + target.dtype.type(delta)
-    raise ValueError(
-        f"delta={delta!r} would make {which}[{i}, {j}] = {total!r}, beyond this engine's "
-        f"limit for {which} entries, ±{limit:.4g} (larger values could overflow its sums)"
-    )

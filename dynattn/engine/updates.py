@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _validate as check
-from .limits import entry_sum
 from .reports import FlushEvent
 
 
@@ -34,7 +33,7 @@ def _entry_update(which: str):
         i = check.check_index("i", i, n)
         j = check.check_index("j", j, self._d)
         target, limit = (self._K, self._limit_k) if on_k else (self._V, self._limit_v)
-        before, new = entry_sum(
+        before, new = check.entry_sum(
             which, target, i, j, check.check_scalar("delta", delta, self._dtype), limit
         )
         target[i, j] = new
