@@ -72,10 +72,10 @@ class MultiHeadAttention:
             shared = Cluster(self._cluster.client)  # the heads use it but never stop it
             self._heads = []
             futures = []
-            for h, (Qa, Ka, Va, kwargs) in enumerate(inputs):
+            for h, checked in enumerate(inputs):
                 head = ShardedAttention.__new__(ShardedAttention)
                 place = [workers[h % len(workers)]]
-                head._place(shared, Qa, Ka, Va, kwargs, [0, len(Qa)], place, buffer)
+                head._place(shared, checked, [0, len(checked[0])], place, buffer)
                 head._label = f"head {h} ("
                 futures.append(head._submit([0]))  # every head's engine builds at once
                 self._heads.append(head)
@@ -151,9 +151,11 @@ class MultiHeadAttention:
             raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
         dl = check.as_vector("deltas", deltas, len(r), self._dtype)
         for h, mask in groups:  # every head's sums checked before any head is written
-            target = self._heads[h]._K if which == "K" else self._heads[h]._V
+            head = self._heads[h]
             try:
-                check.entry_sums(which, target, r[mask], c[mask], dl[mask])
+                target = head._K if which == "K" else head._V
+                flat, final = check.entry_sums(which, target, r[mask], c[mask], dl[mask])
+                head._limits.check_sums(which, flat, final, self._d)
             except ValueError as exc:
                 raise ValueError(f"head {h}: {exc}") from exc
         name = f"update_{which.lower()}_many"
@@ -166,6 +168,11 @@ class MultiHeadAttention:
         pairs = hs * self._n + r
         if len(np.unique(pairs)) != len(pairs):
             raise ValueError("(heads, rows) repeats a row; a row can be set once per call")
+        for h, mask in groups:  # every head's limits checked before any head is written
+            try:
+                self._heads[h]._limits.check("values", which, vals[mask])
+            except ValueError as exc:
+                raise ValueError(f"head {h}: {exc}") from exc
         name = f"set_{which.lower()}_rows"
         events = [getattr(self._heads[h], name)(r[m], vals[m]) for h, m in groups]
         return [e for e in events if e is not None]

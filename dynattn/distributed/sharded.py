@@ -9,6 +9,8 @@ import numpy as np
 
 from .. import _validate as check
 from ..engine import ErrorReport, FlushEvent, LazyAttention, QueryRecord
+from ..engine.kernels import GROWTH
+from ..engine.limits import EntryLimits
 from ..engine.reports import FrobeniusNorm
 from ..engine.schedule import FlushSchedule
 from ..engine.updates import UpdateVerbs
@@ -20,8 +22,9 @@ __all__ = ["ShardedAttention"]
 
 
 def checked_inputs(Q, K, V, engine_kwargs: dict):
-    """``(Q, K, V, scale, dtype)`` validated and copied as the engine would (so bad input is
-    refused before any worker is asked), and the engine keywords the shards get."""
+    """``(Q, K, V, kwargs, limits)``: the arrays validated and copied as the engine would (so
+    bad input is refused before any worker is asked), the engine keywords the shards get, and
+    the entry limits of the whole engine (all of Q: no shard's are tighter)."""
     kwargs = dict(engine_kwargs)
     unknown = set(kwargs) - {"scale", "dtype"}
     if unknown:
@@ -43,7 +46,13 @@ def checked_inputs(Q, K, V, engine_kwargs: dict):
     kwargs["scale"] = check.check_scalar("scale", scale, dt)
     if kwargs["scale"] == 0:
         raise ValueError("scale=0 makes every row uniform; use a nonzero scale")
-    return Qa, Ka, Va, kwargs
+    with np.errstate(over="ignore"):  # an infinite norm is refused by the limits, naming Q
+        qnorm = float(np.sqrt(np.einsum("ij,ij->i", Qa, Qa)).max(initial=0.0))
+    n, d = Ka.shape
+    limits = EntryLimits(qnorm, kwargs["scale"], n, d, dt, GROWTH[dt])
+    limits.check("K", "K", Ka)
+    limits.check("V", "V", Va)
+    return Qa, Ka, Va, kwargs, limits
 
 
 def checked_buffer(buffer) -> None:
@@ -94,7 +103,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
 
     def __init__(self, Q, K, V, *, client=None, shards=None, buffer: int = 16384, **engine_kwargs):
         policy = engine_kwargs.pop("policy", None)
-        Qa, Ka, Va, kwargs = checked_inputs(Q, K, V, engine_kwargs)
+        Qa, Ka, Va, kwargs, limits = checked_inputs(Q, K, V, engine_kwargs)
         if shards is not None:
             shards = check.check_index("shards", shards, len(Qa) + 1)
             if shards < 1:
@@ -106,16 +115,20 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
             count = shards or len(workers)
             starts = [len(Qa) * s // count for s in range(count + 1)]
             places = [workers[s % len(workers)] for s in range(count)]
-            self._place(cluster, Qa, Ka, Va, kwargs, starts, places, buffer)
+            self._place(cluster, (Qa, Ka, Va, kwargs, limits), starts, places, buffer)
             self._setup(policy, self._submit(range(count)))
         except BaseException:
             cluster.close()
             raise
 
-    def _place(self, cluster, Qa, Ka, Va, kwargs, starts, places, buffer) -> None:
-        """Take the validated copies (the client's Q, K, V), the shards' layout (shard s
-        holds query rows ``starts[s]:starts[s+1]`` on worker ``places[s]``) and an empty
-        buffer sent to the shards at ``buffer`` actions."""
+    def _place(self, cluster, inputs, starts, places, buffer) -> None:
+        """Take the :func:`checked_inputs` (the client's Q, K, V copies, the engine keywords,
+        the entry limits), the shards' layout (shard s holds query rows
+        ``starts[s]:starts[s+1]`` on worker ``places[s]``) and an empty buffer sent to the
+        shards at ``buffer`` actions."""
+        Qa, Ka, Va, kwargs, limits = inputs
+        self._limits = limits  # the update verbs check new entries against them
+        self._limit_k, self._limit_v = limits.k, limits.v
         self._cluster, self._places, self._starts = cluster, places, starts
         self._kwargs, self._label = kwargs, "shard {s} of {count} (query rows {a}:{b}, "
         self._nq, (self._n, self._d), self._dtype = len(Qa), Ka.shape, Ka.dtype
@@ -410,14 +423,10 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
         self._run_all(None)  # every shard has the whole buffer: the copies need none of it
         client = self._cluster.client
         new = object.__new__(type(self))
-        arrays = (check.aligned_copy(a) for a in (self._Qm, self._K, self._V))
+        arrays = tuple(check.aligned_copy(a) for a in (self._Qm, self._K, self._V))
+        inputs = (*arrays, self._kwargs, self._limits)
         new._place(
-            Cluster(client),
-            *arrays,
-            self._kwargs,
-            list(self._starts),
-            list(self._places),
-            self._queue.max_log,
+            Cluster(client), inputs, list(self._starts), list(self._places), self._queue.max_log
         )
         new._label = self._label
         engines = [
