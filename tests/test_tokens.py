@@ -204,3 +204,20 @@ def test_token_edits_need_a_square_engine():
         eng.insert_rows(0, *np.ones((3, 1, 2)))
     eng.set_q_rows([2], np.ones((1, 2)))  # query rows can change in any engine
     np.testing.assert_allclose(eng.output(), dense_attention(eng.Q, eng.K, eng.V), rtol=1e-12)
+
+
+def test_token_edits_respect_the_engines_magnitude_limits():
+    # a larger query lowers the limit on K entries; more keys lower the limit on V entries
+    rng = np.random.default_rng(6)
+    eng = LazyAttention(*rng.standard_normal((3, 6, 2)), policy=100)
+    big_k = 0.5 * eng._limits.k
+    eng.set_k_row(1, [big_k, 0.0])
+    before = (np.array(eng.Q), np.array(eng.K), eng.output())
+    with pytest.raises(ValueError, match=r"values.*limit|K\[1, 0\]"):
+        eng.set_q_rows([0], [[10.0, 0.0]])  # scale·|q|·|k| would pass the logit limit
+    with pytest.raises(ValueError, match="V_rows"):
+        eng.insert_rows(0, np.zeros((1, 2)), np.zeros((1, 2)), [[eng._limits.v * 2, 0.0]])
+    for a, b in zip(before, (np.array(eng.Q), np.array(eng.K), eng.output()), strict=True):
+        np.testing.assert_array_equal(a, b)
+    eng.set_q_rows([0], [[0.5, 0.0]])  # a smaller query is fine, and exact
+    np.testing.assert_allclose(eng.output(), dense_attention(eng.Q, eng.K, eng.V), rtol=1e-12)

@@ -128,8 +128,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         with np.errstate(over="ignore"):  # an infinite norm only disables a shortcut
             self._qnorm = np.sqrt(np.einsum("ij,ij->i", Q, Q))
         self._qnorm_max = float(self._qnorm.max(initial=0.0))  # Q never changes
-        self._limits = EntryLimits(self._qnorm_max, scale, n, d, dt, GROWTH[dt])
-        self._limit_k, self._limit_v = self._limits.k, self._limits.v  # for the hot path
+        self._set_limits(EntryLimits(self._qnorm_max, scale, n, d, dt, GROWTH[dt]))
         self._views = {}
         for name, arr in (("Q", Q), ("K", K), ("V", V)):
             view = arr.view()
@@ -150,6 +149,10 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         # long enough to span many touched-row counts even with a query after every update
         # (256 spanned one flush cycle there, and a slope fitted over it flipped the choice)
         self.query_log: deque[QueryRecord] = deque(maxlen=2048)
+
+    def _set_limits(self, limits: EntryLimits) -> None:
+        self._limits = limits
+        self._limit_k, self._limit_v = limits.k, limits.v  # for the hot path
 
     def copy(self, policy=None) -> LazyAttention:
         """An independent engine in the same state (arrays, caches, pending queue, counters),

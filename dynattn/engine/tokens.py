@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _validate as check
-from .kernels import LOG2E, correct_rows, exact_rows, max_norm
+from .kernels import GROWTH, LOG2E, Contributions, correct_rows, exact_rows, max_norm
+from .limits import EntryLimits
 
 
 class _OneSided:
@@ -32,7 +33,8 @@ class _OneSided:
         t, d = keys.shape
         Kp = keys * keys.dtype.type(scale)
         B = np.empty((t, 2 * d + 2), dtype=keys.dtype)
-        (contrib.new if add else contrib.old)(B, values)
+        (contrib.new if add else contrib.old)(B, values, Kp)  # weighted by the keys' logits
+        self.contrib = contrib
         self.views = (Kp, B, slice(0, t) if add else None)
         self.new = self.views[2]
         self.knorm = max_norm(Kp) if add else 0.0  # leaving keys raise no logit
@@ -57,16 +59,24 @@ class TokenVerbs:
         if len(np.unique(r)) != len(r):
             raise ValueError(f"rows={r.tolist()} repeats a row; a row can be set once per call")
         new = check.as_matrix("values", values, self._dtype, shape=(len(r), self._d))
+        with np.errstate(over="ignore"):  # an infinite norm is refused by the limits
+            norms = np.sqrt(np.einsum("ij,ij->i", new, new))
+        qnorm = self._qnorm.copy()
+        qnorm[r] = norms
         self._settle()
         q = self._queue
+        limits = self._limits_for(float(qnorm.max()), self._n, "values", q.K0)
         m, C = exact_rows(
             new, q.K0, q.V0, self._scale, self._contrib.growth, np.arange(len(r)), self._work
         )
         self._QA[r, : self._d] = new
         self._stabiliser[r], self._cache[r] = m, C
-        with np.errstate(over="ignore"):  # an infinite norm only disables a shortcut
-            self._qnorm[r] = np.sqrt(np.einsum("ij,ij->i", new, new))
-        self._qnorm_max = float(self._qnorm.max(initial=0.0))
+        self._qnorm = qnorm
+        if qnorm.max() > self._qnorm_max:  # removals may now err more: weigh them so
+            self._contrib = self._pack.contrib = Contributions(self._d, self._dtype, qnorm.max())
+            self._pack.clear()  # repacked with the new weights at its next use
+        self._qnorm_max = float(qnorm.max())
+        self._set_limits(limits)
 
     def insert_rows(self, at, Q_rows, K_rows, V_rows) -> None:
         """Insert t token rows before row ``at`` (0 ≤ at ≤ n; n appends): rows ``at`` and later
@@ -80,8 +90,13 @@ class TokenVerbs:
         Vr = check.as_matrix("V_rows", V_rows, self._dtype, shape=(t, d))
         if Qr.shape[1] != d:
             raise ValueError(f"Q_rows has shape {Qr.shape}; expected ({t}, {d})")
+        with np.errstate(over="ignore"):
+            qmax = max(self._qnorm_max, float(np.sqrt(np.einsum("ij,ij->i", Qr, Qr)).max()))
         self._settle()
         q = self._queue
+        limits = self._limits_for(qmax, self._n + t, "Q_rows", q.K0)
+        limits.check("K_rows", "K", Kr)
+        limits.check("V_rows", "V", Vr)
         # the existing query rows take in the new keys (snapshot = current for new rows)
         stab, cache = self._stabiliser.copy(), self._cache.copy()
         pack = _OneSided(Kr, Vr, self._scale, self._contrib, add=True)
@@ -119,6 +134,25 @@ class TokenVerbs:
         arrays = [a[keep] for a in (self._K, self._V, q.K0, q.V0)]
         fresh = spot[bad & keep]
         self._rebuild_state(self._QA[keep], *arrays, cache[keep], stab[keep], spot, fresh)
+
+    def _limits_for(self, qnorm_max: float, n: int, q_name: str, K0) -> EntryLimits:
+        """The entry limits after a change of Q or of n, checked against the keys and values
+        the engine holds (current and snapshot): a ValueError, and nothing changed, when a
+        larger query or more keys would let them overflow."""
+        try:
+            limits = EntryLimits(
+                qnorm_max, self._scale, n, self._d, self._dtype, GROWTH[self._dtype]
+            )
+        except ValueError as exc:
+            raise ValueError(f"{q_name}: {exc}") from None
+        for name, which, arr in (
+            ("K", "K", self._K),
+            ("K (as of the last flush)", "K", K0),
+            ("V", "V", self._V),
+            ("V (as of the last flush)", "V", self._queue.V0),
+        ):
+            limits.check(name, which, arr)
+        return limits
 
     def _require_square(self, verb: str) -> None:
         if self._nq != self._n:
