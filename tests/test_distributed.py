@@ -227,12 +227,15 @@ def test_a_failed_call_changes_nothing(client):
             np.testing.assert_array_equal(eng.V, before[1])
             assert eng.pending == before[2]
         np.testing.assert_array_equal(eng.output(), before[3])
-        # the sum check is the engine's: two steps of 0.75x its K limit pass it on the 2nd
-        big = 0.75 * eng._limit_k
-        eng.update_k(0, 0, big)
+        # the entry limits are the whole engine's (all of Q), checked on the client: a sum
+        # past the limit for K is refused, one just within it accepted
+        limit = eng._limits.k
+        eng.update_k(0, 0, 0.5 * limit - eng.K[0, 0])
         with pytest.raises(ValueError, match=r"K\[0, 0\].*limit"):
-            eng.update_k(0, 0, big)
-        assert eng.pending == before[2] + 1
+            eng.update_k(0, 0, 0.6 * limit)
+        assert eng.pending == before[2] + 1 and eng.K[0, 0] == pytest.approx(0.5 * limit)
+        orc = Oracle(eng)
+        assert_close_natural(eng.output(), orc.output(), orc.natural_scale(), TOL, "output")
     rng = np.random.default_rng(6)
     with MultiHeadAttention(*rng.standard_normal((3, 2, 5, 3)), client=client) as mha:
         for error, call in [
@@ -244,12 +247,12 @@ def test_a_failed_call_changes_nothing(client):
             with pytest.raises(error):
                 call()
             assert mha.pending == 0
-        big = 0.75 * mha.head(1)._limit_k
-        mha.update_k(1, 0, 0, big)
         k00 = mha.head(0).K[0, 0]
-        with pytest.raises(ValueError, match="head 1"):  # head 0's half is not written either
-            mha.update_k_many([0, 1], [0, 0], [0, 0], [1.0, big])
-        assert mha.pending == 1 and mha.head(0).K[0, 0] == k00
+        with pytest.raises(ValueError, match="head 1.*limit"):  # head 0's half is kept out too
+            mha.update_k_many([0, 1], [0, 0], [0, 0], [1.0, 1e308])
+        with pytest.raises(ValueError, match="head 1.*limit"):
+            mha.set_v_rows([0, 1], [0, 0], [[1.0, 1.0, 1.0], [1e300, 0.0, 0.0]])
+        assert mha.pending == 0 and mha.head(0).K[0, 0] == k00
 
 
 def test_the_buffer_is_shipped_in_batches_and_queries_take_their_shard_only(client):

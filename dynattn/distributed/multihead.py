@@ -72,10 +72,10 @@ class MultiHeadAttention:
             shared = Cluster(self._cluster.client)  # the heads use it but never stop it
             self._heads = []
             futures = []
-            for h, (Qa, Ka, Va, limits, kwargs) in enumerate(inputs):
+            for h, checked in enumerate(inputs):
                 head = ShardedAttention.__new__(ShardedAttention)
                 place = [workers[h % len(workers)]]
-                head._place(shared, Qa, Ka, Va, limits, kwargs, [0, len(Qa)], place, buffer)
+                head._place(shared, checked, [0, len(checked[0])], place, buffer)
                 head._label = f"head {h} ("
                 futures.append(head._submit([0]))  # every head's engine builds at once
                 self._heads.append(head)
@@ -151,10 +151,11 @@ class MultiHeadAttention:
             raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")
         dl = check.as_vector("deltas", deltas, len(r), self._dtype)
         for h, mask in groups:  # every head's sums checked before any head is written
-            target = self._heads[h]._K if which == "K" else self._heads[h]._V
+            head = self._heads[h]
             try:
+                target = head._K if which == "K" else head._V
                 flat, final = check.entry_sums(which, target, r[mask], c[mask], dl[mask])
-                self._heads[h]._limits.check_sums(which, flat, final, self._d)
+                head._limits.check_sums(which, flat, final, self._d)
             except ValueError as exc:
                 raise ValueError(f"head {h}: {exc}") from exc
         name = f"update_{which.lower()}_many"

@@ -23,8 +23,10 @@ __all__ = ["ShardedAttention"]
 
 
 def checked_inputs(Q, K, V, engine_kwargs: dict):
-    """``(Q, K, V, limits, kwargs)`` validated and copied as the engine does (so bad input is
-    refused before any worker is asked), and the engine keywords the shards get."""
+    """``(Q, K, V, kwargs, limits)``: the arrays validated and copied as the engine does
+    (:func:`dynattn.engine.attention.checked_inputs`: bad input is refused before any worker
+    is asked), the engine keywords the shards get, and the entry limits of the whole engine
+    (all of Q: no shard's are tighter)."""
     kwargs = dict(engine_kwargs)
     unknown = set(kwargs) - {"scale", "dtype"}
     if unknown:
@@ -34,7 +36,7 @@ def checked_inputs(Q, K, V, engine_kwargs: dict):
         )
     Qa, Ka, Va, scale, limits = engine_inputs(Q, K, V, kwargs.get("scale"), kwargs.get("dtype"))
     kwargs.update(scale=scale, dtype=Ka.dtype)
-    return Qa, Ka, Va, limits, kwargs
+    return Qa, Ka, Va, kwargs, limits
 
 
 def checked_buffer(buffer) -> None:
@@ -85,7 +87,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
 
     def __init__(self, Q, K, V, *, client=None, shards=None, buffer: int = 16384, **engine_kwargs):
         policy = engine_kwargs.pop("policy", None)
-        Qa, Ka, Va, limits, kwargs = checked_inputs(Q, K, V, engine_kwargs)
+        Qa, Ka, Va, kwargs, limits = checked_inputs(Q, K, V, engine_kwargs)
         if shards is not None:
             shards = check.check_index("shards", shards, len(Qa) + 1)
             if shards < 1:
@@ -97,17 +99,20 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
             count = shards or len(workers)
             starts = [len(Qa) * s // count for s in range(count + 1)]
             places = [workers[s % len(workers)] for s in range(count)]
-            self._place(cluster, Qa, Ka, Va, limits, kwargs, starts, places, buffer)
+            self._place(cluster, (Qa, Ka, Va, kwargs, limits), starts, places, buffer)
             self._setup(policy, self._submit(range(count)))
         except BaseException:
             cluster.close()
             raise
 
-    def _place(self, cluster, Qa, Ka, Va, limits, kwargs, starts, places, buffer) -> None:
-        """Take the validated copies (the client's Q, K, V) and their entry limits (the
-        client refuses what a shard would), the shards' layout (shard s
-        holds query rows ``starts[s]:starts[s+1]`` on worker ``places[s]``) and an empty
-        buffer sent to the shards at ``buffer`` actions."""
+    def _place(self, cluster, inputs, starts, places, buffer) -> None:
+        """Take the :func:`checked_inputs` (the client's Q, K, V copies, the engine keywords,
+        the entry limits), the shards' layout (shard s holds query rows
+        ``starts[s]:starts[s+1]`` on worker ``places[s]``) and an empty buffer sent to the
+        shards at ``buffer`` actions."""
+        Qa, Ka, Va, kwargs, limits = inputs
+        self._limits = limits  # the update verbs check new entries against them
+        self._limit_k, self._limit_v = limits.k, limits.v
         self._cluster, self._places, self._starts = cluster, places, starts
         self._kwargs, self._label = kwargs, "shard {s} of {count} (query rows {a}:{b}, "
         self._nq, (self._n, self._d), self._dtype = len(Qa), Ka.shape, Ka.dtype
@@ -115,7 +120,6 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
         self._Qm, self._K, self._V = Qa, Ka, Va  # the client's copies: K, V kept current
         self._queue = ClientLog(self._n, len(places), buffer)
         self._log = self._queue.log  # the update verbs append to it directly
-        self._set_limits(limits)
 
     def _submit(self, shards) -> list:
         """Start the actors of ``shards`` (the engines build in parallel) from the client's Q
@@ -185,7 +189,6 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
     weight = LazyAttention.weight
     # the engine's policy consultation, on this class's ClientLog (as the engine's queue)
     _consult = LazyAttention._consult
-    _set_limits = LazyAttention._set_limits
     _arm = LazyAttention._arm
     _ask_policy_next = LazyAttention._ask_policy_next
 
@@ -238,11 +241,12 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
                 failures.extend(exc.failures)
                 continue
             self._Qm[r[masks[call[0]]]] = new[masks[call[0]]]
-        with np.errstate(over="ignore"):  # the shards accepted these rows: limits follow
+        with np.errstate(over="ignore"):  # the shards took these rows: the limits follow Q
             qnorm_max = float(np.sqrt(np.einsum("ij,ij->i", self._Qm, self._Qm)).max())
-        self._set_limits(
-            EntryLimits(qnorm_max, self._scale, self._n, self._d, self._dtype, GROWTH[self._dtype])
+        limits = EntryLimits(
+            qnorm_max, self._scale, self._n, self._d, self._dtype, GROWTH[self._dtype]
         )
+        self._limits, self._limit_k, self._limit_v = limits, limits.k, limits.v
         if failures:
             raise ShardError("set_q_rows", failures)
 
@@ -409,15 +413,10 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
         self._run_all(None)  # every shard has the whole buffer: the copies need none of it
         client = self._cluster.client
         new = object.__new__(type(self))
-        arrays = (check.aligned_copy(a) for a in (self._Qm, self._K, self._V))
+        arrays = tuple(check.aligned_copy(a) for a in (self._Qm, self._K, self._V))
+        inputs = (*arrays, self._kwargs, self._limits)
         new._place(
-            Cluster(client),
-            *arrays,
-            self._limits,
-            self._kwargs,
-            list(self._starts),
-            list(self._places),
-            self._queue.max_log,
+            Cluster(client), inputs, list(self._starts), list(self._places), self._queue.max_log
         )
         new._label = self._label
         engines = [
