@@ -1,0 +1,681 @@
+"""The dashboard view: one :class:`Dashboard` (a Panel ``Viewer``) per browser session.
+
+It drives one :class:`~dynattn.simulation.Simulation` in *frames*: each frame runs as much
+simulation work as its time budget allows (measured costs decide before any work starts, a
+large tick is spread over several frames), prepares the data with
+:class:`~dynattn.dashboard.frames.FrameSource` and pushes it into HoloViews streams in one
+batch. Slow steps (a rebuild for a new n, an upload) run in a thread while the page shows a
+progress bar, so no session's clicks wait on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+
+import holoviews as hv
+import numpy as np
+import pandas as pd
+import panel as pn
+import param
+from threadpoolctl import ThreadpoolController
+
+from ..simulation import REBUILD_PARAMS, Simulation, SimulationConfig
+from .controls import TYPED_FIELDS, build_layout, simulation_controls, speedup_indicators
+from .frames import SERIES, WINDOWS, Frame, FrameSource, Pacer, series_rows
+from .lessons import LESSONS
+from .plots import heatmaps, series_plots
+from .text import POLICY_NOTES, counters_html, escape, fmt_ratio, fmt_threshold, rejection
+
+__all__ = ["Dashboard"]
+
+#: Simulation settings shown as controls.
+SIM_CONTROLS = (
+    "policy",
+    "threshold",
+    "tolerance",
+    "updates_per_tick",
+    "queries_per_tick",
+    "stream",
+    "preset",
+    "n",
+    "d",
+    "scale",
+    "seed",
+    "k_share",
+    "delta_scale",
+    "dtype",
+)
+_FREE_PLAY = "Free play (your own settings)"
+_VIEWS = {"attention weights P": "weights", "output O = PV": "output"}
+
+
+class Dashboard(pn.viewable.Viewer):
+    """Interactive view of a :class:`~dynattn.simulation.Simulation`.
+
+    Parameters
+    ----------
+    simulation : Simulation, optional
+        The simulation to drive. If omitted, a new one set up as the first lesson (every
+        browser session builds its own Dashboard, hence its own simulation).
+    points : int
+        Ticks kept in the browser-side time series (older points scroll out).
+    **params
+        Initial values of the view parameters below (``view``, ``window``, ...).
+
+    Notes
+    -----
+    The simulation controls edit a private copy of the simulation's configuration (``form``);
+    each change is then applied to the simulation inside a ``try``, so a setting the
+    simulation rejects leaves it untouched, resets the control and explains why on the page.
+    """
+
+    lesson = param.Selector(
+        default=LESSONS[0].title,
+        objects=[*(lesson.title for lesson in LESSONS), _FREE_PLAY],
+        doc="Guided scenario: choosing one sets the controls and plays.",
+    )
+    view = param.Selector(default="weights", objects=_VIEWS, doc="Matrix in the heatmaps.")
+    window = param.Selector(
+        default=128,
+        objects=list(WINDOWS),
+        doc="Side of the heatmap window (clipped to n; above 512 shown in blocks).",
+    )
+    row0 = param.Integer(default=0, bounds=(0, 1), label="first query row")
+    col0 = param.Integer(default=0, bounds=(0, 1), label="first key column")
+    playing = param.Boolean(default=False, doc="Whether frames run periodically.")
+    ticks_per_frame = param.Integer(
+        default=1, bounds=(1, 64), doc="Ticks per frame, as far as the frame's budget allows."
+    )
+    period = param.Integer(
+        default=250, bounds=(50, 2000), label="frame period (ms)", doc="Time between frames."
+    )
+    log_error = param.Boolean(default=True, label="log scale", doc="Logarithmic error axis.")
+    cost_unit = param.Selector(default="seconds", objects=["seconds", "flops"])
+    log_cost = param.Boolean(default=True, label="log scale", doc="Logarithmic cost axis.")
+    blas_threads = param.Integer(
+        default=1,
+        bounds=(1, None),
+        allow_None=True,
+        doc="""
+        BLAS threads of a frame's model work (None: the library default). One by default: a
+        dashboard's matrices are small, a server runs several sessions, and idle BLAS threads
+        busy-waiting slowed a tick more than tenfold on a loaded two-core machine.""",
+    )
+    frame_budget = param.Number(
+        default=0.2, bounds=(0.01, 5.0), doc="Seconds of work per frame while playing."
+    )
+
+    def __init__(self, simulation: Simulation | None = None, points: int = 2000, **params):
+        if simulation is None:
+            first = LESSONS[0]
+            simulation = Simulation(**first.config)
+            params = {**first.view_params, **params}
+        else:
+            params.setdefault("lesson", _FREE_PLAY)
+        super().__init__(**params)
+        self.sim = simulation
+        values = self.sim.config.param.values()
+        self.form = SimulationConfig(**{k: values[k] for k in SIM_CONTROLS})
+        self._syncing = False
+        self._busy: str | None = None  # what a background thread is doing, if anything
+        self._has_file = False
+        self._tick = None  # a tick spread over frames (a Simulation.tick_parts generator)
+        self._blas = ThreadpoolController()
+        self._source = FrameSource(self.sim)
+        self._pacer = Pacer(self.frame_budget)
+        self.last_frame: Frame | None = None
+        self._render_ms: float | None = None
+        self._series = hv.streams.Buffer(
+            pd.DataFrame({c: np.zeros(0) for c in SERIES}), length=points, index=False
+        )
+        self._heat_pipe: hv.streams.Pipe | None = None
+        self._heatmaps: dict[str, hv.DynamicMap] = {}
+        self._build_widgets()
+        self._sidebar, self._main = build_layout(self)
+        self._layout = pn.Row(self._sidebar, self._main)
+        self._callback = pn.state.add_periodic_callback(
+            self._on_frame, period=self.period, start=False
+        )
+        self._doc = pn.state.curdoc
+        self._session = self._doc.session_context if self._doc else None
+        if self._session is not None:  # outside a server there is no session to clean up
+            pn.state.on_session_destroyed(self._on_session_destroyed)
+        self.form.param.watch(
+            self._apply_config, [k for k in SIM_CONTROLS if k not in TYPED_FIELDS]
+        )
+        self.form.param.watch(self._show_policy_controls, "policy")
+        self._show_policy_controls()
+        self._fit_window_controls()
+        self._rebuild_heatmaps()
+        self._on_play()  # Dashboard(playing=True) starts at once (e.g. a classroom display)
+
+    # -------------------------------------------------------------------- public API
+    def advance(self, ticks: int | None = None) -> Frame:
+        """Run ``ticks`` whole simulation ticks (default ``ticks_per_frame``) and prepare the
+        frame, without rendering it (so a benchmark can time it: ``frame.seconds``)."""
+        ticks = self.ticks_per_frame if ticks is None else ticks
+        t0 = time.perf_counter()
+        with self._blas.limit(limits=self.blas_threads, user_api="blas"):
+            records = self._finish_tick() + [self.sim.step() for _ in range(ticks)]
+        return self._frame(records, t0)
+
+    def render(self, frame: Frame) -> None:
+        """Push a prepared frame to the plots and counters, in one batch of browser updates."""
+        t0 = time.perf_counter()
+        doc = pn.state.curdoc
+        # Every HoloViews plot update freezes the Bokeh document and, on unfreezing, walks the
+        # whole model graph again; one outer freeze makes that one walk per frame, not six.
+        freeze = doc.models.freeze() if doc is not None else contextlib.nullcontext()
+        with pn.io.hold(), freeze:
+            if len(frame.records):
+                self._series.send(frame.records)
+            self._heat_pipe.send(frame.heat)
+            self.window_text.object = frame.heat["window"]
+            self._show_stats(frame.stats)
+        self._render_ms = 1e3 * (time.perf_counter() - t0)  # shown with the next frame
+
+    def step(self, ticks: int | None = None) -> Frame:
+        """Advance and render one frame; returns it."""
+        frame = self.advance(ticks)
+        self.render(frame)
+        return frame
+
+    def play_frame(self) -> Frame:
+        """One frame of play: as many ticks (up to ``ticks_per_frame``) or parts of a tick as
+        fit in ``frame_budget`` by their measured costs, then the frame's data."""
+        t0 = time.perf_counter()
+        pacer, records = self._pacer, []
+        pacer.budget = self.frame_budget
+        pacer.start()
+        with self._blas.limit(limits=self.blas_threads, user_api="blas"):
+            while len(records) < self.ticks_per_frame:
+                if self._tick is None:
+                    if records and not pacer.fits(pacer.tick_seconds or 0.0):
+                        break
+                    self._tick = self.sim.tick_parts(pacer.eager_chunk)
+                started = time.perf_counter()
+                try:
+                    part, actions = next(self._tick)
+                except StopIteration as done:
+                    self._tick = None
+                    if done.value is not None:
+                        records.append(done.value)
+                        pacer.tick_seconds = done.value["tick_seconds"]
+                    continue
+                pacer.record_part(time.perf_counter() - started, actions)
+                if not pacer.fits(pacer.part_seconds):
+                    break
+        return self._frame(records, t0)
+
+    @property
+    def heatmaps(self) -> dict[str, hv.DynamicMap]:
+        """The three heatmaps, ``{"lazy", "exact", "diff"}`` -> DynamicMap; ``dmap[()]`` is the
+        current image (kdims ``key``/``feature`` and ``query``, vdims as in the hover)."""
+        return dict(self._heatmaps)
+
+    @property
+    def series(self) -> hv.streams.Buffer:
+        """The bounded buffer of tick records (columns ``SERIES``) behind the time series."""
+        return self._series
+
+    def template(self) -> pn.template.BootstrapTemplate:
+        """The dashboard in a page template (for ``panel serve``); all resources are local."""
+        return pn.template.BootstrapTemplate(
+            title="dynattn · lazy dynamic attention, live",
+            sidebar=[self._sidebar],
+            main=[self._main],
+            sidebar_width=280,
+        )
+
+    def __panel__(self):
+        return self._layout
+
+    # ------------------------------------------------------------------ frames
+    def _finish_tick(self) -> list[dict]:
+        """Complete a tick left in flight by play (its record, if any)."""
+        tick, self._tick = self._tick, None
+        if tick is None:
+            return []
+        with contextlib.suppress(StopIteration):
+            while True:
+                next(tick)
+        return []
+
+    def _frame(self, records: list[dict], t0: float) -> Frame:
+        view = self.view
+        win = self._source.window(view, self.window, self.row0, self.col0)
+        heat = self._source.heat(view, win)
+        seconds = time.perf_counter() - t0
+        tick_seconds = records[-1]["tick_seconds"] if records else None
+        stats = self._source.stats(tick_seconds, self._render_ms)
+        frame = Frame(series_rows(records), heat, stats, seconds, len(records))
+        self.last_frame = frame
+        return frame
+
+    def _rebuild_heatmaps(self) -> None:
+        """New heatmap plots for the current view and size (never per tick). A fresh ``Pipe``
+        per build: the old plots, still subscribed to the old pipe, see no foreign payload."""
+        self._source.clim = None
+        frame = self.advance(0)
+        self._heat_pipe = hv.streams.Pipe(data=frame.heat)
+        self._heatmaps = heatmaps(self._heat_pipe, self.view)
+        self.heat_pane.object = (
+            hv.Layout(list(self._heatmaps.values())).cols(3).opts(shared_axes=True, backend="bokeh")
+        )
+        self.render(frame)
+
+    def _rebuild_series(self, *events) -> None:
+        error, pending, cost = series_plots(
+            self._series, self.log_error, self.cost_unit, self.log_cost
+        )
+        names = {e.name for e in events}
+        if not names or "log_error" in names:
+            self.error_pane.object = error
+        if not names:
+            self.pending_pane.object = pending
+        if not names or names & {"cost_unit", "log_cost"}:
+            self.cost_pane.object = cost
+
+    # ------------------------------------------------------------------ widgets
+    def _build_widgets(self) -> None:
+        w = pn.widgets
+        self.play_toggle = w.Toggle.from_param(self.param.playing, label="▶ Play", color="success")
+        self.step_button = w.Button(label="Step one tick")
+        self.flush_button = w.Button(label="Flush now", color="warning")
+        self.reset_button = w.Button(label="Reset", color="danger")
+        self.step_button.on_click(self._on_step)
+        self.flush_button.on_click(self._on_flush)
+        self.reset_button.on_click(self._on_reset)
+        self.param.watch(self._on_play, "playing")
+        self.param.watch(self._on_period, "period")
+        self.param.watch(self._on_view_change, ["view", "window", "row0", "col0"])
+        self.param.watch(self._on_lesson, "lesson")
+        self.controls = simulation_controls(self.form)
+        for name in TYPED_FIELDS:
+            self.controls[name].param.watch(self._on_typed, "value")
+        self.policy_note = pn.pane.Markdown("", margin=(0, 10))
+        self.lesson_select = w.Select.from_param(self.param.lesson, label="Lesson", width=330)
+        self.caption = pn.pane.Markdown("", margin=(0, 10), sizing_mode="stretch_width")
+        self.file_input = w.FileInput(accept=".npz", multiple=False)
+        self.file_input.param.watch(self._on_file, "value")
+        self.download = w.FileDownload(
+            callback=self._timeline_csv,
+            filename="dynattn_timeline.csv",
+            label="Download timeline (CSV)",
+            color="primary",
+        )
+        self.view_buttons = w.RadioButtonGroup.from_param(
+            self.param.view, variant="outline", color="primary", description=None
+        )
+        self.window_select = w.Select.from_param(self.param.window, label="window", width=90)
+        self.row_slider = w.IntSlider.from_param(self.param.row0, width=200)
+        self.col_slider = w.IntSlider.from_param(self.param.col0, width=200)
+        self.alert = pn.pane.Alert(
+            "", alert_type="danger", visible=False, sizing_mode="stretch_width", margin=(5, 10)
+        )
+        self.progress = pn.indicators.Progress(
+            active=True, visible=False, width=120, margin=(15, 10), bar_color="primary"
+        )
+        self.window_text = pn.pane.Markdown("", margin=(0, 10), sizing_mode="stretch_width")
+        self.counters = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 10))
+        self.speedups = speedup_indicators()
+        self.heat_pane = pn.pane.HoloViews(backend="bokeh", margin=0)
+        self.error_pane = pn.pane.HoloViews(backend="bokeh", margin=0)
+        self.pending_pane = pn.pane.HoloViews(backend="bokeh", margin=0)
+        self.cost_pane = pn.pane.HoloViews(backend="bokeh", margin=0)
+        self._rebuild_series()
+        self.param.watch(self._rebuild_series, ["log_error", "cost_unit", "log_cost"])
+        self._show_caption()
+
+    def _show_caption(self) -> None:
+        lesson = next((x for x in LESSONS if x.title == self.lesson), None)
+        self.caption.object = "" if lesson is None else lesson.caption
+
+    # ------------------------------------------------------------------ event handlers
+    def _on_frame(self) -> None:
+        """Periodic callback: one bounded frame; any failure pauses and is explained."""
+        if self._busy:
+            return
+        if self._orphaned():
+            # Bokeh discards a closed tab's session only later (or, under load, sometimes
+            # never): stop now, so no closed tab keeps the server busy.
+            self._stop()
+            return
+        try:
+            frame = self.play_frame()
+            self.render(frame)
+        except Exception as exc:  # keep the page alive whatever the simulation raises
+            self._tick = None
+            self.playing = False
+            self._say(f"Stopped: a tick failed ({type(exc).__name__}: {escape(exc)}).")
+
+    def _on_play(self, event=None) -> None:
+        if self.playing:
+            self._callback.period = self.period
+            if not self._callback.running:
+                self._callback.start()
+            self.play_toggle.label = "Pause"
+        else:
+            self._callback.stop()
+            self.play_toggle.label = "▶ Play"
+
+    def _on_period(self, event) -> None:
+        self._callback.period = event.new
+
+    def _on_step(self, event=None) -> None:
+        self._guarded("Step", lambda: self.step(1))
+
+    def _on_flush(self, event=None) -> None:
+        def flush():
+            self.sim.flush_now()
+            self.step(0)  # render at once: the difference map goes blank
+
+        self._guarded("Flush", flush)
+
+    def _on_reset(self, event=None) -> None:
+        def reset():
+            self.sim.reset()
+            self._restart_view()
+
+        self._guarded("Reset", reset)
+
+    def _on_view_change(self, *events) -> None:
+        if self._syncing:
+            return
+        names = {e.name for e in events}
+        if "view" in names:
+            self._fit_window_controls()
+            self._guarded("Changing the view", self._rebuild_heatmaps)
+            return
+        if "window" in names:
+            self._source.clim = None  # a new window: refit the shared colour range
+        self._fit_window_controls()
+        self._guarded("Moving the window", lambda: self.step(0))
+
+    def _on_lesson(self, event) -> None:
+        """Set every control as the lesson says, rebuild, and play."""
+        self._show_caption()
+        lesson = next((x for x in LESSONS if x.title == event.new), None)
+        if lesson is None:
+            return
+        self._syncing = True
+        try:
+            self.param.update(**lesson.view_params)
+        finally:
+            self._syncing = False
+
+        def done(error):
+            self._restart_view()
+            self.playing = error is None
+
+        self._in_background(
+            f"Setting up “{lesson.title}”",
+            lambda: self.sim.config.param.update(**lesson.config),
+            done,
+        )
+
+    def _on_typed(self, event) -> None:
+        """A typed seed or update size: applied if valid, else reverted with the reason."""
+        if self._syncing:
+            return
+        name = next(k for k in TYPED_FIELDS if self.controls[k] is event.obj)
+        label, integer = TYPED_FIELDS[name]
+        parameter = self.form.param[name]
+        try:
+            number = float(event.new)
+            if integer and number != int(number):
+                raise ValueError(event.new)
+            self.form.param.update({name: int(number) if integer else number})
+        except (ValueError, OverflowError):
+            self._sync_form()
+            exclusive = getattr(parameter, "inclusive_bounds", (True, True))[0] is False
+            self._say(
+                rejection(label, event.new, parameter.bounds, integer, exclusive)
+                + f" The previous value {getattr(self.form, name):g} is kept."
+            )
+            return
+        self._apply_changes({name: getattr(self.form, name)})
+
+    def _apply_config(self, *events) -> None:
+        if not self._syncing:
+            self._apply_changes({e.name: e.new for e in events})
+
+    def _apply_changes(self, changes: dict) -> None:
+        """Apply edited simulation settings; on failure restore the controls and explain.
+
+        A new threshold under a policy that picks its own switches to *fixed* at that value.
+        A rebuild (n, d, preset, ...) runs in the background.
+        """
+        if "threshold" in changes and self.form.policy != "fixed":
+            changes["policy"] = "fixed"
+            self._set_form(policy="fixed")
+        if changes.get("preset") == "file" and not self._has_file:
+            self._sync_form()
+            self._say(
+                "To use your own Q, K, V, upload a .npz file with arrays Q, K and V (each "
+                "n×d) below; until then the previous preset is kept."
+            )
+            return
+        if changes.keys() & set(REBUILD_PARAMS):
+            n, d = changes.get("n", self.form.n), changes.get("d", self.form.d)
+            self._in_background(
+                f"Building Q, K, V for n = {n:,}, d = {d}",
+                lambda: self.sim.config.param.update(**changes),
+                self._after_rebuild,
+            )
+            return
+        try:
+            self.sim.config.param.update(**changes)
+        except Exception as exc:
+            self._refused(changes, exc)
+            return
+        self._pacer.forget()
+        self._clear_alert()
+
+    def _refused(self, changes: dict, exc: Exception) -> None:
+        self._sync_form()
+        shown = ", ".join(f"{k} = {v!r}" for k, v in changes.items())
+        self._say(
+            f"Could not apply {escape(shown)}: {escape(exc)}. The previous settings are kept."
+        )
+
+    def _after_rebuild(self, error) -> None:
+        if error is not None:
+            self._sync_form()
+            self._say(f"Could not rebuild: {escape(error)}. The previous settings are kept.")
+            return
+        self._restart_view()
+        if self.playing:
+            eng = self.sim.engine
+            self._say(
+                f"Rebuilt Q, K, V for n = {eng.n:,}, d = {eng.d}; the run restarted at tick 0 "
+                "and keeps playing.",
+                "info",
+            )
+
+    def _on_file(self, event) -> None:
+        if not event.new:
+            return
+        name = escape(self.file_input.filename or "the file")
+        data = event.new
+
+        def done(error):
+            if error is not None:
+                self._say(f"Could not use {name}: {escape(error)}. The previous Q, K, V are kept.")
+                return
+            self._has_file = True
+            self._sync_form()
+            self._restart_view()
+            eng = self.sim.engine
+            self._say(
+                f"Loaded {name}: n = {eng.n:,}, d = {eng.d}. The run restarted at tick 0.",
+                "success",
+            )
+
+        self._in_background(f"Loading {name}", lambda: self.sim.load_npz(data), done)
+
+    def _on_session_destroyed(self, session_context) -> None:
+        """Stop the frames as soon as the browser tab goes away."""
+        self._stop()
+
+    # ------------------------------------------------------------------ helpers
+    def _stop(self) -> None:
+        self._callback.stop()
+        self._tick = None
+        with contextlib.suppress(Exception):  # the session may be half torn down
+            self.playing = False
+
+    def _orphaned(self) -> bool:
+        """Whether this server session has lost its browser tab (no connection left)."""
+        if self._session is None:
+            return False
+        sessions = self._session.server_context.sessions
+        mine = next((s for s in sessions if s.id == self._session.id), None)
+        return mine is None or mine.connection_count == 0
+
+    def _in_background(self, what: str, work, done) -> None:
+        """Run ``work()`` off the event loop (in a server session), then ``done(error)`` on it.
+
+        Meanwhile the page shows ``what`` with a moving progress bar and frames pause. Outside
+        a server (a notebook, a test) both run at once, in order.
+        """
+        self._tick = None
+        if self._doc is None or self._session is None:
+            error = None
+            try:
+                work()
+            except Exception as exc:
+                error = exc
+            done(error)
+            return
+        self._busy = what
+        self.progress.visible = True
+        self._say(f"{what} …", "info")
+        doc = self._doc
+
+        def finish(error):
+            self._busy = None
+            self.progress.visible = False
+            self._clear_alert()
+            self._guarded(what, lambda: done(error))
+
+        def target():
+            try:
+                work()
+                error = None
+            except Exception as exc:
+                error = exc
+            with contextlib.suppress(Exception):  # the tab may have closed meanwhile
+                doc.add_next_tick_callback(lambda: finish(error))
+
+        threading.Thread(target=target, name="dynattn-rebuild", daemon=True).start()
+
+    def _guarded(self, action: str, func) -> None:
+        """Run a button action; a failure leaves the page usable and says what happened."""
+        if self._busy:
+            self._say(f"Please wait: {self._busy} …", "info")
+            return
+        try:
+            func()
+        except Exception as exc:
+            self._say(
+                f"{action} failed ({type(exc).__name__}: {escape(exc)}). The previous state is "
+                "kept; try Reset if the view looks wrong."
+            )
+        else:
+            if self.alert.alert_type != "success":
+                self._clear_alert()
+
+    def _restart_view(self) -> None:
+        """After a rebuild or reset: empty the time series, new plots for the new size."""
+        self._tick = None
+        self._pacer.forget()
+        self._series.clear()
+        self._sync_form()
+        self._fit_window_controls()
+        self._rebuild_heatmaps()
+
+    def _set_form(self, **values) -> None:
+        self._syncing = True
+        try:
+            self.form.param.update(**values)
+            for name in TYPED_FIELDS:
+                self.controls[name].value = f"{getattr(self.form, name):g}"
+        finally:
+            self._syncing = False
+
+    def _sync_form(self) -> None:
+        """Copy the simulation's current settings back into the controls."""
+        values = self.sim.config.param.values()
+        self._set_form(**{k: values[k] for k in SIM_CONTROLS})
+
+    def _fit_window_controls(self) -> None:
+        """Bounds of the window sliders for the current n; disabled when nothing scrolls."""
+        win = self._source.window(self.view, self.window, self.row0, self.col0)
+        n = self.sim.engine.n
+        spare_rows = n - win.rows
+        spare_cols = (n - win.cols) if self.view == "weights" else 0
+        self._syncing = True
+        try:
+            for name, spare, slider in (
+                ("row0", spare_rows, self.row_slider),
+                ("col0", spare_cols, self.col_slider),
+            ):
+                # A slider needs end > start; with nothing to scroll it is shown disabled.
+                self.param[name].bounds = (0, max(spare, 1))
+                setattr(self, name, min(getattr(self, name), max(spare, 0)))
+                slider.disabled = spare <= 0
+        finally:
+            self._syncing = False
+        self.col_slider.visible = self.view == "weights"
+
+    def _show_policy_controls(self, *events) -> None:
+        policy = self.form.policy
+        self.controls["tolerance"].visible = policy == "error"
+        self.policy_note.object = POLICY_NOTES[policy]
+        self.controls["threshold"].label = (
+            "threshold (pending updates)" if policy == "fixed" else "threshold (live; drag to fix)"
+        )
+
+    def _follow_threshold(self, threshold: float) -> None:
+        """Under a policy that picks its own threshold, the slider shows the one in force."""
+        if self.form.policy == "fixed":
+            return
+        slider = self.controls["threshold"]
+        low, high = self.form.param.threshold.bounds
+        value = int(min(max(threshold, low), high)) if threshold == threshold else low
+        label = (
+            "threshold (live: ∞, never flush; drag to fix)"
+            if threshold > high
+            else (f"threshold (live: {fmt_threshold(threshold)}; drag to fix)")
+        )
+        if self.form.threshold != value:
+            self._set_form(threshold=value)
+        slider.label = label
+
+    def _show_stats(self, stats: dict) -> None:
+        self.counters.object = counters_html(stats)
+        self._follow_threshold(stats["threshold"])
+        for key, number in self.speedups.items():
+            ratio = stats["speedup"][key]
+            text = fmt_ratio(ratio)
+            # the indicator formats with Python's str.format: braces of the text escaped
+            number.param.update(value=0.0 if ratio is None else ratio, format=text)
+
+    def _timeline_csv(self) -> io.StringIO:
+        buf = io.StringIO()
+        self.sim.timeline.to_csv(buf)
+        buf.seek(0)
+        return buf
+
+    def _say(self, message: str, kind: str = "danger") -> None:
+        """Show ``message`` (Markdown; user-derived parts already escaped) above the plots."""
+        self.alert.alert_type = kind
+        self.alert.object = message
+        self.alert.visible = True
+
+    def _clear_alert(self) -> None:
+        self.alert.visible = False
