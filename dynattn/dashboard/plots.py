@@ -158,25 +158,22 @@ def error_plot(data: pd.DataFrame, log: bool) -> hv.Overlay:
     -------
     holoviews.Overlay
         Curves of ``rel_error`` (relative Frobenius) and ``max_abs_error``, and ``VLines``.
+        Styles are set once on the live plot (:func:`series_plots`), not per element: a
+        frame then costs one element per curve.
     """
-    layers = []
-    for col, label, color in (
-        ("rel_error", "relative", "#1f77b4"),
-        ("max_abs_error", "largest entry", "#d62728"),
-    ):
-        values = _positive(data[col]) if log else data[col].to_numpy(dtype=float)
-        points = (data["tick"].to_numpy(), values)
-        error = hv.Dimension("error", label="error of the lazy output")
-        # Markers too: on a log axis a nonzero tick between two exact ones has no line.
-        layers += [
-            hv.Curve(points, "tick", error, label=label).opts(color=color, backend="bokeh"),
-            hv.Scatter(points, "tick", error, label=label).opts(
-                color=color, size=3, backend="bokeh"
-            ),
-        ]
+    tick = data["tick"].to_numpy()
+    error = hv.Dimension("error", label="error of the lazy output")
+    curves = [
+        hv.Curve(
+            (tick, _positive(data[col]) if log else data[col].to_numpy(float)),
+            "tick",
+            error,
+            label=label,
+        )
+        for col, label in (("rel_error", "relative"), ("max_abs_error", "largest entry"))
+    ]
     flushes = hv.VLines(data.loc[data["flushed"] > 0, "tick"].to_numpy(), kdims=["tick"])
-    flushes = flushes.opts(color="#888888", alpha=0.35, line_width=1, backend="bokeh")
-    return hv.Overlay([*layers, flushes])
+    return hv.Overlay([*curves, flushes])
 
 
 def pending_plot(data: pd.DataFrame) -> hv.Overlay:
@@ -185,9 +182,7 @@ def pending_plot(data: pd.DataFrame) -> hv.Overlay:
     recomputed."""
     flushed = data.loc[data["flushed"] > 0]
     count = hv.Dimension("pending", label="updates")
-    pending = hv.Curve(data, "tick", count, label="pending").opts(
-        interpolation="steps-post", backend="bokeh"
-    )
+    pending = hv.Curve(data, "tick", count, label="pending")
     spikes = hv.Spikes(
         flushed, "tick", hv.Dimension("flush_rows", label="updates"), label="flush (rows)"
     )
@@ -229,14 +224,15 @@ def series_plots(buffer: hv.streams.Buffer, log_error: bool, cost_unit: str, log
     """The three live time series fed by ``buffer``: ``(error, pending, cost)`` DynamicMaps."""
     error = hv.DynamicMap(functools.partial(error_plot, log=log_error), streams=[buffer]).opts(
         {
-            "Scatter": {"tools": ["hover"]},
-            "Overlay": _series_opts("Error of the lazy output (grey: flush)", log_error),
+            "Curve": {"tools": ["hover"], "color": hv.Cycle(["#1f77b4", "#d62728"])},
+            "VLines": {"color": "#888888", "alpha": 0.35, "line_width": 1},
+            "Overlay": _series_opts("Lazy output error (grey: flushes)", log_error),
         },
         backend="bokeh",
     )
     pending = hv.DynamicMap(pending_plot, streams=[buffer]).opts(
         {
-            "Curve": {"color": "#2166ac", "tools": ["hover"]},
+            "Curve": {"color": "#2166ac", "tools": ["hover"], "interpolation": "steps-post"},
             "Spikes": {"color": "#d6604d", "line_width": 2, "tools": ["hover"]},
             "Overlay": _series_opts("Pending updates and flushes", False),
         },

@@ -10,6 +10,7 @@ progress bar, so no session's clicks wait on them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import threading
@@ -21,6 +22,8 @@ import pandas as pd
 import panel as pn
 import param
 from threadpoolctl import ThreadpoolController
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClosedError
 
 from ..simulation import REBUILD_PARAMS, Simulation, SimulationConfig
 from .controls import TYPED_FIELDS, build_layout, simulation_controls, speedup_indicators
@@ -48,8 +51,35 @@ SIM_CONTROLS = (
     "delta_scale",
     "dtype",
 )
+#: Seconds between time-series refreshes while playing (each costs ~0.1 s of HoloViews work).
+SERIES_INTERVAL = 0.7
 _FREE_PLAY = "Free play (your own settings)"
 _VIEWS = {"attention weights P": "weights", "output O = PV": "output"}
+
+
+def _ignore_writes_to_closed_tabs(loop: asyncio.AbstractEventLoop) -> None:
+    """Keep the server log free of tracebacks for messages sent to a tab that just closed.
+
+    A frame rendered while its tab closes leaves write tasks failing with
+    ``WebSocketClosedError``; Panel cancels them when it destroys the document, which does not
+    retrieve an exception already set, so asyncio logs "Task exception was never retrieved"
+    with a traceback. Nothing is lost (the tab is gone); every other exception still reaches
+    the previous handler. Installed once per event loop.
+    """
+    previous = loop.get_exception_handler()
+    if getattr(previous, "ignores_closed_tabs", False):
+        return
+
+    def handler(loop, context):
+        if isinstance(context.get("exception"), (WebSocketClosedError, StreamClosedError)):
+            return
+        if previous is None:
+            loop.default_exception_handler(context)
+        else:
+            previous(loop, context)
+
+    handler.ignores_closed_tabs = True
+    loop.set_exception_handler(handler)
 
 
 class Dashboard(pn.viewable.Viewer):
@@ -122,7 +152,10 @@ class Dashboard(pn.viewable.Viewer):
         self._syncing = False
         self._busy: str | None = None  # what a background thread is doing, if anything
         self._has_file = False
+        self._said = 0  # messages shown so far
         self._tick = None  # a tick spread over frames (a Simulation.tick_parts generator)
+        self._unsent: list[pd.DataFrame] = []  # tick records not yet in the time series
+        self._series_sent = 0.0
         self._blas = ThreadpoolController()
         self._source = FrameSource(self.sim)
         self._pacer = Pacer(self.frame_budget)
@@ -143,6 +176,7 @@ class Dashboard(pn.viewable.Viewer):
         self._session = self._doc.session_context if self._doc else None
         if self._session is not None:  # outside a server there is no session to clean up
             pn.state.on_session_destroyed(self._on_session_destroyed)
+            _ignore_writes_to_closed_tabs(asyncio.get_event_loop())
         self.form.param.watch(
             self._apply_config, [k for k in SIM_CONTROLS if k not in TYPED_FIELDS]
         )
@@ -162,16 +196,25 @@ class Dashboard(pn.viewable.Viewer):
             records = self._finish_tick() + [self.sim.step() for _ in range(ticks)]
         return self._frame(records, t0)
 
-    def render(self, frame: Frame) -> None:
-        """Push a prepared frame to the plots and counters, in one batch of browser updates."""
+    def render(self, frame: Frame, series: bool = True) -> None:
+        """Push a prepared frame to the plots and counters, in one batch of browser updates.
+
+        ``series=False`` keeps the frame's tick records for a later frame: while playing, the
+        time series (the dearest plots to update) are refreshed at most every
+        ``SERIES_INTERVAL`` seconds.
+        """
         t0 = time.perf_counter()
+        if len(frame.records):
+            self._unsent.append(frame.records)
         doc = pn.state.curdoc
         # Every HoloViews plot update freezes the Bokeh document and, on unfreezing, walks the
         # whole model graph again; one outer freeze makes that one walk per frame, not six.
         freeze = doc.models.freeze() if doc is not None else contextlib.nullcontext()
         with pn.io.hold(), freeze:
-            if len(frame.records):
-                self._series.send(frame.records)
+            if series and self._unsent:
+                self._series.send(pd.concat(self._unsent, ignore_index=True))
+                self._unsent = []
+                self._series_sent = t0
             self._heat_pipe.send(frame.heat)
             self.window_text.object = frame.heat["window"]
             self._show_stats(frame.stats)
@@ -188,7 +231,9 @@ class Dashboard(pn.viewable.Viewer):
         fit in ``frame_budget`` by their measured costs, then the frame's data."""
         t0 = time.perf_counter()
         pacer, records = self._pacer, []
-        pacer.budget = self.frame_budget
+        # rendering comes out of the same budget (what a click waits for is both)
+        render = (self._render_ms or 0.0) / 1e3
+        pacer.budget = max(self.frame_budget - render, 0.2 * self.frame_budget)
         pacer.start()
         with self._blas.limit(limits=self.blas_threads, user_api="blas"):
             while len(records) < self.ticks_per_frame:
@@ -346,7 +391,7 @@ class Dashboard(pn.viewable.Viewer):
             return
         try:
             frame = self.play_frame()
-            self.render(frame)
+            self.render(frame, series=time.perf_counter() - self._series_sent >= SERIES_INTERVAL)
         except Exception as exc:  # keep the page alive whatever the simulation raises
             self._tick = None
             self.playing = False
@@ -578,6 +623,7 @@ class Dashboard(pn.viewable.Viewer):
         if self._busy:
             self._say(f"Please wait: {self._busy} …", "info")
             return
+        said = self._said
         try:
             func()
         except Exception as exc:
@@ -586,17 +632,20 @@ class Dashboard(pn.viewable.Viewer):
                 "kept; try Reset if the view looks wrong."
             )
         else:
-            if self.alert.alert_type != "success":
+            if self._said == said:  # an old message no longer applies; a new one stays
                 self._clear_alert()
 
     def _restart_view(self) -> None:
-        """After a rebuild or reset: empty the time series, new plots for the new size."""
+        """After a rebuild or reset: empty the time series, refit windows and colours (the
+        images carry their own axis ranges, so the axes follow the new n)."""
         self._tick = None
         self._pacer.forget()
+        self._unsent = []
         self._series.clear()
         self._sync_form()
         self._fit_window_controls()
-        self._rebuild_heatmaps()
+        self._source.clim = None
+        self.step(0)
 
     def _set_form(self, **values) -> None:
         self._syncing = True
@@ -673,6 +722,7 @@ class Dashboard(pn.viewable.Viewer):
 
     def _say(self, message: str, kind: str = "danger") -> None:
         """Show ``message`` (Markdown; user-derived parts already escaped) above the plots."""
+        self._said += 1
         self.alert.alert_type = kind
         self.alert.object = message
         self.alert.visible = True
