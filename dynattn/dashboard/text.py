@@ -32,7 +32,7 @@ POLICY_NOTES = {
 }
 
 # Markdown punctuation that could format or link ("<" and ">" become entities first).
-_MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]#!|~])")
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]!|~])")
 
 
 def escape(text: object) -> str:
@@ -45,7 +45,7 @@ def escape(text: object) -> str:
     >>> escape("<b>x</b>_1")
     '&lt;b&gt;x&lt;/b&gt;\\\\_1'
     """
-    return _MARKDOWN_SPECIALS.sub(r"\\\1", html.escape(str(text), quote=True))
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", html.escape(str(text), quote=False))
 
 
 def fmt_threshold(value: float) -> str:
