@@ -318,7 +318,7 @@ def test_a_click_is_answered_within_half_a_second_at_the_heaviest_settings(app_s
         wait_until(lambda: dash.sim.tick >= 1, 30, "play")
         dash.form.param.update(**heaviest)  # as if every slider were pushed to its end
         wait_until(lambda: dash._busy is not None, 10, "the rebuild to start")
-        page.locator(".progress").first.wait_for(timeout=10_000)  # its progress bar shows
+        page.locator("progress").first.wait_for(timeout=10_000)  # its progress bar shows
         wait_until(lambda: dash._busy is None, 300, "the rebuild in the background")
         assert dash.sim.engine.n == heaviest["n"]
         dash.ticks_per_frame = 64

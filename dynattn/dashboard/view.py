@@ -153,6 +153,7 @@ class Dashboard(pn.viewable.Viewer):
         self._busy: str | None = None  # what a background thread is doing, if anything
         self._has_file = False
         self._said = 0  # messages shown so far
+        self._steps_left = 0  # ticks asked for by "Step one tick", run by frames
         self._tick = None  # a tick spread over frames (a Simulation.tick_parts generator)
         self._unsent: list[pd.DataFrame] = []  # tick records not yet in the time series
         self._series_sent = 0.0
@@ -193,7 +194,8 @@ class Dashboard(pn.viewable.Viewer):
         ticks = self.ticks_per_frame if ticks is None else ticks
         t0 = time.perf_counter()
         with self._blas.limit(limits=self.blas_threads, user_api="blas"):
-            records = self._finish_tick() + [self.sim.step() for _ in range(ticks)]
+            records = self._finish_tick() if ticks else []
+            records += [self.sim.step() for _ in range(ticks - len(records))]
         return self._frame(records, t0)
 
     def render(self, frame: Frame, series: bool = True) -> None:
@@ -226,9 +228,11 @@ class Dashboard(pn.viewable.Viewer):
         self.render(frame)
         return frame
 
-    def play_frame(self) -> Frame:
-        """One frame of play: as many ticks (up to ``ticks_per_frame``) or parts of a tick as
-        fit in ``frame_budget`` by their measured costs, then the frame's data."""
+    def play_frame(self, ticks: int | None = None) -> Frame:
+        """One frame of play: as many ticks (up to ``ticks``, default ``ticks_per_frame``) or
+        parts of a tick as fit in ``frame_budget`` by their measured costs, then the frame's
+        data."""
+        ticks = self.ticks_per_frame if ticks is None else ticks
         t0 = time.perf_counter()
         pacer, records = self._pacer, []
         # rendering comes out of the same budget (what a click waits for is both)
@@ -236,7 +240,7 @@ class Dashboard(pn.viewable.Viewer):
         pacer.budget = max(self.frame_budget - render, 0.2 * self.frame_budget)
         pacer.start()
         with self._blas.limit(limits=self.blas_threads, user_api="blas"):
-            while len(records) < self.ticks_per_frame:
+            while len(records) < ticks:
                 if self._tick is None:
                     if records and not pacer.fits(pacer.tick_seconds or 0.0):
                         break
@@ -282,11 +286,11 @@ class Dashboard(pn.viewable.Viewer):
     def _finish_tick(self) -> list[dict]:
         """Complete a tick left in flight by play (its record, if any)."""
         tick, self._tick = self._tick, None
-        if tick is None:
-            return []
-        with contextlib.suppress(StopIteration):
-            while True:
+        while tick is not None:
+            try:
                 next(tick)
+            except StopIteration as done:
+                return [] if done.value is None else [done.value]
         return []
 
     def _frame(self, records: list[dict], t0: float) -> Frame:
@@ -389,13 +393,21 @@ class Dashboard(pn.viewable.Viewer):
             # never): stop now, so no closed tab keeps the server busy.
             self._stop()
             return
+        if not self.playing and not self._steps_left:
+            self._callback.stop()
+            return
         try:
-            frame = self.play_frame()
-            self.render(frame, series=time.perf_counter() - self._series_sent >= SERIES_INTERVAL)
+            frame = self.play_frame(None if self.playing else self._steps_left)
+            due = not self.playing or time.perf_counter() - self._series_sent >= SERIES_INTERVAL
+            self.render(frame, series=due)
         except Exception as exc:  # keep the page alive whatever the simulation raises
             self._tick = None
+            self._steps_left = 0
             self.playing = False
             self._say(f"Stopped: a tick failed ({type(exc).__name__}: {escape(exc)}).")
+            return
+        if not self.playing:
+            self._steps_left = max(self._steps_left - frame.ticks, 0)
 
     def _on_play(self, event=None) -> None:
         if self.playing:
@@ -404,6 +416,7 @@ class Dashboard(pn.viewable.Viewer):
                 self._callback.start()
             self.play_toggle.label = "Pause"
         else:
+            self._steps_left = 0
             self._callback.stop()
             self.play_toggle.label = "▶ Play"
 
@@ -411,14 +424,23 @@ class Dashboard(pn.viewable.Viewer):
         self._callback.period = event.new
 
     def _on_step(self, event=None) -> None:
-        self._guarded("Step", lambda: self.step(1))
+        if self._session is None:  # a notebook or a test: at once
+            self._guarded("Step", lambda: self.step(1))
+            return
+        # in a server: through bounded frames, so that a heavy tick never blocks the page
+        self._steps_left += 1
+        if not self._callback.running:
+            self._callback.period = self.period
+            self._callback.start()
 
     def _on_flush(self, event=None) -> None:
-        def flush():
-            self.sim.flush_now()
-            self.step(0)  # render at once: the difference map goes blank
+        # O(n·|S|·d): up to a second at the largest sizes, so off the event loop
+        self._in_background("Flushing", self.sim.flush_now, lambda error: self._flushed(error))
 
-        self._guarded("Flush", flush)
+    def _flushed(self, error) -> None:
+        if error is not None:
+            raise error
+        self.step(0)  # render at once: the difference map goes blank
 
     def _on_reset(self, event=None) -> None:
         def reset():
@@ -494,6 +516,10 @@ class Dashboard(pn.viewable.Viewer):
         A new threshold under a policy that picks its own switches to *fixed* at that value.
         A rebuild (n, d, preset, ...) runs in the background.
         """
+        if self._busy:
+            self._sync_form()
+            self._say(f"Please wait: {self._busy} …", "info")
+            return
         if "threshold" in changes and self.form.policy != "fixed":
             changes["policy"] = "fixed"
             self._set_form(policy="fixed")
@@ -585,9 +611,9 @@ class Dashboard(pn.viewable.Viewer):
         """Run ``work()`` off the event loop (in a server session), then ``done(error)`` on it.
 
         Meanwhile the page shows ``what`` with a moving progress bar and frames pause. Outside
-        a server (a notebook, a test) both run at once, in order.
+        a server (a notebook, a test) both run at once, in order. A tick in flight stays in
+        flight (a rebuild abandons it; anything else lets it finish).
         """
-        self._tick = None
         if self._doc is None or self._session is None:
             error = None
             try:
