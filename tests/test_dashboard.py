@@ -336,9 +336,9 @@ def test_reset_while_a_tick_is_in_flight_abandons_it():
     dash = make_dashboard(n=512, d=16, updates_per_tick=256)
     dash.frame_budget = 0.01
     dash.play_frame()
-    assert dash._tick is not None and dash.sim.tick == 0
+    assert dash._player.tick is not None and dash.sim.tick == 0
     dash.reset_button.clicks += 1
-    assert dash._tick is None
+    assert dash._player.tick is None
     dash.step(1)
     assert dash.sim.tick == 1 and len(dash.sim.timeline) == 1
 

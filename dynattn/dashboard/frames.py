@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import ThreadpoolController
 
 __all__ = [
     "MAX_SIDE",
@@ -27,6 +28,7 @@ __all__ = [
     "Frame",
     "FrameSource",
     "Pacer",
+    "Player",
     "Window",
     "block_max",
     "block_mean",
@@ -430,3 +432,70 @@ class Pacer:
         """Settings changed: costs are measured again."""
         self.part_seconds = self.eager_action_seconds = self.heat_seconds = 0.0
         self.tick_seconds = None
+
+
+class Player:
+    """Runs a simulation's ticks for a dashboard: whole ticks on request, or as much of them
+    as fits a frame's budget (a tick too large for one frame stays *in flight*, a
+    :meth:`~dynattn.simulation.Simulation.tick_parts` generator resumed by the next frame).
+
+    Parameters
+    ----------
+    sim : Simulation
+    pacer : Pacer
+    """
+
+    def __init__(self, sim, pacer: Pacer):
+        self.sim = sim
+        self.pacer = pacer
+        self.tick = None  # the tick in flight, if any
+        self._blas = ThreadpoolController()
+
+    def whole(self, ticks: int, threads: int | None) -> list[dict]:
+        """Records of ``ticks`` complete ticks (a tick in flight is finished first and counts),
+        with at most ``threads`` BLAS threads."""
+        with self._blas.limit(limits=threads, user_api="blas"):
+            records = self.finish() if ticks else []
+            records += [self.sim.step() for _ in range(ticks - len(records))]
+        return records
+
+    def bounded(self, ticks: int, budget: float, threads: int | None) -> list[dict]:
+        """Records of the (at most ``ticks``) ticks completed within about ``budget`` seconds:
+        before each tick and each part, its measured cost must fit in what is left."""
+        pacer, records = self.pacer, []
+        pacer.budget = budget
+        pacer.start()
+        with self._blas.limit(limits=threads, user_api="blas"):
+            while len(records) < ticks:
+                if self.tick is None:
+                    if records and not pacer.fits(pacer.tick_seconds or 0.0):
+                        break
+                    self.tick = self.sim.tick_parts(pacer.eager_chunk)
+                started = time.perf_counter()
+                try:
+                    _, actions = next(self.tick)
+                except StopIteration as done:
+                    self.tick = None
+                    if done.value is not None:
+                        records.append(done.value)
+                        pacer.tick_seconds = done.value["tick_seconds"]
+                    continue
+                pacer.record_part(time.perf_counter() - started, actions)
+                if not pacer.fits(pacer.part_seconds):
+                    break
+        return records
+
+    def finish(self) -> list[dict]:
+        """Complete the tick in flight; its record (none if it was abandoned or absent)."""
+        tick, self.tick = self.tick, None
+        while tick is not None:
+            try:
+                next(tick)
+            except StopIteration as done:
+                return [] if done.value is None else [done.value]
+        return []
+
+    def restart(self) -> None:
+        """The simulation was rebuilt or reset: drop the tick in flight, measure costs anew."""
+        self.tick = None
+        self.pacer.forget()

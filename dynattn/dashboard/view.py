@@ -10,10 +10,8 @@ progress bar, so no session's clicks wait on them.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
-import threading
 import time
 
 import holoviews as hv
@@ -21,15 +19,13 @@ import numpy as np
 import pandas as pd
 import panel as pn
 import param
-from threadpoolctl import ThreadpoolController
-from tornado.iostream import StreamClosedError
-from tornado.websocket import WebSocketClosedError
 
 from ..simulation import REBUILD_PARAMS, Simulation, SimulationConfig
 from .controls import TYPED_FIELDS, build_layout, simulation_controls, speedup_indicators
-from .frames import SERIES, WINDOWS, Frame, FrameSource, Pacer, series_rows
+from .frames import SERIES, WINDOWS, Frame, FrameSource, Pacer, Player, series_rows
 from .lessons import LESSONS
 from .plots import heatmaps, series_plots
+from .session import SessionLoop
 from .text import POLICY_NOTES, counters_html, escape, fmt_ratio, fmt_threshold, rejection
 
 __all__ = ["Dashboard"]
@@ -55,31 +51,6 @@ SIM_CONTROLS = (
 SERIES_INTERVAL = 0.7
 _FREE_PLAY = "Free play (your own settings)"
 _VIEWS = {"attention weights P": "weights", "output O = PV": "output"}
-
-
-def _ignore_writes_to_closed_tabs(loop: asyncio.AbstractEventLoop) -> None:
-    """Keep the server log free of tracebacks for messages sent to a tab that just closed.
-
-    A frame rendered while its tab closes leaves write tasks failing with
-    ``WebSocketClosedError``; Panel cancels them when it destroys the document, which does not
-    retrieve an exception already set, so asyncio logs "Task exception was never retrieved"
-    with a traceback. Nothing is lost (the tab is gone); every other exception still reaches
-    the previous handler. Installed once per event loop.
-    """
-    previous = loop.get_exception_handler()
-    if getattr(previous, "ignores_closed_tabs", False):
-        return
-
-    def handler(loop, context):
-        if isinstance(context.get("exception"), (WebSocketClosedError, StreamClosedError)):
-            return
-        if previous is None:
-            loop.default_exception_handler(context)
-        else:
-            previous(loop, context)
-
-    handler.ignores_closed_tabs = True
-    loop.set_exception_handler(handler)
 
 
 class Dashboard(pn.viewable.Viewer):
@@ -150,16 +121,13 @@ class Dashboard(pn.viewable.Viewer):
         values = self.sim.config.param.values()
         self.form = SimulationConfig(**{k: values[k] for k in SIM_CONTROLS})
         self._syncing = False
-        self._busy: str | None = None  # what a background thread is doing, if anything
         self._has_file = False
         self._said = 0  # messages shown so far
         self._steps_left = 0  # ticks asked for by "Step one tick", run by frames
-        self._tick = None  # a tick spread over frames (a Simulation.tick_parts generator)
         self._unsent: list[pd.DataFrame] = []  # tick records not yet in the time series
         self._series_sent = 0.0
-        self._blas = ThreadpoolController()
         self._source = FrameSource(self.sim)
-        self._pacer = Pacer(self.frame_budget)
+        self._player = Player(self.sim, Pacer(self.frame_budget))
         self.last_frame: Frame | None = None
         self._render_ms: float | None = None
         self._series = hv.streams.Buffer(
@@ -170,14 +138,8 @@ class Dashboard(pn.viewable.Viewer):
         self._build_widgets()
         self._sidebar, self._main = build_layout(self)
         self._layout = pn.Row(self._sidebar, self._main)
-        self._callback = pn.state.add_periodic_callback(
-            self._on_frame, period=self.period, start=False
-        )
-        self._doc = pn.state.curdoc
-        self._session = self._doc.session_context if self._doc else None
-        if self._session is not None:  # outside a server there is no session to clean up
-            pn.state.on_session_destroyed(self._on_session_destroyed)
-            _ignore_writes_to_closed_tabs(asyncio.get_event_loop())
+        self._loop = SessionLoop(self._on_frame, self.period, self._on_session_destroyed)
+        self._callback = self._loop.callback
         self.form.param.watch(
             self._apply_config, [k for k in SIM_CONTROLS if k not in TYPED_FIELDS]
         )
@@ -193,10 +155,7 @@ class Dashboard(pn.viewable.Viewer):
         frame, without rendering it (so a benchmark can time it: ``frame.seconds``)."""
         ticks = self.ticks_per_frame if ticks is None else ticks
         t0 = time.perf_counter()
-        with self._blas.limit(limits=self.blas_threads, user_api="blas"):
-            records = self._finish_tick() if ticks else []
-            records += [self.sim.step() for _ in range(ticks - len(records))]
-        return self._frame(records, t0)
+        return self._frame(self._player.whole(ticks, self.blas_threads), t0)
 
     def render(self, frame: Frame, series: bool = True) -> None:
         """Push a prepared frame to the plots and counters, in one batch of browser updates.
@@ -234,30 +193,15 @@ class Dashboard(pn.viewable.Viewer):
         data."""
         ticks = self.ticks_per_frame if ticks is None else ticks
         t0 = time.perf_counter()
-        pacer, records = self._pacer, []
         # rendering comes out of the same budget (what a click waits for is both)
         render = (self._render_ms or 0.0) / 1e3
-        pacer.budget = max(self.frame_budget - render, 0.2 * self.frame_budget)
-        pacer.start()
-        with self._blas.limit(limits=self.blas_threads, user_api="blas"):
-            while len(records) < ticks:
-                if self._tick is None:
-                    if records and not pacer.fits(pacer.tick_seconds or 0.0):
-                        break
-                    self._tick = self.sim.tick_parts(pacer.eager_chunk)
-                started = time.perf_counter()
-                try:
-                    part, actions = next(self._tick)
-                except StopIteration as done:
-                    self._tick = None
-                    if done.value is not None:
-                        records.append(done.value)
-                        pacer.tick_seconds = done.value["tick_seconds"]
-                    continue
-                pacer.record_part(time.perf_counter() - started, actions)
-                if not pacer.fits(pacer.part_seconds):
-                    break
-        return self._frame(records, t0)
+        budget = max(self.frame_budget - render, 0.2 * self.frame_budget)
+        return self._frame(self._player.bounded(ticks, budget, self.blas_threads), t0)
+
+    @property
+    def _busy(self) -> str | None:
+        """What the session is doing in the background, if anything."""
+        return self._loop.busy
 
     @property
     def heatmaps(self) -> dict[str, hv.DynamicMap]:
@@ -283,16 +227,6 @@ class Dashboard(pn.viewable.Viewer):
         return self._layout
 
     # ------------------------------------------------------------------ frames
-    def _finish_tick(self) -> list[dict]:
-        """Complete a tick left in flight by play (its record, if any)."""
-        tick, self._tick = self._tick, None
-        while tick is not None:
-            try:
-                next(tick)
-            except StopIteration as done:
-                return [] if done.value is None else [done.value]
-        return []
-
     def _frame(self, records: list[dict], t0: float) -> Frame:
         view = self.view
         win = self._source.window(view, self.window, self.row0, self.col0)
@@ -388,7 +322,7 @@ class Dashboard(pn.viewable.Viewer):
         """Periodic callback: one bounded frame; any failure pauses and is explained."""
         if self._busy:
             return
-        if self._orphaned():
+        if self._loop.orphaned():
             # Bokeh discards a closed tab's session only later (or, under load, sometimes
             # never): stop now, so no closed tab keeps the server busy.
             self._stop()
@@ -401,7 +335,7 @@ class Dashboard(pn.viewable.Viewer):
             due = not self.playing or time.perf_counter() - self._series_sent >= SERIES_INTERVAL
             self.render(frame, series=due)
         except Exception as exc:  # keep the page alive whatever the simulation raises
-            self._tick = None
+            self._player.restart()
             self._steps_left = 0
             self.playing = False
             self._say(f"Stopped: a tick failed ({type(exc).__name__}: {escape(exc)}).")
@@ -411,27 +345,23 @@ class Dashboard(pn.viewable.Viewer):
 
     def _on_play(self, event=None) -> None:
         if self.playing:
-            self._callback.period = self.period
-            if not self._callback.running:
-                self._callback.start()
+            self._loop.start(self.period)
             self.play_toggle.label = "Pause"
         else:
             self._steps_left = 0
-            self._callback.stop()
+            self._loop.stop()
             self.play_toggle.label = "▶ Play"
 
     def _on_period(self, event) -> None:
         self._callback.period = event.new
 
     def _on_step(self, event=None) -> None:
-        if self._session is None:  # a notebook or a test: at once
+        if not self._loop.served:  # a notebook or a test: at once
             self._guarded("Step", lambda: self.step(1))
             return
         # in a server: through bounded frames, so that a heavy tick never blocks the page
         self._steps_left += 1
-        if not self._callback.running:
-            self._callback.period = self.period
-            self._callback.start()
+        self._loop.start(self.period)
 
     def _on_flush(self, event=None) -> None:
         # O(n·|S|·d): up to a second at the largest sizes, so off the event loop
@@ -543,7 +473,7 @@ class Dashboard(pn.viewable.Viewer):
         except Exception as exc:
             self._refused(changes, exc)
             return
-        self._pacer.forget()
+        self._player.pacer.forget()
         self._clear_alert()
 
     def _refused(self, changes: dict, exc: Exception) -> None:
@@ -594,55 +524,24 @@ class Dashboard(pn.viewable.Viewer):
 
     # ------------------------------------------------------------------ helpers
     def _stop(self) -> None:
-        self._callback.stop()
-        self._tick = None
+        self._loop.stop()
+        self._player.tick = None
         with contextlib.suppress(Exception):  # the session may be half torn down
             self.playing = False
 
-    def _orphaned(self) -> bool:
-        """Whether this server session has lost its browser tab (no connection left)."""
-        if self._session is None:
-            return False
-        sessions = self._session.server_context.sessions
-        mine = next((s for s in sessions if s.id == self._session.id), None)
-        return mine is None or mine.connection_count == 0
-
     def _in_background(self, what: str, work, done) -> None:
-        """Run ``work()`` off the event loop (in a server session), then ``done(error)`` on it.
-
-        Meanwhile the page shows ``what`` with a moving progress bar and frames pause. Outside
-        a server (a notebook, a test) both run at once, in order. A tick in flight stays in
-        flight (a rebuild abandons it; anything else lets it finish).
-        """
-        if self._doc is None or self._session is None:
-            error = None
-            try:
-                work()
-            except Exception as exc:
-                error = exc
-            done(error)
-            return
-        self._busy = what
-        self.progress.visible = True
-        self._say(f"{what} …", "info")
-        doc = self._doc
+        """``work()`` off the event loop with a progress bar, then ``done(error)`` (see
+        :meth:`SessionLoop.in_background`); frames pause meanwhile."""
+        if self._loop.served:
+            self.progress.visible = True
+            self._say(f"{what} …", "info")
 
         def finish(error):
-            self._busy = None
             self.progress.visible = False
             self._clear_alert()
             self._guarded(what, lambda: done(error))
 
-        def target():
-            try:
-                work()
-                error = None
-            except Exception as exc:
-                error = exc
-            with contextlib.suppress(Exception):  # the tab may have closed meanwhile
-                doc.add_next_tick_callback(lambda: finish(error))
-
-        threading.Thread(target=target, name="dynattn-rebuild", daemon=True).start()
+        self._loop.in_background(what, work, finish)
 
     def _guarded(self, action: str, func) -> None:
         """Run a button action; a failure leaves the page usable and says what happened."""
@@ -664,8 +563,7 @@ class Dashboard(pn.viewable.Viewer):
     def _restart_view(self) -> None:
         """After a rebuild or reset: empty the time series, refit windows and colours (the
         images carry their own axis ranges, so the axes follow the new n)."""
-        self._tick = None
-        self._pacer.forget()
+        self._player.restart()
         self._unsent = []
         self._series.clear()
         self._sync_form()
