@@ -156,9 +156,7 @@ class SimulationConfig(param.Parameterized):
         objects=["float64", "float32"],
         doc="Working precision of every strategy.",
     )
-    seed = param.Integer(
-        0, bounds=(0, 2**32 - 1), doc="Seed of the preset and the update stream."
-    )
+    seed = param.Integer(0, bounds=(0, 2**32 - 1), doc="Seed of the preset and the update stream.")
     history = param.Integer(
         10_000, bounds=(1, None), doc="Ticks kept in the timeline (older ones are dropped)."
     )

@@ -20,33 +20,17 @@ import pandas as pd
 import panel as pn
 import param
 
-from ..simulation import REBUILD_PARAMS, Simulation, SimulationConfig
-from .controls import TYPED_FIELDS, build_layout, simulation_controls, speedup_indicators
+from ..simulation import Simulation
+from .controls import build_layout, speedup_indicators
 from .frames import SERIES, WINDOWS, Frame, FrameSource, Pacer, Player, series_rows
 from .lessons import LESSONS
 from .plots import heatmaps, series_plots
 from .session import SessionLoop
-from .text import POLICY_NOTES, counters_html, escape, fmt_ratio, fmt_threshold, rejection
+from .settings import SettingsEditor
+from .text import counters_html, escape, fmt_ratio
 
 __all__ = ["Dashboard"]
 
-#: Simulation settings shown as controls.
-SIM_CONTROLS = (
-    "policy",
-    "threshold",
-    "tolerance",
-    "updates_per_tick",
-    "queries_per_tick",
-    "stream",
-    "preset",
-    "n",
-    "d",
-    "scale",
-    "seed",
-    "k_share",
-    "delta_scale",
-    "dtype",
-)
 #: Seconds between time-series refreshes while playing (each costs ~0.1 s of HoloViews work).
 SERIES_INTERVAL = 0.7
 _FREE_PLAY = "Free play (your own settings)"
@@ -68,9 +52,7 @@ class Dashboard(pn.viewable.Viewer):
 
     Notes
     -----
-    The simulation controls edit a private copy of the simulation's configuration (``form``);
-    each change is then applied to the simulation inside a ``try``, so a setting the
-    simulation rejects leaves it untouched, resets the control and explains why on the page.
+    The controls edit a copy of the settings (``form``, see :mod:`.settings`).
     """
 
     lesson = param.Selector(
@@ -118,10 +100,7 @@ class Dashboard(pn.viewable.Viewer):
             params.setdefault("lesson", _FREE_PLAY)
         super().__init__(**params)
         self.sim = simulation
-        values = self.sim.config.param.values()
-        self.form = SimulationConfig(**{k: values[k] for k in SIM_CONTROLS})
-        self._syncing = False
-        self._has_file = False
+        self._syncing = False  # view parameters being set by the code, not the user
         self._said = 0  # messages shown so far
         self._steps_left = 0  # ticks asked for by "Step one tick", run by frames
         self._unsent: list[pd.DataFrame] = []  # tick records not yet in the time series
@@ -140,11 +119,7 @@ class Dashboard(pn.viewable.Viewer):
         self._layout = pn.Row(self._sidebar, self._main)
         self._loop = SessionLoop(self._on_frame, self.period, self._on_session_destroyed)
         self._callback = self._loop.callback
-        self.form.param.watch(
-            self._apply_config, [k for k in SIM_CONTROLS if k not in TYPED_FIELDS]
-        )
-        self.form.param.watch(self._show_policy_controls, "policy")
-        self._show_policy_controls()
+        self.settings.show_policy()
         self._fit_window_controls()
         self._rebuild_heatmaps()
         self._on_play()  # Dashboard(playing=True) starts at once (e.g. a classroom display)
@@ -276,14 +251,15 @@ class Dashboard(pn.viewable.Viewer):
         self.param.watch(self._on_period, "period")
         self.param.watch(self._on_view_change, ["view", "window", "row0", "col0"])
         self.param.watch(self._on_lesson, "lesson")
-        self.controls = simulation_controls(self.form)
-        for name in TYPED_FIELDS:
-            self.controls[name].param.watch(self._on_typed, "value")
         self.policy_note = pn.pane.Markdown("", margin=(0, 10))
+        self.settings = SettingsEditor(self)
+        self.form, self.controls = self.settings.form, self.settings.controls
         self.lesson_select = w.Select.from_param(self.param.lesson, label="Lesson", width=330)
         self.caption = pn.pane.Markdown("", margin=(0, 10), sizing_mode="stretch_width")
         self.file_input = w.FileInput(accept=".npz", multiple=False)
-        self.file_input.param.watch(self._on_file, "value")
+        self.file_input.param.watch(
+            lambda e: e.new and self.settings.upload(self.file_input.filename, e.new), "value"
+        )
         self.download = w.FileDownload(
             callback=self._timeline_csv,
             filename="dynattn_timeline.csv",
@@ -414,110 +390,6 @@ class Dashboard(pn.viewable.Viewer):
             done,
         )
 
-    def _on_typed(self, event) -> None:
-        """A typed seed or update size: applied if valid, else reverted with the reason."""
-        if self._syncing:
-            return
-        name = next(k for k in TYPED_FIELDS if self.controls[k] is event.obj)
-        label, integer = TYPED_FIELDS[name]
-        parameter = self.form.param[name]
-        try:
-            number = float(event.new)
-            if integer and number != int(number):
-                raise ValueError(event.new)
-            self.form.param.update({name: int(number) if integer else number})
-        except (ValueError, OverflowError):
-            self._sync_form()
-            exclusive = getattr(parameter, "inclusive_bounds", (True, True))[0] is False
-            self._say(
-                rejection(label, event.new, parameter.bounds, integer, exclusive)
-                + f" The previous value {getattr(self.form, name):g} is kept."
-            )
-            return
-        self._apply_changes({name: getattr(self.form, name)})
-
-    def _apply_config(self, *events) -> None:
-        if not self._syncing:
-            self._apply_changes({e.name: e.new for e in events})
-
-    def _apply_changes(self, changes: dict) -> None:
-        """Apply edited simulation settings; on failure restore the controls and explain.
-
-        A new threshold under a policy that picks its own switches to *fixed* at that value.
-        A rebuild (n, d, preset, ...) runs in the background.
-        """
-        if self._busy:
-            self._sync_form()
-            self._say(f"Please wait: {self._busy} …", "info")
-            return
-        if "threshold" in changes and self.form.policy != "fixed":
-            changes["policy"] = "fixed"
-            self._set_form(policy="fixed")
-        if changes.get("preset") == "file" and not self._has_file:
-            self._sync_form()
-            self._say(
-                "To use your own Q, K, V, upload a .npz file with arrays Q, K and V (each "
-                "n×d) below; until then the previous preset is kept."
-            )
-            return
-        if changes.keys() & set(REBUILD_PARAMS):
-            n, d = changes.get("n", self.form.n), changes.get("d", self.form.d)
-            self._in_background(
-                f"Building Q, K, V for n = {n:,}, d = {d}",
-                lambda: self.sim.config.param.update(**changes),
-                self._after_rebuild,
-            )
-            return
-        try:
-            self.sim.config.param.update(**changes)
-        except Exception as exc:
-            self._refused(changes, exc)
-            return
-        self._player.pacer.forget()
-        self._clear_alert()
-
-    def _refused(self, changes: dict, exc: Exception) -> None:
-        self._sync_form()
-        shown = ", ".join(f"{k} = {v!r}" for k, v in changes.items())
-        self._say(
-            f"Could not apply {escape(shown)}: {escape(exc)}. The previous settings are kept."
-        )
-
-    def _after_rebuild(self, error) -> None:
-        if error is not None:
-            self._sync_form()
-            self._say(f"Could not rebuild: {escape(error)}. The previous settings are kept.")
-            return
-        self._restart_view()
-        if self.playing:
-            eng = self.sim.engine
-            self._say(
-                f"Rebuilt Q, K, V for n = {eng.n:,}, d = {eng.d}; the run restarted at tick 0 "
-                "and keeps playing.",
-                "info",
-            )
-
-    def _on_file(self, event) -> None:
-        if not event.new:
-            return
-        name = escape(self.file_input.filename or "the file")
-        data = event.new
-
-        def done(error):
-            if error is not None:
-                self._say(f"Could not use {name}: {escape(error)}. The previous Q, K, V are kept.")
-                return
-            self._has_file = True
-            self._sync_form()
-            self._restart_view()
-            eng = self.sim.engine
-            self._say(
-                f"Loaded {name}: n = {eng.n:,}, d = {eng.d}. The run restarted at tick 0.",
-                "success",
-            )
-
-        self._in_background(f"Loading {name}", lambda: self.sim.load_npz(data), done)
-
     def _on_session_destroyed(self, session_context) -> None:
         """Stop the frames as soon as the browser tab goes away."""
         self._stop()
@@ -566,24 +438,10 @@ class Dashboard(pn.viewable.Viewer):
         self._player.restart()
         self._unsent = []
         self._series.clear()
-        self._sync_form()
+        self.settings.sync()
         self._fit_window_controls()
         self._source.clim = None
         self.step(0)
-
-    def _set_form(self, **values) -> None:
-        self._syncing = True
-        try:
-            self.form.param.update(**values)
-            for name in TYPED_FIELDS:
-                self.controls[name].value = f"{getattr(self.form, name):g}"
-        finally:
-            self._syncing = False
-
-    def _sync_form(self) -> None:
-        """Copy the simulation's current settings back into the controls."""
-        values = self.sim.config.param.values()
-        self._set_form(**{k: values[k] for k in SIM_CONTROLS})
 
     def _fit_window_controls(self) -> None:
         """Bounds of the window sliders for the current n; disabled when nothing scrolls."""
@@ -605,33 +463,9 @@ class Dashboard(pn.viewable.Viewer):
             self._syncing = False
         self.col_slider.visible = self.view == "weights"
 
-    def _show_policy_controls(self, *events) -> None:
-        policy = self.form.policy
-        self.controls["tolerance"].visible = policy == "error"
-        self.policy_note.object = POLICY_NOTES[policy]
-        self.controls["threshold"].label = (
-            "threshold (pending updates)" if policy == "fixed" else "threshold (live; drag to fix)"
-        )
-
-    def _follow_threshold(self, threshold: float) -> None:
-        """Under a policy that picks its own threshold, the slider shows the one in force."""
-        if self.form.policy == "fixed":
-            return
-        slider = self.controls["threshold"]
-        low, high = self.form.param.threshold.bounds
-        value = int(min(max(threshold, low), high)) if threshold == threshold else low
-        label = (
-            "threshold (live: ∞, never flush; drag to fix)"
-            if threshold > high
-            else (f"threshold (live: {fmt_threshold(threshold)}; drag to fix)")
-        )
-        if self.form.threshold != value:
-            self._set_form(threshold=value)
-        slider.label = label
-
     def _show_stats(self, stats: dict) -> None:
         self.counters.object = counters_html(stats)
-        self._follow_threshold(stats["threshold"])
+        self.settings.follow_threshold(stats["threshold"])
         for key, number in self.speedups.items():
             ratio = stats["speedup"][key]
             text = fmt_ratio(ratio)
