@@ -444,18 +444,18 @@ def test_closed_sessions_stop_and_free_their_memory(app_server):
             """
             gc.collect()
             alive = [ref() for ref in opened if ref() is not None]
-            return all(dash._session.id in live_sessions() for dash in alive)
+            return all(dash._loop.context.id in live_sessions() for dash in alive)
 
         def live_sessions() -> set:
             dash = dashboards[0]() or next((r() for r in dashboards if r() is not None), None)
             if dash is None:
                 return set()
-            return {s.id for s in dash._session.server_context.sessions}
+            return {s.id for s in dash._loop.context.server_context.sessions}
 
         wait_until(collected, 120, "discarded sessions' dashboards to be garbage collected", 0.5)
         kept = [ref() for ref in opened if ref() is not None]
         if kept:  # Bokeh's business, not this app's; reported to see why when it happens
-            sessions = kept[0]._session.server_context.sessions
+            sessions = kept[0]._loop.context.server_context.sessions
             print(
                 f"Bokeh kept {len(kept)} of 20 closed sessions:",
                 [
