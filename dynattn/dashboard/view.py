@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import time
 
 import holoviews as hv
@@ -31,10 +32,20 @@ from .text import counters_html, escape, fmt_ratio
 
 __all__ = ["Dashboard"]
 
+_RATIO_COLORS = [(1.0, "#b2182b"), (math.inf, "#1a7837")]  # red when behind, green ahead
+_NO_RATIO_COLORS = [(math.inf, "#888888")]
 #: Seconds between time-series refreshes while playing (each costs ~0.1 s of HoloViews work).
 SERIES_INTERVAL = 0.7
 _FREE_PLAY = "Free play (your own settings)"
 _VIEWS = {"attention weights P": "weights", "output O = PV": "output"}
+
+
+def _timeline_csv(sim: Simulation) -> io.StringIO:
+    """The simulation's timeline as CSV, for the download button."""
+    buf = io.StringIO()
+    sim.timeline.to_csv(buf)
+    buf.seek(0)
+    return buf
 
 
 class Dashboard(pn.viewable.Viewer):
@@ -104,7 +115,7 @@ class Dashboard(pn.viewable.Viewer):
         self._said = 0  # messages shown so far
         self._steps_left = 0  # ticks asked for by "Step one tick", run by frames
         self._unsent: list[pd.DataFrame] = []  # tick records not yet in the time series
-        self._series_sent = 0.0
+        self._series_sent = self._rendered_at = 0.0
         self._source = FrameSource(self.sim)
         self._player = Player(self.sim, Pacer(self.frame_budget))
         self.last_frame: Frame | None = None
@@ -155,6 +166,7 @@ class Dashboard(pn.viewable.Viewer):
             self.window_text.object = frame.heat["window"]
             self._show_stats(frame.stats)
         self._render_ms = 1e3 * (time.perf_counter() - t0)  # shown with the next frame
+        self._rendered_at = t0
 
     def step(self, ticks: int | None = None) -> Frame:
         """Advance and render one frame; returns it."""
@@ -170,18 +182,16 @@ class Dashboard(pn.viewable.Viewer):
         t0 = time.perf_counter()
         # rendering comes out of the same budget (what a click waits for is both)
         render = (self._render_ms or 0.0) / 1e3
-        budget = max(self.frame_budget - render, 0.2 * self.frame_budget)
+        budget = max(self.frame_budget - render, 0.5 * self.frame_budget)
         return self._frame(self._player.bounded(ticks, budget, self.blas_threads), t0)
 
     @property
-    def _busy(self) -> str | None:
-        """What the session is doing in the background, if anything."""
+    def _busy(self) -> str | None:  # what the session does in the background, if anything
         return self._loop.busy
 
     @property
     def heatmaps(self) -> dict[str, hv.DynamicMap]:
-        """The three heatmaps, ``{"lazy", "exact", "diff"}`` -> DynamicMap; ``dmap[()]`` is the
-        current image (kdims ``key``/``feature`` and ``query``, vdims as in the hover)."""
+        """``{"lazy", "exact", "diff"}`` -> DynamicMap; ``dmap[()]`` is the current image."""
         return dict(self._heatmaps)
 
     @property
@@ -261,7 +271,7 @@ class Dashboard(pn.viewable.Viewer):
             lambda e: e.new and self.settings.upload(self.file_input.filename, e.new), "value"
         )
         self.download = w.FileDownload(
-            callback=self._timeline_csv,
+            callback=lambda: _timeline_csv(self.sim),
             filename="dynattn_timeline.csv",
             label="Download timeline (CSV)",
             color="primary",
@@ -290,8 +300,7 @@ class Dashboard(pn.viewable.Viewer):
         self._show_caption()
 
     def _show_caption(self) -> None:
-        lesson = next((x for x in LESSONS if x.title == self.lesson), None)
-        self.caption.object = "" if lesson is None else lesson.caption
+        self.caption.object = next((x.caption for x in LESSONS if x.title == self.lesson), "")
 
     # ------------------------------------------------------------------ event handlers
     def _on_frame(self) -> None:
@@ -308,8 +317,12 @@ class Dashboard(pn.viewable.Viewer):
             return
         try:
             frame = self.play_frame(None if self.playing else self._steps_left)
-            due = not self.playing or time.perf_counter() - self._series_sent >= SERIES_INTERVAL
-            self.render(frame, series=due)
+            now = time.perf_counter()
+            # a frame that only advanced part of a tick is drawn at most once a second: the
+            # time goes to finishing the tick instead
+            if frame.ticks or now - self._rendered_at >= 1.0:
+                due = not self.playing or now - self._series_sent >= SERIES_INTERVAL
+                self.render(frame, series=due)
         except Exception as exc:  # keep the page alive whatever the simulation raises
             self._player.restart()
             self._steps_left = 0
@@ -468,15 +481,10 @@ class Dashboard(pn.viewable.Viewer):
         self.settings.follow_threshold(stats["threshold"])
         for key, number in self.speedups.items():
             ratio = stats["speedup"][key]
-            text = fmt_ratio(ratio)
-            # the indicator formats with Python's str.format: braces of the text escaped
-            number.param.update(value=0.0 if ratio is None else ratio, format=text)
-
-    def _timeline_csv(self) -> io.StringIO:
-        buf = io.StringIO()
-        self.sim.timeline.to_csv(buf)
-        buf.seek(0)
-        return buf
+            # no ratio yet: a grey dash, not a red one
+            colors = _NO_RATIO_COLORS if ratio is None else _RATIO_COLORS
+            value = 1.0 if ratio is None else ratio
+            number.param.update(value=value, format=fmt_ratio(ratio), colors=colors)
 
     def _say(self, message: str, kind: str = "danger") -> None:
         """Show ``message`` (Markdown; user-derived parts already escaped) above the plots."""
