@@ -426,8 +426,10 @@ def test_closed_sessions_stop_and_free_their_memory(app_server):
         for _ in range(20):
             open_play_close(browser)
         assert errors == []
+        # a page whose load outlasts the unused-session lifetime gets a second session for
+        # its websocket (Bokeh's behaviour): at least one session per tab
         opened = dashboards[first:]
-        assert len(opened) == 20
+        assert len(opened) >= 20
 
         def stopped() -> bool:
             return all(ref() is None or not ref()._callback.running for ref in opened)
@@ -457,7 +459,7 @@ def test_closed_sessions_stop_and_free_their_memory(app_server):
         if kept:  # Bokeh's business, not this app's; reported to see why when it happens
             sessions = kept[0]._loop.context.server_context.sessions
             print(
-                f"Bokeh kept {len(kept)} of 20 closed sessions:",
+                f"Bokeh kept {len(kept)} of {len(opened)} closed sessions:",
                 [
                     (x.connection_count, x._lock._block._value, x._expiration_blocked_count)
                     for x in sessions
