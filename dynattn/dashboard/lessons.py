@@ -75,9 +75,9 @@ LESSONS = (
     ),
     Lesson(
         "2 · A changed key makes a column of P stale",
-        "Only K changes, one entry per tick: every query attends to that key, so a whole "
-        "**column** of the difference map lights up.  \nA flush every 8 updates clears the "
-        "columns; queries are exact all along (corrected on the fly).",
+        "Only K changes, one entry per tick: every query that attends to that key sees it, so "
+        "the difference lights up a **column** (here, within the band of attention).  \nA "
+        "flush every 8 updates clears it; queries are exact all along (corrected on the fly).",
         settings={"n": 256, "k_share": 1.0, "updates_per_tick": 1, "threshold": 8},
         view={"window": 64},
     ),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..simulation import REBUILD_PARAMS, SimulationConfig
 from .controls import TYPED_FIELDS, simulation_controls
-from .text import POLICY_NOTES, escape, fmt_threshold, rejection
+from .text import POLICY_NOTES, escape, rejection
 
 __all__ = ["SIM_CONTROLS", "SettingsEditor"]
 
@@ -185,7 +185,7 @@ class SettingsEditor:
         self.controls["tolerance"].visible = policy == "error"
         self.dash.policy_note.object = POLICY_NOTES[policy]
         self.controls["threshold"].label = (
-            "threshold (pending updates)" if policy == "fixed" else "threshold (live; drag to fix)"
+            "threshold (pending updates)" if policy == "fixed" else "threshold (live)"
         )
 
     def follow_threshold(self, threshold: float) -> None:
@@ -196,5 +196,7 @@ class SettingsEditor:
         value = int(min(max(threshold, low), high)) if threshold == threshold else low
         if self.form.threshold != value:
             self.set(threshold=value)
-        shown = "∞, never flush" if threshold > high else fmt_threshold(threshold)
-        self.controls["threshold"].label = f"threshold (live: {shown}; drag to fix)"
+        # short enough for the sidebar with the slider's value after it
+        self.controls["threshold"].label = (
+            "threshold (live: never flush)" if threshold > high else "threshold (live)"
+        )

@@ -308,9 +308,12 @@ class Dashboard(pn.viewable.Viewer):
         if self._busy:
             return
         if self._loop.orphaned():
-            # Bokeh discards a closed tab's session only later (or, under load, sometimes
-            # never): stop now, so no closed tab keeps the server busy.
+            # Bokeh discards a closed tab's session only later (under load, it was seen to
+            # keep them for minutes): stop now and let the plot data go.
             self._stop()
+            self._series.clear()
+            for pane in (self.heat_pane, self.error_pane, self.pending_pane, self.cost_pane):
+                pane.object = None
             return
         if not self.playing and not self._steps_left:
             self._callback.stop()
