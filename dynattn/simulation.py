@@ -20,6 +20,7 @@ true error of its stale caches, in a fixed-size :class:`Timeline`.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -30,15 +31,24 @@ import param
 from .engine import LazyAttention
 from .policies import CostModel, ErrorBudget, Fixed, OriginalAdaptive
 from .strategies import OnDemand, dense_recompute_seconds
-from .workloads import PRESETS, STREAMS, UpdateStream, WorkloadError, load_npz, make_qkv
+from .workloads import (
+    PRESETS,
+    STREAMS,
+    TickUpdates,
+    UpdateStream,
+    WorkloadError,
+    load_npz,
+    make_qkv,
+)
 
 __all__ = [
     "POLICIES",
     "SCALES",
     "TIMELINE_COLUMNS",
     "TIME_COLUMNS",
-    "Simulation",
+    "ERROR_ROWS",
     "REBUILD_PARAMS",
+    "Simulation",
     "SimulationConfig",
     "Timeline",
 ]
@@ -78,6 +88,9 @@ TIME_COLUMNS = (
     *(c for c in _COST_COLUMNS if c.endswith("seconds")),
     "tick_seconds",
 )
+
+#: Rows over which a tick measures the stale output's error once more rows are touched.
+ERROR_ROWS = 256
 
 #: Parameters whose change rebuilds every strategy (and restarts the timeline).
 REBUILD_PARAMS = ("n", "d", "preset", "seed", "scale", "dtype")
@@ -143,7 +156,7 @@ class SimulationConfig(param.Parameterized):
         objects=["float64", "float32"],
         doc="Working precision of every strategy.",
     )
-    seed = param.Integer(0, bounds=(0, None), doc="Seed of the preset and the update stream.")
+    seed = param.Integer(0, bounds=(0, 2**32 - 1), doc="Seed of the preset and the update stream.")
     history = param.Integer(
         10_000, bounds=(1, None), doc="Ticks kept in the timeline (older ones are dropped)."
     )
@@ -360,7 +373,9 @@ class Simulation:
         cfg = self.config
         if cfg.preset == "file":
             if file_qkv is None:
-                raise ValueError("preset='file' needs arrays: call Simulation.load_npz first")
+                raise ValueError(
+                    "preset='file' needs arrays: load a .npz file first (Simulation.load_npz)"
+                )
             if file_qkv[0].shape != (cfg.n, cfg.d):
                 raise ValueError(
                     f"preset 'file' fixes n and d to the file's shape "
@@ -387,6 +402,9 @@ class Simulation:
         self._unrecorded = []
         self.tick = 0
         self.last_answers = None
+        self._build_id = getattr(self, "_build_id", 0) + 1
+        rng = np.random.default_rng(cfg.seed)
+        self._error_rows = np.sort(rng.choice(cfg.n, min(ERROR_ROWS, cfg.n), replace=False))
 
     def _make_policy(self):
         cfg = self.config
@@ -494,10 +512,35 @@ class Simulation:
 
         Cost: the strategies' work (lazy: the updates, its flushes and O(q·|S|·d) queries;
         eager: one O(n·d) flush per update action; on-demand: O(q·n·d) queries), plus the
-        lazy engine's exact error, O(n·|S|·d), and a dense-recompute estimate in O(1).
+        lazy engine's error (:data:`ERROR_ROWS`), and a dense-recompute estimate in O(1).
         """
-        t_start = time.perf_counter()
-        cfg, engine = self.config, self.engine
+        parts = self.tick_parts()
+        while True:
+            try:
+                next(parts)
+            except StopIteration as done:
+                return done.value
+
+    def tick_parts(self, eager_chunk=None):
+        """One tick as a generator of bounded parts, for callers that must not block long.
+
+        Yields ``(part, actions)`` after each part: ``("lazy", 0)`` (the lazy engine's updates
+        and queries), ``("eager", m)`` after each chunk of ``m`` update actions of the eager
+        baseline, ``("ondemand", 0)``; the generator then records the tick and returns its
+        record (``StopIteration.value``). Between parts the caller may pause as long as it
+        likes. If the simulation is rebuilt or reset meanwhile, the tick is abandoned (the
+        generator returns ``None`` and records nothing).
+
+        Parameters
+        ----------
+        eager_chunk : callable () -> int, optional
+            Called before each eager chunk for its number of actions (>= 1); default: all
+            actions of the tick in one part.
+        """
+        build = self._build_id
+        busy = 0.0  # seconds of work, excluding the caller's pauses between parts
+        t0 = time.perf_counter()
+        cfg, engine, eager = self.config, self.engine, self.eager
         n, d = engine.n, engine.d
         updates = self._stream.next_tick(self.tick)
         rows, cols = self._stream.queries(self.tick, cfg.queries_per_tick)
@@ -509,14 +552,37 @@ class Simulation:
         lazy_query_flops = engine.query_flops(distinct)
         lazy, query_seconds = _timed(_answer, engine, rows, cols)
         lazy_seconds = apply_seconds + query_seconds
-        eager_events, apply_seconds = _timed(updates.apply_each, self.eager)
-        eager_query_flops = self.eager.query_flops(distinct)
-        eager, query_seconds = _timed(_answer, self.eager, rows, cols)
-        eager_seconds = apply_seconds + query_seconds
+        busy += time.perf_counter() - t0
+        yield "lazy", 0
+
+        eager_events, eager_seconds, done = [], 0.0, 0
+        while done < updates.n_updates:
+            if self._build_id != build:
+                return None
+            t0 = time.perf_counter()
+            stop = updates.n_updates if eager_chunk is None else done + max(1, eager_chunk())
+            part = _action_range(updates, done, min(stop, updates.n_updates))
+            chunk_events, apply_seconds = _timed(part.apply_each, eager)
+            eager_events += chunk_events
+            eager_seconds += apply_seconds
+            busy += time.perf_counter() - t0
+            yield "eager", part.n_updates
+            done += part.n_updates
+        if self._build_id != build:
+            return None
+        t0 = time.perf_counter()
+        eager_query_flops = eager.query_flops(distinct)
+        eager_answers, query_seconds = _timed(_answer, eager, rows, cols)
+        eager_seconds += query_seconds
         _, apply_seconds = _timed(updates.apply, self.ondemand)
         ondemand, query_seconds = _timed(_answer, self.ondemand, rows, cols)
         ondemand_seconds = apply_seconds + query_seconds
+        busy += time.perf_counter() - t0
+        yield "ondemand", 0
+        if self._build_id != build:
+            return None
 
+        t0 = time.perf_counter()
         events = self._unrecorded + events
         self._unrecorded = []
         totals = self._totals
@@ -529,7 +595,7 @@ class Simulation:
         totals["ondemand_flops"] += 4.0 * n * d * distinct
         totals["recompute_flops"] += 4.0 * n * n * d * updates.n_updates
 
-        error = engine.approximation_error()
+        relative, max_abs = self._stale_error()
         record = {
             "tick": self.tick,
             "updates": updates.n_updates,
@@ -540,21 +606,43 @@ class Simulation:
             "flush_seconds": sum(e.seconds for e in events),
             "flush_flops": sum(e.flops for e in events),
             "threshold": engine.threshold,
-            "rel_error": error.relative,
-            "max_abs_error": error.max_abs,
+            "rel_error": relative,
+            "max_abs_error": max_abs,
             **totals,
         }
-        record["tick_seconds"] = time.perf_counter() - t_start
+        record["tick_seconds"] = busy + time.perf_counter() - t0
         self.timeline.append(record)
         self.last_answers = {
             "rows": rows,
             "cols": cols,
             "lazy": lazy,
-            "eager": eager,
+            "eager": eager_answers,
             "ondemand": ondemand,
         }
         self.tick += 1
         return record
+
+    def _stale_error(self) -> tuple[float, float]:
+        """``(relative, max_abs)`` error of the lazy engine's stale output.
+
+        Exact over all rows (O(n·|S|·d)) while at most :data:`ERROR_ROWS` rows are touched;
+        beyond, over a fixed sample of :data:`ERROR_ROWS` query rows (O(ERROR_ROWS·(n+|S|)·d)),
+        so a tick's cost stops growing with |S| when nothing flushes (then ``max_abs`` is the
+        sample's, a lower bound).
+        """
+        engine = self.engine
+        if engine.touched_rows <= ERROR_ROWS or engine.n <= ERROR_ROWS:
+            error = engine.approximation_error()
+            return error.relative, error.max_abs
+        rows = self._error_rows
+        exact = engine.weights(rows) @ np.asarray(engine.V)
+        diff = engine.output(stale=True)[rows] - exact
+        top = max(float(np.abs(exact).max()), float(np.abs(diff).max()))
+        if top == 0.0:
+            return 0.0, 0.0
+        norm_exact = float(np.linalg.norm(exact / top))
+        relative = float(np.linalg.norm(diff / top)) / norm_exact if norm_exact else math.inf
+        return relative, float(np.abs(diff).max())
 
     def run(self, ticks: int, progress: bool = False) -> dict | None:
         """Simulate ``ticks`` ticks; returns the last record (None for 0 ticks).
@@ -586,6 +674,25 @@ def _timed(func, *args):
     t0 = time.perf_counter()
     result = func(*args)
     return result, time.perf_counter() - t0
+
+
+def _action_range(updates: TickUpdates, start: int, stop: int) -> TickUpdates:
+    """The update actions ``start .. stop - 1`` of ``updates``, in the order of
+    ``TickUpdates.apply_each`` (K entries, V entries, K rows, V rows)."""
+    parts = {}
+    offset = 0
+    for prefix, fields in (
+        ("k_", ("rows", "cols", "deltas")),
+        ("v_", ("rows", "cols", "deltas")),
+        ("k_set_", ("rows", "values")),
+        ("v_set_", ("rows", "values")),
+    ):
+        size = getattr(updates, prefix + "rows").size
+        lo, hi = min(max(start - offset, 0), size), min(max(stop - offset, 0), size)
+        for name in fields:
+            parts[prefix + name] = getattr(updates, prefix + name)[lo:hi]
+        offset += size
+    return TickUpdates(**parts)
 
 
 def _answer(strategy, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

@@ -1,0 +1,129 @@
+"""One browser session's clock: periodic frames, clean-up when the tab closes, slow work
+off the event loop.
+
+Panel runs every session's callbacks on one event loop; a callback that computes for a second
+holds up every visitor. :class:`SessionLoop` owns the session's one periodic callback, stops
+it as soon as the tab has gone (Bokeh discards a closed session only later, and under load
+sometimes much later), and runs slow steps (a rebuild, an upload, a large flush) in a thread,
+publishing the result back on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+import panel as pn
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClosedError
+
+__all__ = ["SessionLoop", "ignore_writes_to_closed_tabs"]
+
+
+def ignore_writes_to_closed_tabs(loop: asyncio.AbstractEventLoop) -> None:
+    """Keep the server log free of tracebacks for messages sent to a tab that just closed.
+
+    A frame rendered while its tab closes leaves write tasks failing with
+    ``WebSocketClosedError``; Panel cancels them when it destroys the document, which does not
+    retrieve an exception already set, so asyncio logs "Task exception was never retrieved"
+    with a traceback. Nothing is lost (the tab is gone); every other exception still reaches
+    the previous handler. Installed once per event loop.
+    """
+    previous = loop.get_exception_handler()
+    if getattr(previous, "ignores_closed_tabs", False):
+        return
+
+    def handler(loop, context):
+        if isinstance(context.get("exception"), (WebSocketClosedError, StreamClosedError)):
+            return
+        if previous is None:
+            loop.default_exception_handler(context)
+        else:
+            previous(loop, context)
+
+    handler.ignores_closed_tabs = True
+    loop.set_exception_handler(handler)
+
+
+class SessionLoop:
+    """The periodic callback of one session, and its background work.
+
+    Parameters
+    ----------
+    frame : callable
+        Called every ``period`` milliseconds while running.
+    period : int
+    on_destroyed : callable (session_context) -> None
+        Called when Bokeh destroys the session (not outside a server).
+
+    Attributes
+    ----------
+    callback : panel.io.callbacks.PeriodicCallback
+    busy : str or None
+        What a background thread is doing, if anything (frames should pause meanwhile).
+    """
+
+    def __init__(self, frame, period: int, on_destroyed):
+        self.callback = pn.state.add_periodic_callback(frame, period=period, start=False)
+        self.doc = pn.state.curdoc
+        self.context = self.doc.session_context if self.doc else None
+        self.busy: str | None = None
+        self._was_connected = False
+        if self.context is not None:  # outside a server there is no session to clean up
+            pn.state.on_session_destroyed(on_destroyed)
+            ignore_writes_to_closed_tabs(asyncio.get_event_loop())
+
+    @property
+    def served(self) -> bool:
+        """Whether this runs in a server session (not a notebook or a test)."""
+        return self.context is not None
+
+    def start(self, period: int) -> None:
+        self.callback.period = period
+        if not self.callback.running:
+            self.callback.start()
+
+    def stop(self) -> None:
+        self.callback.stop()
+
+    def orphaned(self) -> bool:
+        """Whether the session lost its browser tab: it had a connection and has none left (a
+        page still loading has not connected yet and is not orphaned)."""
+        if self.context is None:
+            return False
+        sessions = self.context.server_context.sessions
+        mine = next((s for s in sessions if s.id == self.context.id), None)
+        connections = 0 if mine is None else mine.connection_count
+        self._was_connected = self._was_connected or connections > 0
+        return self._was_connected and connections == 0
+
+    def in_background(self, what: str, work, done) -> None:
+        """Run ``work()`` in a thread (in a server session), then ``done(error)`` on the event
+        loop (``error`` None or the exception ``work`` raised); ``busy`` says ``what``
+        meanwhile. Outside a server both run at once, in order."""
+        if not self.served:
+            error = None
+            try:
+                work()
+            except Exception as exc:
+                error = exc
+            done(error)
+            return
+        self.busy = what
+        doc = self.doc
+
+        def finish(error):
+            self.busy = None
+            done(error)
+
+        def target():
+            try:
+                work()
+                error = None
+            except Exception as exc:
+                error = exc
+            with contextlib.suppress(Exception):  # the tab may have closed meanwhile
+                doc.add_next_tick_callback(lambda: finish(error))
+
+        threading.Thread(target=target, name="dynattn-background", daemon=True).start()
