@@ -83,11 +83,14 @@ def first_error(nb) -> str:
 
 def test_notebooks_exist():
     names = [p.name for p in NOTEBOOKS]
-    assert names[:4] == [
+    assert names == [
+        "00_five_minute_tour.ipynb",
         "01_quickstart.ipynb",
         "02_threshold_tradeoff.ipynb",
         "03_error_dynamics.ipynb",
         "04_dashboard_inline.ipynb",
+        "05_real_attention.ipynb",
+        "06_scaling_out.ipynb",
     ], names
 
 

@@ -15,7 +15,7 @@ from ..section import Section
 __all__ = ["SECTIONS", "load"]
 
 #: Module names under ``benchmarks.sections``, in the order the sections run and report.
-SECTIONS = ("engine", "demo", "memory", "models", "distributed")
+SECTIONS = ("engine", "demo", "memory", "models", "distributed", "dashboard_play")
 
 
 def load(names=SECTIONS) -> list[Section]:
