@@ -19,11 +19,8 @@ true error of its stale caches, in a fixed-size :class:`Timeline`.
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 import time
-from collections.abc import Mapping
 
 import numpy as np
 import param
@@ -31,6 +28,7 @@ import param
 from .engine import LazyAttention
 from .policies import CostModel, ErrorBudget, Fixed, OriginalAdaptive
 from .strategies import OnDemand, dense_recompute_seconds
+from .timeline import COST_COLUMNS, MAX_CAPACITY, TIME_COLUMNS, TIMELINE_COLUMNS, Timeline
 from .workloads import (
     PRESETS,
     STREAMS,
@@ -55,39 +53,6 @@ __all__ = [
 
 POLICIES = ("cost", "fixed", "adaptive", "error")
 SCALES = ("1/sqrt(d)", "1 (unscaled)")
-
-#: Columns of a tick record, in order. Costs are cumulative since the last rebuild.
-TIMELINE_COLUMNS = (
-    "tick",
-    "updates",
-    "pending",
-    "touched_rows",
-    "flushed",
-    "flush_rows",
-    "flush_seconds",
-    "flush_flops",
-    "threshold",
-    "rel_error",
-    "max_abs_error",
-    "lazy_seconds",
-    "eager_seconds",
-    "ondemand_seconds",
-    "recompute_seconds",
-    "lazy_flops",
-    "eager_flops",
-    "ondemand_flops",
-    "recompute_flops",
-    "tick_seconds",
-)
-_INT_COLUMNS = frozenset(("tick", "updates", "pending", "touched_rows", "flushed", "flush_rows"))
-_COST_COLUMNS = TIMELINE_COLUMNS[11:19]
-#: Columns holding measured times: the only ones that differ between two identical runs
-#: (with the ``cost`` policy, flush decisions follow measured times, so more columns do).
-TIME_COLUMNS = (
-    "flush_seconds",
-    *(c for c in _COST_COLUMNS if c.endswith("seconds")),
-    "tick_seconds",
-)
 
 #: Rows over which a tick measures the stale output's error once more rows are touched.
 ERROR_ROWS = 256
@@ -158,152 +123,10 @@ class SimulationConfig(param.Parameterized):
     )
     seed = param.Integer(0, bounds=(0, 2**32 - 1), doc="Seed of the preset and the update stream.")
     history = param.Integer(
-        10_000, bounds=(1, None), doc="Ticks kept in the timeline (older ones are dropped)."
+        10_000,
+        bounds=(1, MAX_CAPACITY),
+        doc="Ticks kept in the timeline (older ones are dropped).",
     )
-
-
-class Timeline:
-    """Fixed-size history of tick records (a ring buffer of preallocated columns).
-
-    Parameters
-    ----------
-    capacity : int
-        Records kept; appending to a full timeline drops the oldest.
-
-    Notes
-    -----
-    Memory ``O(capacity · len(columns))`` whatever the number of ticks; :meth:`append` is
-    O(columns). Readers (:meth:`as_dict`, :meth:`tail`) return oldest-first copies.
-    """
-
-    columns = TIMELINE_COLUMNS
-
-    def __init__(self, capacity: int = 10_000):
-        self._data = {}
-        self._capacity = 0
-        self._start = 0
-        self._size = 0
-        self.resize(capacity)
-
-    @property
-    def capacity(self) -> int:
-        """Maximum number of records kept."""
-        return self._capacity
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __repr__(self) -> str:
-        return f"Timeline({self._size} of {self._capacity} records)"
-
-    def append(self, record: Mapping) -> None:
-        """Store one record; it must have a value for every column (extra keys are ignored)."""
-        missing = [c for c in self.columns if c not in record]
-        if missing:
-            raise KeyError(f"record lacks column(s) {', '.join(missing)}")
-        slot = (self._start + self._size) % self._capacity
-        for c in self.columns:
-            self._data[c][slot] = record[c]
-        if self._size < self._capacity:
-            self._size += 1
-        else:
-            self._start = (self._start + 1) % self._capacity
-
-    def _order(self, k: int) -> np.ndarray:
-        """Slots of the last ``k`` records, oldest first."""
-        return (self._start + self._size - k + np.arange(k)) % self._capacity
-
-    def tail(self, k: int) -> dict[str, np.ndarray]:
-        """The last ``min(k, len(self))`` records as ``{column: array}``, oldest first."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"k={k!r} must be an integer >= 0")
-        idx = self._order(min(k, self._size))
-        return {c: self._data[c][idx] for c in self.columns}
-
-    def as_dict(self) -> dict[str, np.ndarray]:
-        """All stored records as ``{column: array}`` (int64 or float64), oldest first."""
-        return self.tail(self._size)
-
-    def resize(self, capacity: int) -> None:
-        """Change the capacity, keeping the most recent records that fit."""
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity={capacity!r} must be an integer >= 1")
-        kept = self.tail(min(self._size, capacity)) if self._data else {}
-        self._data = {
-            c: np.zeros(capacity, dtype=np.int64 if c in _INT_COLUMNS else np.float64)
-            for c in self.columns
-        }
-        self._size = len(kept[self.columns[0]]) if kept else 0
-        for c, values in kept.items():
-            self._data[c][: self._size] = values
-        self._capacity = capacity
-        self._start = 0
-
-    def to_csv(self, path_or_buf) -> None:
-        """Write a header and one line per record, oldest first.
-
-        Floats are written as Python's shortest round-trip representation, so
-        :meth:`read_csv` gives back the identical values. ``path_or_buf`` is a path or a text
-        file object.
-        """
-        data = self.as_dict()
-        rows = zip(*(data[c].tolist() for c in self.columns), strict=True)
-        if isinstance(path_or_buf, (str, os.PathLike)):
-            with open(path_or_buf, "w", newline="") as f:
-                _write_csv(f, self.columns, rows)
-        else:
-            _write_csv(path_or_buf, self.columns, rows)
-
-    @staticmethod
-    def read_csv(path_or_buf) -> dict[str, np.ndarray]:
-        """Read a file written by :meth:`to_csv` back into ``{column: array}``.
-
-        Known integer columns come back as int64, every other column as float64.
-        """
-        if isinstance(path_or_buf, (str, os.PathLike)):
-            with open(path_or_buf, newline="") as f:
-                return _read_csv(f, os.fspath(path_or_buf))
-        return _read_csv(path_or_buf, str(getattr(path_or_buf, "name", "<buffer>")))
-
-    def to_dataframe(self):
-        """The records as a ``pandas.DataFrame`` (needs pandas), oldest first."""
-        try:
-            import pandas as pd
-        except ImportError as exc:
-            raise ImportError(
-                "Timeline.to_dataframe needs pandas; install it with "
-                "`pip install pandas`, or use Timeline.as_dict()"
-            ) from exc
-        return pd.DataFrame(self.as_dict(), columns=list(self.columns))
-
-
-def _write_csv(f, columns, rows) -> None:
-    writer = csv.writer(f, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows(rows)
-
-
-def _read_csv(f, name: str) -> dict[str, np.ndarray]:
-    reader = csv.reader(f)
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise ValueError(f"{name}: empty file, expected a header line") from None
-    lines = list(reader)
-    bad = next((k for k, line in enumerate(lines) if len(line) != len(header)), None)
-    if bad is not None:
-        raise ValueError(
-            f"{name}: line {bad + 2} has {len(lines[bad])} fields; the header has {len(header)}"
-        )
-    columns = list(zip(*lines, strict=True)) if lines else [()] * len(header)
-    out = {}
-    for c, values in zip(header, columns, strict=True):
-        dtype = np.int64 if c in _INT_COLUMNS else np.float64
-        try:
-            out[c] = np.array(values, dtype=dtype)
-        except ValueError as exc:
-            raise ValueError(f"{name}: column {c!r} is not {np.dtype(dtype)} ({exc})") from None
-    return out
 
 
 _NO_ANSWERS = np.zeros(0)
@@ -398,7 +221,7 @@ class Simulation:
         self.engine, self.eager, self.ondemand, self._stream = engine, eager, ondemand, stream
         self.timeline = timeline
         self._recompute_seconds = recompute
-        self._totals = dict.fromkeys(_COST_COLUMNS, 0.0)
+        self._totals = dict.fromkeys(COST_COLUMNS, 0.0)
         self._unrecorded = []
         self.tick = 0
         self.last_answers = None
@@ -541,7 +364,6 @@ class Simulation:
         busy = 0.0  # seconds of work, excluding the caller's pauses between parts
         t0 = time.perf_counter()
         cfg, engine, eager = self.config, self.engine, self.eager
-        n, d = engine.n, engine.d
         updates = self._stream.next_tick(self.tick)
         rows, cols = self._stream.queries(self.tick, cfg.queries_per_tick)
         distinct = int(np.unique(rows).size)
@@ -583,20 +405,40 @@ class Simulation:
             return None
 
         t0 = time.perf_counter()
+        seconds = {"lazy": lazy_seconds, "eager": eager_seconds, "ondemand": ondemand_seconds}
+        flops = {"lazy": lazy_query_flops, "eager": eager_query_flops}
+        record = self._record_tick(updates, distinct, events, eager_events, seconds, flops)
+        record["tick_seconds"] = busy + time.perf_counter() - t0
+        self.timeline.append(record)
+        self.last_answers = {
+            "rows": rows,
+            "cols": cols,
+            "lazy": lazy,
+            "eager": eager_answers,
+            "ondemand": ondemand,
+        }
+        self.tick += 1
+        return record
+
+    def _record_tick(self, updates, distinct, events, eager_events, seconds, flops) -> dict:
+        """Add a tick's costs to the running totals and return its timeline record (without
+        ``tick_seconds``): ``seconds`` and ``flops`` of the strategies' own calls, keyed
+        "lazy", "eager" (and "ondemand" for seconds); ``events`` the lazy engine's flushes."""
+        engine = self.engine
+        n, d = engine.n, engine.d
         events = self._unrecorded + events
         self._unrecorded = []
         totals = self._totals
-        totals["lazy_seconds"] += lazy_seconds
-        totals["eager_seconds"] += eager_seconds
-        totals["ondemand_seconds"] += ondemand_seconds
+        totals["lazy_seconds"] += seconds["lazy"]
+        totals["eager_seconds"] += seconds["eager"]
+        totals["ondemand_seconds"] += seconds["ondemand"]
         totals["recompute_seconds"] += updates.n_updates * self._recompute_seconds
-        totals["lazy_flops"] += sum(e.flops for e in events) + lazy_query_flops
-        totals["eager_flops"] += sum(e.flops for e in eager_events) + eager_query_flops
+        totals["lazy_flops"] += sum(e.flops for e in events) + flops["lazy"]
+        totals["eager_flops"] += sum(e.flops for e in eager_events) + flops["eager"]
         totals["ondemand_flops"] += 4.0 * n * d * distinct
         totals["recompute_flops"] += 4.0 * n * n * d * updates.n_updates
-
         relative, max_abs = self._stale_error()
-        record = {
+        return {
             "tick": self.tick,
             "updates": updates.n_updates,
             "pending": engine.pending,
@@ -610,17 +452,6 @@ class Simulation:
             "max_abs_error": max_abs,
             **totals,
         }
-        record["tick_seconds"] = busy + time.perf_counter() - t0
-        self.timeline.append(record)
-        self.last_answers = {
-            "rows": rows,
-            "cols": cols,
-            "lazy": lazy,
-            "eager": eager_answers,
-            "ondemand": ondemand,
-        }
-        self.tick += 1
-        return record
 
     def _stale_error(self) -> tuple[float, float]:
         """``(relative, max_abs)`` error of the lazy engine's stale output.

@@ -445,3 +445,14 @@ def test_lazy_beats_eager_and_recompute_at_scale():
     assert rec["lazy_seconds"] < rec["eager_seconds"]
     assert rec["lazy_seconds"] * 20 < rec["recompute_seconds"]
     assert rec["lazy_flops"] * 100 < rec["recompute_flops"]
+
+
+def test_a_timeline_is_bounded_before_it_allocates():
+    # history sized from a huge tick count reserved ~150 GB (issue 18, item 8)
+    from dynattn.timeline import MAX_CAPACITY
+
+    with pytest.raises(ValueError, match="more than a timeline holds"):
+        Timeline(MAX_CAPACITY + 1)
+    with pytest.raises(ValueError, match="history"):
+        SimulationConfig(history=10**9)
+    assert Timeline(MAX_CAPACITY).capacity == MAX_CAPACITY
