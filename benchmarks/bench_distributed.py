@@ -28,9 +28,9 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from dynattn import Fixed, LazyAttention  # noqa: E402
-from dynattn.distributed import ShardedAttention, limit_blas  # noqa: E402
-from dynattn.distributed._cluster import machine_cores  # noqa: E402
+from dynattn import Fixed, LazyAttention
+from dynattn.distributed import ShardedAttention, limit_blas
+from dynattn.distributed._cluster import machine_cores
 
 NEVER = 2**62  # a Fixed policy that never flushes: the benchmark flushes itself
 

@@ -17,13 +17,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout, uninstalled
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from dynattn.models import Edit, EditDiff, MiniLM, TextAttention  # noqa: E402
+from dynattn.models import Edit, EditDiff, MiniLM, TextAttention
 
 TARGETS = {"forward_512": 0.150, "edit_512": 0.200}
 # one token a word, so n words make n + 2 tokens
-WORDS = "the keeper climbed the stairs of the old lighthouse to watch the sea at night".split()
+WORDS = [
+    "the",
+    "keeper",
+    "climbed",
+    "the",
+    "stairs",
+    "of",
+    "the",
+    "old",
+    "lighthouse",
+    "to",
+    "watch",
+    "the",
+    "sea",
+    "at",
+    "night",
+]
 
 
 def text_of(tokens: int) -> str:
@@ -122,10 +138,9 @@ def table(results: dict) -> str:
         "engine_512_layer0": "of which the engine (layer 0: updates, output)",
         "engine_512_layer5": "of which the engine (layer 5: updates, output)",
     }
-    for key, label in names.items():
+    for key, name in names.items():
         r = results[key]
-        if "rows_changed" in r:
-            label += f" ({r['rows_changed']} rows changed)"
+        label = f"{name} ({r['rows_changed']} rows changed)" if "rows_changed" in r else name
         target = r["target_s"]
         status = "" if target is None else ("**PASS**" if r["best_s"] <= target else "**MISS**")
         lines.append(

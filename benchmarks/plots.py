@@ -163,7 +163,7 @@ def _cost_vs_k_layers(hv, rows, rate) -> list:
     )
     color = _RATE_COLORS.get(rate, "black")
     label = f"q={rate:g}"
-    cost = [r["per_total"] * 1e6 for r in rows if r["strategy"] == "lazy cost"][0]
+    cost = next(r["per_total"] * 1e6 for r in rows if r["strategy"] == "lazy cost")
     return [
         hv.Curve(pts, "k", "µs per update+share", label=label).opts(color=color),
         hv.Scatter(pts, "k", "µs per update+share", label=label).opts(color=color, size=5),

@@ -22,7 +22,7 @@ import numpy.lib.format as npy_format
 
 from ._validate import check_int, resolve_dtype
 
-__all__ = ["MAX_NPZ_BYTES", "MAX_MEMBERS", "UPLOADED", "WorkloadError", "load_npz"]
+__all__ = ["MAX_MEMBERS", "MAX_NPZ_BYTES", "UPLOADED", "WorkloadError", "load_npz"]
 
 #: Default cap on the size of a loaded ``.npz`` file, and on its decompressed arrays.
 MAX_NPZ_BYTES = 256 * 2**20

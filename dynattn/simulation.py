@@ -40,12 +40,12 @@ from .workloads import (
 )
 
 __all__ = [
+    "ERROR_ROWS",
     "POLICIES",
+    "REBUILD_PARAMS",
     "SCALES",
     "TIMELINE_COLUMNS",
     "TIME_COLUMNS",
-    "ERROR_ROWS",
-    "REBUILD_PARAMS",
     "Simulation",
     "SimulationConfig",
     "Timeline",

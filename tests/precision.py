@@ -92,8 +92,8 @@ def replay(dtype, kind: str, n: int, d: int, seed: int, ops: list, k: int) -> fl
     Q = np.asarray(eng.Q, dtype=np.float64)
     scale = float(dtype(scale))  # what the engine computes with
     worst = 0.0
-    for op, i, j, x in ops:
-        i, j = i % n, j % d
+    for op, i_drawn, j_drawn, x in ops:
+        i, j = i_drawn % n, j_drawn % d
         if op == "top":  # the key carrying row i's largest weight moves down
             top = int(np.argmax(Q[i] @ np.asarray(eng.K, np.float64).T * scale))
             eng.update_k(top, j, -abs(x) * step - step)

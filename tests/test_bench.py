@@ -207,7 +207,7 @@ def test_rows_stream_yields_row_rewrites_in_the_working_dtype():
 
 
 def test_readme_results_are_replaced_between_the_markers(tiny_run, tmp_path):
-    out, res = tiny_run
+    _out, res = tiny_run
     readme = tmp_path / "README.md"
     start, end = report.README_MARKERS
     readme.write_text(f"# Title\n\n## Benchmark results\n\n{start}\nOLD RESULTS\n{end}\n\nAfter.\n")
@@ -268,7 +268,7 @@ def test_a_section_is_one_module_and_its_registration(monkeypatch):
 
 def test_sections_cannot_overwrite_entries_or_skip_their_declaration(monkeypatch):
     _section_module(monkeypatch, "greedy", Section("greedy", lambda run: {"notes": []}))
-    with pytest.raises(ValueError, match="greedy.*notes"):
+    with pytest.raises(ValueError, match=r"greedy.*notes"):
         collect(PLANS["tiny"], lambda line: None, load(("greedy",)))
     _section_module(monkeypatch, "bare", "not a Section")
     with pytest.raises(TypeError, match="bare must define SECTION"):

@@ -60,7 +60,7 @@ def test_plan_window_fits_and_never_exceeds_max_side(n, side):
     h, w = win.shape
     assert 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE
     assert win.rows % win.fr == 0 and win.cols % win.fc == 0
-    assert 0 <= win.r0 and win.r0 + win.rows <= n
+    assert win.r0 >= 0 and win.r0 + win.rows <= n
     assert win.c0 == 0 and win.cols <= n
     # at most one block of rows is dropped to make the side a multiple of the block
     assert min(side, n) - win.rows < win.fr

@@ -107,7 +107,7 @@ def test_sharded_answers_exactly_like_the_dense_oracle(client, shards):
     # Fixed(7): the client's policy flushes every shard at once, inside the update sequence
     with ShardedAttention(Q, K, V, client=client, shards=shards, policy=Fixed(7)) as eng:
         assert eng.shards == shards and eng.m == 23 and eng.n == 17
-        assert [b[:2] for b in eng.blocks][0][0] == 0 and eng.blocks[-1][1] == 23
+        assert next(b[:2] for b in eng.blocks)[0] == 0 and eng.blocks[-1][1] == 23
         orc = Oracle(eng)
         check_exact(eng, orc)
         twin = LazyAttention(Q, K, V, policy=Fixed(7))  # flushes at the same updates
@@ -248,9 +248,9 @@ def test_a_failed_call_changes_nothing(client):
                 call()
             assert mha.pending == 0
         k00 = mha.head(0).K[0, 0]
-        with pytest.raises(ValueError, match="head 1.*limit"):  # head 0's half is kept out too
+        with pytest.raises(ValueError, match=r"head 1.*limit"):  # head 0's half is kept out too
             mha.update_k_many([0, 1], [0, 0], [0, 0], [1.0, 1e308])
-        with pytest.raises(ValueError, match="head 1.*limit"):
+        with pytest.raises(ValueError, match=r"head 1.*limit"):
             mha.set_v_rows([0, 1], [0, 0], [[1.0, 1.0, 1.0], [1e300, 0.0, 0.0]])
         assert mha.pending == 0 and mha.head(0).K[0, 0] == k00
 

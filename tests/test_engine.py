@@ -91,7 +91,7 @@ def scenarios(draw, hard=False, crowded=False, rectangular=False):
     )
     # what packing costs (cheap enough, at these sizes, for queries to correct rows)
     pack_cost = draw(st.sampled_from([QueryPlanner.pack_cost, (1, 1)]))
-    return Q, K, V, scale, policy, ops, log + (pack_cost,)
+    return Q, K, V, scale, policy, ops, (*log, pack_cost)
 
 
 @contextlib.contextmanager
@@ -385,7 +385,7 @@ def test_never_flushing_the_policy_is_asked_at_every_update_whatever_the_updates
         if u % 3 == 0:
             [eng.set_k_row, eng.set_v_row][u % 2](u % 64, row)
     eng.update_v_many([1, 2], [0, 0], [0.5, 0.5])
-    assert eng.policy.asked == list(range(1, eng.n_updates + 1))[:-2] + [eng.n_updates]
+    assert eng.policy.asked == [*list(range(1, eng.n_updates + 1))[:-2], eng.n_updates]
     assert eng.pending == eng.n_updates == 29
 
 

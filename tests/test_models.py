@@ -66,7 +66,7 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(ModelFilesError, match="lacks tokenizer.json"):
+    with pytest.raises(ModelFilesError, match=r"lacks tokenizer.json"):
         MiniLM.load(fake_folder(tmp_path, missing="tokenizer.json"))
 
 
@@ -98,7 +98,7 @@ def test_corrupted_copy_of_the_real_files(model, tmp_path):
     (tmp_path / "config.json").unlink()
     text = (src / "config.json").read_text().replace('"gelu"', '"gelu" ')
     (tmp_path / "config.json").write_text(text)
-    with pytest.raises(ModelFilesError, match="config.json has SHA-256"):
+    with pytest.raises(ModelFilesError, match=r"config.json has SHA-256"):
         MiniLM.load(tmp_path)
     assert MiniLM.load(tmp_path, verify_hashes=False).tokenize("hi") == ["[CLS]", "hi", "[SEP]"]
     MiniLM.load(src)  # the same files by path: hashes pass
@@ -170,7 +170,7 @@ def test_tokenize_frames_without_padding(model):
 
 def test_long_text(model):
     assert len(model.tokenize("go " * 510)) == 512  # exactly the limit: accepted
-    with pytest.raises(TextTooLongError, match="513 tokens.*512 positions"):
+    with pytest.raises(TextTooLongError, match=r"513 tokens.*512 positions"):
         model.tokenize("go " * 511)
     with pytest.raises(TypeError, match="text must be a str"):
         model.tokenize(["go"])
@@ -178,9 +178,9 @@ def test_long_text(model):
 
 @pytest.mark.parametrize(("layer", "head"), [(6, 0), (0, 12), (-1, 0), (0, 1.0)])
 def test_head_out_of_range(model, layer, head):
-    with pytest.raises(ValueError, match="layer=|head="):
+    with pytest.raises(ValueError, match=r"layer=|head="):
         model.attention_inputs("hi", layer, head)
-    with pytest.raises(ValueError, match="layer=|head="):
+    with pytest.raises(ValueError, match=r"layer=|head="):
         diff_of(model, Edit("replace", 0, "ho"), text="hi").head_updates(layer, head)
 
 
@@ -324,9 +324,16 @@ class DenseRows:
 
 @pytest.mark.parametrize(
     "edit",
-    [Edit("replace", 3, "cat"), Edit("replace", 3, "hippopotamus"), Edit("insert", 2, "very")]
-    + [Edit("delete", 4), Edit("insert", 13, "today"), Edit("delete", 0)]
-    + [Edit("replace", 3, "a"), Edit("replace", 0, "Unbelievably")],
+    [
+        Edit("replace", 3, "cat"),
+        Edit("replace", 3, "hippopotamus"),
+        Edit("insert", 2, "very"),
+        Edit("delete", 4),
+        Edit("insert", 13, "today"),
+        Edit("delete", 0),
+        Edit("replace", 3, "a"),
+        Edit("replace", 0, "Unbelievably"),
+    ],
     ids=lambda e: f"{e.kind}-{e.index}-{e.word}",
 )
 def test_row_updates_turn_before_into_after(model, edit):
@@ -349,8 +356,14 @@ def test_row_updates_turn_before_into_after(model, edit):
 
 @pytest.mark.parametrize(
     "edit",
-    [Edit("replace", 3, "cat"), Edit("replace", 3, "hippopotamus"), Edit("insert", 2, "very")]
-    + [Edit("delete", 4), Edit("insert", 13, "today"), Edit("delete", 0)],
+    [
+        Edit("replace", 3, "cat"),
+        Edit("replace", 3, "hippopotamus"),
+        Edit("insert", 2, "very"),
+        Edit("delete", 4),
+        Edit("insert", 13, "today"),
+        Edit("delete", 0),
+    ],
     ids=lambda e: f"{e.kind}-{e.index}-{e.word}",
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -113,7 +113,7 @@ def test_a_member_listed_twice_is_refused():
 def test_extra_npy_arrays_are_ignored_and_never_decompressed():
     bomb = npy(np.zeros((2000, 1000)))  # 16 MB, beyond max_bytes: never read
     data = archive([*qkv_members(), ("notes.npy", bomb)])
-    Q, K, V = load_npz(data, max_bytes=1_000_000)
+    Q, _K, _V = load_npz(data, max_bytes=1_000_000)
     assert Q.shape == (4, 3)
 
 
@@ -166,7 +166,7 @@ def test_declared_sizes_are_not_trusted(declared):
     data = archive(qkv_members())
     lied = patch_headers(data, "K.npy", size=declared)
     try:
-        Q, K, V = load_npz(lied, max_bytes=10_000)
+        _Q, K, _V = load_npz(lied, max_bytes=10_000)
     except WorkloadError as exc:
         assert "array 'K' (member 'K.npy')" in str(exc)
     else:

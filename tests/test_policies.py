@@ -252,7 +252,7 @@ def test_effective_rows_recovers_the_spread_of_the_updates(n, log_h, ks):
     ks = [min(k, 64 * n) for k in ks]
     rows = [H * -math.expm1(-k / H) for k in ks]
     got = _effective_rows(ks, rows, n)
-    if H < 64 * n:
+    if 64 * n > H:
         # the fitted H reproduces the rows to 1e-4 (H itself is ill-determined where every
         # flush touches all H rows or nearly none repeats)
         fitted = sum(got * -math.expm1(-k / got) for k in ks)

@@ -78,7 +78,7 @@ def _answers_finite(eng) -> bool:
 def test_issue_examples_refused_naming_the_argument():
     rng = np.random.default_rng(0)
     Q, K, V = rng.standard_normal((3, 9, 4))
-    with pytest.raises(ValueError, match="^Q .*logit limit"):
+    with pytest.raises(ValueError, match=r"^Q .*logit limit"):
         LazyAttention(Q * 1e160, K * 1e160, V, scale=1)
     with pytest.raises(ValueError, match=r"^K\[.*limit for K entries"):
         LazyAttention(Q, K * 1e100, V, scale=1)

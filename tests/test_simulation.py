@@ -308,7 +308,7 @@ def test_failed_rebuild_keeps_state_and_reverts_the_parameter():
         sim.config.preset = "local"
     assert sim.config.preset == "gaussian" and sim.config.d == 1
     assert sim.engine is engine and sim.timeline is timeline and sim.tick == 1
-    with pytest.raises(ValueError, match="load a .npz file first"):
+    with pytest.raises(ValueError, match=r"load a .npz file first"):
         sim.config.preset = "file"
     assert sim.config.preset == "gaussian"
     sim.step()  # still usable

@@ -266,7 +266,7 @@ BOOL_CALLS = [
 def test_bools_are_refused_on_every_engine_path_and_change_nothing(call):
     eng = _engine()
     K, V, pending = eng.K.copy(), eng.V.copy(), eng.pending
-    with pytest.raises(TypeError, match="bool|True|False"):
+    with pytest.raises(TypeError, match=r"bool|True|False"):
         call(eng)
     np.testing.assert_array_equal(eng.K, K)
     np.testing.assert_array_equal(eng.V, V)

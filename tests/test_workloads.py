@@ -61,7 +61,7 @@ def test_presets_reproducible_from_seed(preset, n, d, seed):
 
 def test_uniform_is_unit_interval_and_gaussian_is_standard():
     Q, K, V = make_qkv("uniform", 200, 16, seed=0)
-    assert 0.0 <= min(Q.min(), K.min(), V.min()) and max(Q.max(), K.max(), V.max()) < 1.0
+    assert min(Q.min(), K.min(), V.min()) >= 0.0 and max(Q.max(), K.max(), V.max()) < 1.0
     Q, _, _ = make_qkv("gaussian", 400, 16, seed=0)
     assert abs(Q.mean()) < 0.05 and abs(Q.std() - 1.0) < 0.05
 
@@ -77,7 +77,7 @@ def test_local_attention_is_a_diagonal_band(n, d, max_offset):
 
 
 def test_local_needs_two_columns():
-    with pytest.raises(ValueError, match="local.*d >= 2.*d=1"):
+    with pytest.raises(ValueError, match=r"local.*d >= 2.*d=1"):
         make_qkv("local", 10, 1)
 
 
@@ -122,11 +122,12 @@ def write_npz(path, **arrays):
 def test_load_npz_round_trip_from_path_bytes_and_file(tmp_path):
     Q, K, V = good_qkv()
     path = write_npz(tmp_path / "w.npz", Q=Q, K=K, V=V)
-    for source in (path, str(path), path.read_bytes(), open(path, "rb")):
-        got = load_npz(source)
-        for x, y in zip(got, (Q, K, V), strict=True):
-            np.testing.assert_array_equal(x, y)
-            assert x.dtype == np.float64 and x.flags.c_contiguous
+    with open(path, "rb") as file:
+        for source in (path, str(path), path.read_bytes(), file):
+            got = load_npz(source)
+            for x, y in zip(got, (Q, K, V), strict=True):
+                np.testing.assert_array_equal(x, y)
+                assert x.dtype == np.float64 and x.flags.c_contiguous
 
 
 def test_load_npz_dtypes(tmp_path):
@@ -161,7 +162,7 @@ def test_load_npz_not_a_zip(tmp_path):
         load_npz(text)
     npy = tmp_path / "single.npy"
     np.save(npy, good_qkv()[0])
-    with pytest.raises(WorkloadError, match="not an .npz file"):
+    with pytest.raises(WorkloadError, match=r"not an .npz file"):
         load_npz(npy)
     with pytest.raises(WorkloadError, match=f"{UPLOADED}: not an .npz file"):
         load_npz(b"")
@@ -175,7 +176,7 @@ def test_load_npz_too_large(tmp_path):
         load_npz(path, max_bytes=size - 1)
     with pytest.raises(WorkloadError, match=f"{UPLOADED}: file too large"):
         load_npz(path.read_bytes(), max_bytes=100)
-    with open(path, "rb") as f, pytest.raises(WorkloadError, match="w.npz: file too large"):
+    with open(path, "rb") as f, pytest.raises(WorkloadError, match=r"w.npz: file too large"):
         load_npz(f, max_bytes=100)
 
 
@@ -184,7 +185,7 @@ def test_load_npz_refuses_a_compressed_bomb(tmp_path):
     path = tmp_path / "bomb.npz"
     np.savez_compressed(path, Q=big, K=big, V=big)
     assert path.stat().st_size < 100_000
-    with pytest.raises(WorkloadError, match="bomb.npz: .*Q, K and V too large when decompressed"):
+    with pytest.raises(WorkloadError, match=r"bomb.npz: .*Q, K and V too large when decompressed"):
         load_npz(path, max_bytes=100_000)
 
 
@@ -208,9 +209,9 @@ def test_load_npz_missing_array(tmp_path, missing):
     ],
 )
 def test_load_npz_non_numeric_dtype(tmp_path, bad):
-    Q, K, V = good_qkv()
+    Q, _K, V = good_qkv()
     path = write_npz(tmp_path / "t.npz", Q=Q, K=bad, V=V)  # savez pickles object arrays
-    with pytest.raises(WorkloadError, match="t.npz: array 'K'"):
+    with pytest.raises(WorkloadError, match=r"t.npz: array 'K'"):
         load_npz(path)
 
 
@@ -234,7 +235,7 @@ def test_load_npz_overflow_in_requested_dtype(tmp_path):
 
 @pytest.mark.parametrize("shape", [(6,), (2, 3, 1), ()])
 def test_load_npz_not_2d(tmp_path, shape):
-    Q, K, V = good_qkv()
+    Q, K, _V = good_qkv()
     path = write_npz(tmp_path / "s.npz", Q=Q, K=K, V=np.zeros(shape))
     with pytest.raises(WorkloadError, match=r"s.npz: array 'V' \(member 'V.npy'\) must be 2-D"):
         load_npz(path)
@@ -331,9 +332,9 @@ def test_stream_indices_in_bounds_and_reproducible(kind, n, d, per_tick, k_share
     stream = UpdateStream(kind, n, d, updates_per_tick=per_tick, k_share=k_share, seed=seed)
     upd = stream.next_tick(tick)
     for rows in (upd.k_rows, upd.v_rows, upd.k_set_rows, upd.v_set_rows):
-        assert rows.dtype == np.int64 and ((0 <= rows) & (rows < n)).all()
+        assert rows.dtype == np.int64 and ((rows >= 0) & (rows < n)).all()
     for cols in (upd.k_cols, upd.v_cols):
-        assert cols.dtype == np.int64 and ((0 <= cols) & (cols < d)).all()
+        assert cols.dtype == np.int64 and ((cols >= 0) & (cols < d)).all()
     assert upd.k_rows.shape == upd.k_cols.shape == upd.k_deltas.shape
     assert upd.v_rows.shape == upd.v_cols.shape == upd.v_deltas.shape
     for rows, values in ((upd.k_set_rows, upd.k_set_values), (upd.v_set_rows, upd.v_set_values)):
@@ -347,7 +348,7 @@ def test_stream_indices_in_bounds_and_reproducible(kind, n, d, per_tick, k_share
     for name in ("k_rows", "k_cols", "k_deltas", "v_rows", "v_set_rows", "k_set_values"):
         np.testing.assert_array_equal(getattr(upd, name), getattr(twin, name))
     q_rows, q_cols = stream.queries(tick, 7)
-    assert ((0 <= q_rows) & (q_rows < n)).all() and ((0 <= q_cols) & (q_cols < d)).all()
+    assert ((q_rows >= 0) & (q_rows < n)).all() and ((q_cols >= 0) & (q_cols < d)).all()
     np.testing.assert_array_equal(q_rows, again.queries(tick, 7)[0])
 
 
@@ -511,7 +512,7 @@ def test_stream_rejects_bad_tick_and_count():
     stream = UpdateStream("entries", 10, 3)
     with pytest.raises(ValueError, match="tick=-1"):
         stream.next_tick(-1)
-    with pytest.raises(TypeError, match="tick=1.5"):
+    with pytest.raises(TypeError, match=r"tick=1.5"):
         stream.queries(1.5, 3)
     with pytest.raises(ValueError, match="count=-2"):
         stream.queries(0, -2)

@@ -34,7 +34,7 @@ def gemm_peak(dtype: str, size: int = 2048) -> float:
 def _timed_flushes(plan: Plan, n: int, engine, rng) -> dict[int, list]:
     """Touched-row count -> the FlushEvents of its repeats (K and V rows touched half each)."""
     d = plan.d
-    sizes = [S for S in plan.flush_rows if S <= n]
+    sizes = [S for S in plan.flush_rows if n >= S]
     flushes: dict[int, list] = {S: [] for S in sizes}
     # the repeats go round all sizes in turn, so one slow spell of the shared machine (they
     # last seconds) does not hit every repeat of one size

@@ -278,7 +278,7 @@ def targets(res: dict, plan: Plan) -> list[dict]:
                 f"{len(bad)} of {len(ratios)} cells above 1.25×",
             )
         )
-    return out + [_hotspot_target(res), _recompute_target(res)]
+    return [*out, _hotspot_target(res), _recompute_target(res)]
 
 
 def _hotspot_target(res: dict) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 
 import holoviews as hv
-import holoviews.plotting.bokeh  # noqa: F401  (registers the Bokeh renderer, prints nothing)
+import holoviews.plotting.bokeh
 import numpy as np
 import pandas as pd
 

@@ -357,7 +357,7 @@ class Dashboard(pn.viewable.Viewer):
 
     def _on_flush(self, event=None) -> None:
         # O(n·|S|·d): up to a second at the largest sizes, so off the event loop
-        self._in_background("Flushing", self.sim.flush_now, lambda error: self._flushed(error))
+        self._in_background("Flushing", self.sim.flush_now, self._flushed)
 
     def _flushed(self, error) -> None:
         if error is not None:

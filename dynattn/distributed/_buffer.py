@@ -145,7 +145,7 @@ class ShardCalls:
             return
         failures, memo = [], {}
         for s in range(len(self._hosts)):
-            shard, fut, upto = self._issue(s, None, memo=memo)
+            _shard, fut, upto = self._issue(s, None, memo=memo)
             if isinstance(fut, BaseException):
                 failures.append((self._describe(s), fut))
             else:

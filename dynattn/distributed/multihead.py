@@ -145,7 +145,7 @@ class MultiHeadAttention:
         return hs, r, [(h, hs == h) for h in np.unique(hs).tolist()]
 
     def _entries(self, which, heads, rows, cols, deltas) -> list[FlushEvent]:
-        hs, r, groups = self._groups(heads, rows)
+        _hs, r, groups = self._groups(heads, rows)
         c = check.as_indices("cols", cols, self._d)
         if len(c) != len(r):
             raise ValueError(f"rows has {len(r)} entries but cols has {len(c)}")

@@ -363,7 +363,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         self._settle()
         S = len(self._queue.rows)
         limit = self.max_query_rows * (1 if len(idx) < MANY_ROWS else 2)
-        if S > limit:
+        if limit < S:
             m, C = self._exact(idx, guards=False)
             return m, C, 0
         m, C = self._stabiliser[idx], self._cache[idx]

@@ -41,12 +41,14 @@ class FlushSchedule:
         """The policy's threshold, checked (a real number, not NaN), and how many more updates
         it holds for (0 when the policy cannot tell)."""
         value = self.policy.threshold(engine)
-        if not ((type(value) is float or type(value) is int) and value == value):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
-                raise PolicyError(
-                    f"policy {self.policy!r} returned threshold {value!r}; a flush policy's "
-                    "threshold(engine) must return a number (math.inf for 'not now')"
-                )
+        plain = (type(value) is float or type(value) is int) and value == value  # the usual
+        if not plain and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)
+        ):
+            raise PolicyError(
+                f"policy {self.policy!r} returned threshold {value!r}; a flush policy's "
+                "threshold(engine) must return a number (math.inf for 'not now')"
+            )
         until = self._valid_until
         hold = until(engine) - engine.n_updates if until is not None else 0
         return value, hold if hold >= 0 else 0  # NaN or past: ask at the next update
