@@ -111,8 +111,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
         ``starts[s]:starts[s+1]`` on worker ``places[s]``) and an empty buffer sent to the
         shards at ``buffer`` actions."""
         Qa, Ka, Va, kwargs, limits = inputs
-        self._limits = limits  # the update verbs check new entries against them
-        self._limit_k, self._limit_v = limits.k, limits.v
+        self._set_limits(limits)  # the update verbs check new entries against them
         self._cluster, self._places, self._starts = cluster, places, starts
         self._kwargs, self._label = kwargs, "shard {s} of {count} (query rows {a}:{b}, "
         self._nq, (self._n, self._d), self._dtype = len(Qa), Ka.shape, Ka.dtype
@@ -189,6 +188,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
     weight = LazyAttention.weight
     # the engine's policy consultation, on this class's ClientLog (as the engine's queue)
     _consult = LazyAttention._consult
+    _set_limits = LazyAttention._set_limits
     _arm = LazyAttention._arm
     _ask_policy_next = LazyAttention._ask_policy_next
 
@@ -246,7 +246,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
         limits = EntryLimits(
             qnorm_max, self._scale, self._n, self._d, self._dtype, GROWTH[self._dtype]
         )
-        self._limits, self._limit_k, self._limit_v = limits, limits.k, limits.v
+        self._set_limits(limits)
         if failures:
             raise ShardError("set_q_rows", failures)
 

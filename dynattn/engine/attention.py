@@ -166,7 +166,8 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
 
     def _set_limits(self, limits: EntryLimits) -> None:
         self._limits = limits
-        self._limit_k, self._limit_v = limits.k, limits.v  # for the hot path
+        self._limit_k, self._limit_v = limits.k, limits.v  # for the hot paths
+        self._limit_k2, self._limit_v2 = limits.squares["K"], limits.squares["V"]
 
     def copy(self, policy=None) -> LazyAttention:
         """An independent engine in the same state (arrays, caches, pending queue, counters),

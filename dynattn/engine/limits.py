@@ -65,7 +65,7 @@ class EntryLimits:
         self.v = top / (8 * (2 + growth + 2 * logit) * n * math.exp(SHIFT_SLACK))
         # squares for a one-pass test; where a limit's square would overflow, a finite sum of
         # squares already bounds every entry by √F, below it
-        self._squares = {w: min(x * x, top) for w, x in (("K", self.k), ("V", self.v))}
+        self.squares = {w: min(x * x, top) for w, x in (("K", self.k), ("V", self.v))}
 
     def check(self, name: str, which: str, arr: np.ndarray) -> None:
         """Raise a ValueError naming ``name`` when an entry of ``arr`` (new values of K or V,
@@ -87,7 +87,7 @@ class EntryLimits:
         """Flat index of the first entry of ``arr`` beyond the limit, or None: one dot product
         when all are far below it (a sum of squares under the limit's square bounds each)."""
         flat = arr.reshape(-1)
-        if np.vdot(flat, flat) <= self._squares[which]:
+        if np.vdot(flat, flat) <= self.squares[which]:
             return None
         limit = self.k if which == "K" else self.v
         big = np.abs(flat) > limit

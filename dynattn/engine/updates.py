@@ -58,8 +58,17 @@ def _row_update(which: str):
     def update(self, i, row) -> FlushEvent | None:
         n = self._n
         i = check.check_index("i", i, n)
-        new = check.as_vector("row", row, self._d, self._dtype)
-        self._limits.check("row", which, new)
+        # a row of the right type whose sum of squares is within the limit's square is
+        # finite and within the limit: one vdot (0.4 µs) where the checks below cost 1.3
+        new = row
+        if not (
+            type(row) is np.ndarray
+            and row.dtype == self._dtype
+            and row.shape == (self._d,)
+            and np.vdot(row, row) <= (self._limit_k2 if on_k else self._limit_v2)
+        ):
+            new = check.as_vector("row", row, self._d, self._dtype)
+            self._limits.check("row", which, new)
         target = self._K if on_k else self._V
         log = self._log
         # the policy is asked after this write: keep what it overwrites, to take it back
