@@ -36,9 +36,10 @@ NEVER = 2**62  # a Fixed policy that never flushes: the benchmark flushes itself
 
 
 def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """A worker's own peak resident bytes (VmHWM): ru_maxrss survives fork and exec, so a
+    worker started by a large benchmark process would report that process's peak."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
 
 
 def _touch(eng, rows: np.ndarray, k: int) -> None:
