@@ -56,6 +56,8 @@ class Fixed:
         Threshold, at least 1 (the original prototype's default is 10).
     """
 
+    reads_answers = False  # counters and logs only: see FlushPolicy
+
     def __init__(self, k: int = 10):
         self._k = check_int("k", k)
 
@@ -91,6 +93,8 @@ class OriginalAdaptive:
     window : int, default 10
         Flushes averaged.
     """
+
+    reads_answers = False  # counters and logs only: see FlushPolicy
 
     def __init__(self, initial: int = 10, func=adaptive_threshold, window: int = 10):
         initial = check_int("initial", initial)
@@ -161,6 +165,8 @@ class CostModel:
     max_threshold : float, default inf
         Upper bound on k (``inf`` allows the never-flush regime).
     """
+
+    reads_answers = False  # counters and logs only: see FlushPolicy
 
     def __init__(self, initial: int = 16, window: int = 2048, max_threshold: float = math.inf):
         initial, window = check_int("initial", initial), check_int("window", window)

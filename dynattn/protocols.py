@@ -75,7 +75,11 @@ class FlushPolicy(Protocol):
       threshold stays what it just said, barring a flush; the engine asks again only then or
       at the threshold (asking costs as much as an update);
     * ``on_flush(event)``: called after every flush with its
-      :class:`~dynattn.engine.FlushEvent`.
+      :class:`~dynattn.engine.FlushEvent`;
+
+    and one optional attribute, ``reads_answers = False``: the policy reads only counters and
+    logs, never an exact answer (which queues the engine's log), so the engine need not
+    checkpoint its queue before asking it.
     """
 
     def threshold(self, engine) -> float: ...

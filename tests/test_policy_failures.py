@@ -15,8 +15,10 @@ class Broken:
     """Answers ``answer`` (or raises it) from the ``after``-th consultation on; may read an
     exact answer first, which queues the engine's log."""
 
-    def __init__(self, answer, after=0, reads=False):
+    def __init__(self, answer, after=0, reads=False, declares=False):
         self.answer, self.after, self.reads, self.asked = answer, after, reads, 0
+        if declares:  # says it reads counters only: the engine skips its checkpoint
+            self.reads_answers = False
 
     def threshold(self, engine):
         self.asked += 1
@@ -61,13 +63,18 @@ def state(eng):
     )
 
 
-@pytest.mark.parametrize("reads", [False, True], ids=["blind", "reads exact answers"])
+@pytest.mark.parametrize(
+    "reads, declares",
+    [(False, False), (False, True), (True, False)],
+    ids=["blind", "blind, declared", "reads exact answers"],
+)
 @pytest.mark.parametrize("answer", ANSWERS.values(), ids=ANSWERS.keys())
 @pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
-def test_a_failing_policy_takes_the_update_back(call, answer, reads):
+def test_a_failing_policy_takes_the_update_back(call, answer, reads, declares):
     call, actions = call
     rng = np.random.default_rng(7)
-    eng = LazyAttention(*rng.standard_normal((3, 8, 3)), policy=Broken(answer, 4, reads))
+    policy = Broken(answer, 4, reads, declares)
+    eng = LazyAttention(*rng.standard_normal((3, 8, 3)), policy=policy)
     for u in range(3):  # some updates pending, logged and queued, before the failure
         eng.update_k(u, u, 0.25)
     eng.update_v_many([7], [1], [0.5])

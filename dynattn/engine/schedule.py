@@ -35,6 +35,8 @@ class FlushSchedule:
         # the optional hooks of the FlushPolicy protocol, resolved once here, not per update
         self._valid_until = getattr(self.policy, "valid_until", None)
         self.on_flush = getattr(self.policy, "on_flush", None)
+        # unless a policy says it reads only counters and logs, it may read exact answers
+        self.reads_answers = bool(getattr(self.policy, "reads_answers", True))
         self.check_at = 0
 
     def ask(self, engine) -> tuple[float, float]:
