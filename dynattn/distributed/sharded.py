@@ -10,7 +10,7 @@ import numpy as np
 from .. import _validate as check
 from ..engine import ErrorReport, FlushEvent, LazyAttention, QueryRecord
 from ..engine.attention import checked_inputs as engine_inputs
-from ..engine.kernels import GROWTH
+from ..engine.kernels import GROWTH, row_norms
 from ..engine.limits import EntryLimits
 from ..engine.reports import FrobeniusNorm
 from ..engine.schedule import FlushSchedule
@@ -241,8 +241,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
                 failures.extend(exc.failures)
                 continue
             self._Qm[r[masks[call[0]]]] = new[masks[call[0]]]
-        with np.errstate(over="ignore"):  # the shards took these rows: the limits follow Q
-            qnorm_max = float(np.sqrt(np.einsum("ij,ij->i", self._Qm, self._Qm)).max())
+        qnorm_max = float(row_norms(self._Qm).max())  # the shards took these rows: limits follow
         limits = EntryLimits(
             qnorm_max, self._scale, self._n, self._d, self._dtype, GROWTH[self._dtype]
         )

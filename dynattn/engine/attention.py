@@ -30,6 +30,7 @@ from .kernels import (
     Workspace,
     correct_rows,
     exact_rows,
+    row_norms,
 )
 from .limits import EntryLimits
 from .pack import CorrectionPack
@@ -61,8 +62,7 @@ def checked_inputs(Q, K, V, scale=None, dtype=None, pad: int = 0):
     if scale == 0:
         raise ValueError("scale=0 makes every row uniform; use a nonzero scale")
     Q = Qa[:, :d]
-    with np.errstate(over="ignore"):  # an infinite norm is refused by the limits
-        qnorm_max = float(np.sqrt(np.einsum("ij,ij->i", Q, Q)).max())
+    qnorm_max = float(row_norms(Q).max())  # an infinite norm is refused by the limits
     limits = EntryLimits(qnorm_max, scale, len(Ka), d, dt, GROWTH[dt])
     limits.check("K", "K", Ka)
     limits.check("V", "V", Va)
@@ -139,8 +139,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         self._nq, self._n, self._d = len(QA), n, d
         self._QA, self._K, self._V = QA, K, V
         Q = self._Q = QA[:, :d]
-        with np.errstate(over="ignore"):  # an infinite norm only disables a shortcut
-            self._qnorm = np.sqrt(np.einsum("ij,ij->i", Q, Q))
+        self._qnorm = row_norms(Q)  # an infinite norm only disables a shortcut
         self._qnorm_max = float(self._qnorm.max(initial=0.0))  # Q never changes
         self._set_limits(EntryLimits(self._qnorm_max, scale, n, d, dt, GROWTH[dt]))
         self._views = {}

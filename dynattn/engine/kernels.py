@@ -170,6 +170,21 @@ class Contributions:
             out[:, d + 2 :] += w[:, None] * np.abs(v)
 
 
+def row_norms(rows: np.ndarray) -> np.ndarray:
+    """Euclidean norm of each row, O(rows·d); inf where a norm overflows (no warning)."""
+    with np.errstate(over="ignore"):
+        return np.sqrt(np.einsum("ij,ij->i", rows, rows))
+
+
+def augmented_keys(Kp: np.ndarray) -> np.ndarray:
+    """``log₂e·[Kp | 1]`` (P, d+1) for packed keys ``Kp``: the logit product then subtracts m
+    and gives base-2 exponents (see :func:`correct_rows`). O(P·d)."""
+    aug = np.empty((len(Kp), Kp.shape[1] + 1), dtype=Kp.dtype)
+    np.multiply(Kp, LOG2E, out=aug[:, :-1])
+    aug[:, -1] = LOG2E
+    return aug
+
+
 def max_norm(rows: np.ndarray) -> float:
     """Largest Euclidean norm among ``rows`` (0 for none; inf if a norm overflows)."""
     if not len(rows):

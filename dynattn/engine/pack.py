@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _validate
-from .kernels import LOG2E, Contributions, max_norm
+from .kernels import Contributions, augmented_keys, max_norm
 
 
 class CorrectionPack:
@@ -85,10 +85,7 @@ class CorrectionPack:
         """``log₂e·[Kp | 1]`` (P, d+1), for products that subtract m and exponentiate in base 2;
         built once per catch-up."""
         if self._aug is None:
-            Kp, d = self.views[0], self.contrib.d
-            self._aug = np.empty((len(Kp), d + 1), dtype=Kp.dtype)
-            np.multiply(Kp, LOG2E, out=self._aug[:, :d])
-            self._aug[:, d] = LOG2E
+            self._aug = augmented_keys(self.views[0])
         return self._aug
 
     def _reserve(self, size: int) -> None:

@@ -21,7 +21,15 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _validate as check
-from .kernels import GROWTH, LOG2E, Contributions, correct_rows, exact_rows, max_norm
+from .kernels import (
+    GROWTH,
+    Contributions,
+    augmented_keys,
+    correct_rows,
+    exact_rows,
+    max_norm,
+    row_norms,
+)
 from .limits import EntryLimits
 
 
@@ -40,12 +48,7 @@ class _OneSided:
         self.knorm = max_norm(Kp) if add else 0.0  # leaving keys raise no logit
 
     def augmented(self) -> np.ndarray:
-        """``log₂e·[Kp | 1]``, as :meth:`CorrectionPack.augmented`."""
-        Kp = self.views[0]
-        aug = np.empty((len(Kp), Kp.shape[1] + 1), dtype=Kp.dtype)
-        np.multiply(Kp, LOG2E, out=aug[:, :-1])
-        aug[:, -1] = LOG2E
-        return aug
+        return augmented_keys(self.views[0])
 
 
 class TokenVerbs:
@@ -59,10 +62,8 @@ class TokenVerbs:
         if len(np.unique(r)) != len(r):
             raise ValueError(f"rows={r.tolist()} repeats a row; a row can be set once per call")
         new = check.as_matrix("values", values, self._dtype, shape=(len(r), self._d))
-        with np.errstate(over="ignore"):  # an infinite norm is refused by the limits
-            norms = np.sqrt(np.einsum("ij,ij->i", new, new))
         qnorm = self._qnorm.copy()
-        qnorm[r] = norms
+        qnorm[r] = row_norms(new)  # an infinite norm is refused by the limits
         self._settle()
         q = self._queue
         limits = self._limits_for(float(qnorm.max()), self._n, "values", q.K0)
@@ -90,8 +91,7 @@ class TokenVerbs:
         Vr = check.as_matrix("V_rows", V_rows, self._dtype, shape=(t, d))
         if Qr.shape[1] != d:
             raise ValueError(f"Q_rows has shape {Qr.shape}; expected ({t}, {d})")
-        with np.errstate(over="ignore"):
-            qmax = max(self._qnorm_max, float(np.sqrt(np.einsum("ij,ij->i", Qr, Qr)).max()))
+        qmax = max(self._qnorm_max, float(row_norms(Qr).max()))
         self._settle()
         q = self._queue
         limits = self._limits_for(qmax, self._n + t, "Q_rows", q.K0)
