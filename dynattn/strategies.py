@@ -290,9 +290,9 @@ class EagerDense(_Baseline):
         self._g = self._contrib.growth
         self._Qs = self._Q * self.dtype.type(self.scale)
         self._At = np.empty((n, n), dtype=self.dtype)  # At[j, i] = Ã[i, j]
-        self._m = np.empty(n, dtype=self.dtype)
+        self._stabiliser = np.empty(n, dtype=self.dtype)
         # cache columns as in the engine: N (d) | s | guard of s | guard of N (d)
-        self._C = np.empty((n, 2 * d + 2), dtype=self.dtype)
+        self._cache = np.empty((n, 2 * d + 2), dtype=self.dtype)
         self._pair = np.empty((n, 2), dtype=self.dtype)
         # rank-2 updates of the caches run over row blocks through this small buffer: one
         # n×(2d+2) temporary would push the caches out of the last-level cache every update
@@ -309,13 +309,13 @@ class EagerDense(_Baseline):
         n = self.n
         step = max(1, BLOCK_ELEMENTS // n)
         for a in range(0, n, step):
-            self._m[a : a + step] = (self._Qs[a : a + step] @ self._K.T).max(axis=1)
+            self._stabiliser[a : a + step] = (self._Qs[a : a + step] @ self._K.T).max(axis=1)
         for a in range(0, n, step):
             block = self._At[a : a + step]
             np.matmul(self._K[a : a + step], self._Qs.T, out=block)
-            block -= self._m
+            block -= self._stabiliser
             np.exp(block, out=block)
-        np.matmul(self._At.T, self._weights(), out=self._C)
+        np.matmul(self._At.T, self._weights(), out=self._cache)
 
     def _weights(self) -> np.ndarray:
         """``[V, 1, −g, −g|V|]`` (n, 2d+2): ``Ã @`` this is N | s | guard of s | guard of N."""
@@ -345,7 +345,7 @@ class EagerDense(_Baseline):
 
     def _k_changed(self, i: int, old_row: np.ndarray) -> None:
         a_new = self._Qs @ self._K[i]
-        a_new -= self._m
+        a_new -= self._stabiliser
         # A new logit may exceed its row's stabiliser by the headroom before that row is
         # recomputed (re-stabilised); below it the exponentials stay far from overflow.
         headroom = _HEADROOM[self.dtype]
@@ -371,9 +371,9 @@ class EagerDense(_Baseline):
         d, g = self.d, self._g
         new = float(self._V[i, j])
         a = self._At[i]
-        guard = self._C[:, d + 2 + j]
+        guard = self._cache[:, d + 2 + j]
         with np.errstate(over="ignore"):  # a guard that overflows is +inf: the row is recomputed
-            self._C[:, j] += a * (new - old)
+            self._cache[:, j] += a * (new - old)
             guard += a * ((1.0 + g) * abs(old) - g * abs(new))
         self._repair(guard > 0)
 
@@ -385,12 +385,12 @@ class EagerDense(_Baseline):
         # an infinite or NaN sum (a huge row) fails the guard test below and is recomputed
         with np.errstate(over="ignore", invalid="ignore"):
             for a in range(0, self.n, step):
-                C = self._C[a : a + step]
+                C = self._cache[a : a + step]
                 out = self._block[: len(C)]
                 np.matmul(A[a : a + step], B, out=out)
                 C += out
                 flagged |= not guards_hold(C, d)
-        return lost_precision(self._C, d) if flagged else None
+        return lost_precision(self._cache, d) if flagged else None
 
     def _repair(self, bad: np.ndarray | None) -> None:
         if bad is not None and bad.any():
@@ -406,19 +406,19 @@ class EagerDense(_Baseline):
             m = L.max(axis=1)
             L -= m[:, None]
             np.exp(L, out=L)
-            self._m[rows] = m
+            self._stabiliser[rows] = m
             for k, r in enumerate(rows.tolist()):  # fancy indexing of columns is far slower
                 self._At[:, r] = L[k]
-            self._C[rows] = L @ W
+            self._cache[rows] = L @ W
 
     def query(self, i, j) -> float:
         """Exact ``O[i, j]`` from the caches: O(1)."""
         i = check.check_index("i", i, self.n)
         j = check.check_index("j", j, self.d)
-        return float(self._C[i, j] / self._C[i, self.d])
+        return float(self._cache[i, j] / self._cache[i, self.d])
 
     def _rows(self, idx: np.ndarray) -> np.ndarray:
-        C = self._C[idx]
+        C = self._cache[idx]
         return C[:, : self.d] / C[:, self.d, None]
 
 

@@ -350,12 +350,14 @@ def test_the_snapshot_holds_what_the_caches_describe_and_updates_copy_nothing():
         eng.update_v(u % 7, 1, 0.1)
         eng.update_k_many([u % 5], [2], [0.2])
     assert eng.nbytes == nbytes and eng.touched_rows == n
-    np.testing.assert_array_equal(eng._queue.K0, K_built)
-    np.testing.assert_array_equal(eng._queue.V0, V_built)
+    np.testing.assert_array_equal(eng._queue.K_flushed, K_built)
+    np.testing.assert_array_equal(eng._queue.V_flushed, V_built)
     assert eng.flush().rows == n
-    np.testing.assert_array_equal(eng._queue.K0, eng.K)
-    np.testing.assert_array_equal(eng._queue.V0, eng.V)
-    assert not np.shares_memory(eng._queue.K0, eng.K) and not np.shares_memory(eng._queue.V0, eng.V)
+    np.testing.assert_array_equal(eng._queue.K_flushed, eng.K)
+    np.testing.assert_array_equal(eng._queue.V_flushed, eng.V)
+    assert not np.shares_memory(eng._queue.K_flushed, eng.K) and not np.shares_memory(
+        eng._queue.V_flushed, eng.V
+    )
 
 
 def freeze_timings(eng, ratio: float) -> None:
@@ -535,7 +537,7 @@ def test_the_catch_up_ratio_follows_the_first_three_catch_ups_and_every_16th():
         eng._planner.catch_log = _Timings([k * 1e-9])  # what a measurement after catch-up k sees
         before = eng._planner.catch_ratio
         eng.update_k(k, 1, 0.2)
-        eng._settle()
+        eng._drain_log()
         eng._get_pack()  # one catch-up: the new row joins the pack
         measured = eng._planner.catch_ratio == pytest.approx(k * 1e-9 / per_element, rel=1e-12)
         assert measured == (k <= 3 or k % 16 == 0), k
@@ -550,7 +552,7 @@ def test_a_flush_moves_the_precision_guards_by_the_removed_mass(dtype):
     # (with their old values) and, for a value change alone, the weight times |v_old|
     n, d = 40, 6
     eng = make(n=n, d=d, seed=3, policy=10**6, dtype=dtype)
-    Q, K0, V0 = (np.array(a, dtype=np.float64) for a in (eng.Q, eng.K, eng.V))
+    Q, K_then, V_then = (np.array(a, dtype=np.float64) for a in (eng.Q, eng.K, eng.V))
     rng = np.random.default_rng(4)
     eng.set_k_row(3, rng.random(d))
     eng.set_k_row(7, rng.random(d))
@@ -563,11 +565,11 @@ def test_a_flush_moves_the_precision_guards_by_the_removed_mass(dtype):
     K, V = np.array(eng.K, dtype=np.float64), np.array(eng.V, dtype=np.float64)
     m = np.array(eng._stabiliser, dtype=np.float64)[:, None]
     w_now = np.exp(eng.scale * Q @ K.T - m)
-    w_old = np.exp(eng.scale * Q @ K0.T - m)
-    keyed = (K != K0).any(axis=1)
-    valued = (V != V0).any(axis=1) & ~keyed
+    w_old = np.exp(eng.scale * Q @ K_then.T - m)
+    keyed = (K_then != K).any(axis=1)
+    valued = (V_then != V).any(axis=1) & ~keyed
     removed_s = w_old[:, keyed].sum(axis=1)
-    removed_c = w_old[:, keyed] @ np.abs(V0[keyed]) + w_now[:, valued] @ np.abs(V0[valued])
+    removed_c = w_old[:, keyed] @ np.abs(V_then[keyed]) + w_now[:, valued] @ np.abs(V_then[valued])
     g = eng._contrib.growth
     C = np.array(eng._cache, dtype=np.float64)
     tol = dict(rtol=1e-9 if dtype == np.float64 else 2e-4, atol=0)
@@ -584,8 +586,21 @@ def test_inputs_the_snapshot_and_packed_rows_start_on_cache_lines(dtype):
     eng.update_v(4, 1, 0.5)
     eng.query_many([0, 1], [0, 1])  # packs the touched rows
     twin = eng.copy()
-    arrays = (eng._QA, eng._K, eng._V, eng._queue.K0, eng._queue.V0, eng._pack.Kp, eng._pack.B)
-    arrays += (twin._K, twin._queue.K0, twin._queue.V0, OnDemand(eng.Q, eng.K, eng.V)._K)
+    arrays = (
+        eng._Q_padded,
+        eng._K,
+        eng._V,
+        eng._queue.K_flushed,
+        eng._queue.V_flushed,
+        eng._pack.Kp,
+        eng._pack.B,
+    )
+    arrays += (
+        twin._K,
+        twin._queue.K_flushed,
+        twin._queue.V_flushed,
+        OnDemand(eng.Q, eng.K, eng.V)._K,
+    )
     assert all(a.ctypes.data % 64 == 0 for a in arrays)
     assert all(a.dtype == dtype and a.flags.c_contiguous for a in arrays)
 
@@ -723,10 +738,10 @@ def test_single_query_past_exp_overflow_stays_exact(dtype, packed_before):
 
 def test_value_up_by_1e8_and_back_stays_exact():
     eng = make(n=20, d=3, seed=4, policy=1)
-    V0 = eng.V.copy()
+    V_flushed = eng.V.copy()
     eng.update_v(7, 1, 1e8)
     eng.update_v(7, 1, -1e8)
-    assert abs(eng.V[7, 1] - V0[7, 1]) < 1e-7  # K/V hold what the user asked, rounding aside
+    assert abs(eng.V[7, 1] - V_flushed[7, 1]) < 1e-7  # K/V hold what the user asked, rounding aside
     want = dense_attention(eng.Q, eng.K, eng.V, eng.scale)
     nat = dense_attention(eng.Q, eng.K, np.abs(eng.V), eng.scale)
     assert_close_natural(eng.output(stale=True), want, nat, 1e-12, "stale after repair")

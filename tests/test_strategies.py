@@ -182,7 +182,7 @@ def test_an_update_that_would_overflow_changes_nothing(cls, call, dtype):
 def test_eager_dense_memory_estimate():
     Q, K, V = make_qkv("uniform", 16, 4)
     s = EagerDense(Q, K, V)
-    assert eager_dense_nbytes(16, 4) >= s._At.nbytes + s._C.nbytes
+    assert eager_dense_nbytes(16, 4) >= s._At.nbytes + s._cache.nbytes
     assert eager_dense_nbytes(65536, 64) > 32 * 2**30  # why the benchmark skips it there
 
 

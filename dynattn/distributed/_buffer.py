@@ -135,9 +135,9 @@ class ShardCalls:
     """Calls from the client to the shards of :class:`~dynattn.distributed.ShardedAttention`,
     each preceded by that shard's share of the buffer, with failures named. The subclass
     provides ``_queue`` (a :class:`ClientLog`), ``_K``, ``_V``, ``_hosts``, ``_starts``,
-    ``_places``, ``_label`` and ``_arm``."""
+    ``_places``, ``_label`` and ``_plan_next_ask``."""
 
-    def _settle(self) -> None:
+    def _drain_log(self) -> None:
         """Where the engine queues its log: here, once the log is full (``max_log``), send it
         to every shard without waiting for them to apply it. The client buffers on meanwhile;
         the next call to a shard waits for its batch first, and reports a failure then."""
@@ -207,7 +207,7 @@ class ShardCalls:
 
     def _trim(self) -> None:
         if self._queue.trim():
-            self._arm()  # the policy's next consultation, as a log length, moved
+            self._plan_next_ask()  # the policy's next consultation, as a log length, moved
 
     def _run_all(self, name: str | None, *args, ship: bool = True) -> list:
         memo = {}

@@ -187,9 +187,9 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
     last_flush = LazyAttention.last_flush
     weight = LazyAttention.weight
     # the engine's policy consultation, on this class's ClientLog (as the engine's queue)
-    _consult = LazyAttention._consult
+    _ask_policy = LazyAttention._ask_policy
     _set_limits = LazyAttention._set_limits
-    _arm = LazyAttention._arm
+    _plan_next_ask = LazyAttention._plan_next_ask
     _ask_policy_next = LazyAttention._ask_policy_next
 
     @property

@@ -137,7 +137,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         dt = K.dtype
         self._dtype, self._scale = dt, scale
         self._nq, self._n, self._d = len(QA), n, d
-        self._QA, self._K, self._V = QA, K, V
+        self._Q_padded, self._K, self._V = QA, K, V
         Q = self._Q = QA[:, :d]
         self._qnorm = row_norms(Q)  # an infinite norm only disables a shortcut
         self._qnorm_max = float(self._qnorm.max(initial=0.0))  # Q never changes
@@ -171,15 +171,15 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
     def copy(self, policy=None) -> LazyAttention:
         """An independent engine in the same state (arrays, caches, pending queue, counters),
         with its own ``policy`` (None: CostModel) and empty logs. O((m + n)·d), no rebuild."""
-        self._settle()
+        self._drain_log()
         new = object.__new__(type(self))
-        arrays = (check.aligned_copy(a) for a in (self._QA, self._K, self._V))
+        arrays = (check.aligned_copy(a) for a in (self._Q_padded, self._K, self._V))
         new._adopt(*arrays, self._scale, policy)
         new._queue.copy_state(self._queue)
         new._cache[...] = self._cache
         new._stabiliser[...] = self._stabiliser
         new._n_queries, new._n_flushes = self._n_queries, self._n_flushes
-        new._arm()
+        new._plan_next_ask()
         return new
 
     # ------------------------------------------------------------------ properties
@@ -205,7 +205,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
     @property
     def touched_rows(self) -> int:
         """Distinct rows of K or V touched since the last flush, |S|."""
-        self._settle()
+        self._drain_log()
         return len(self._queue.rows)
 
     @property
@@ -251,7 +251,15 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         """Bytes held by the engine's arrays (state and pending queue; the entry log, at most
         16,384 8-byte flags, aside)."""
         q, pack = self._queue, self._pack
-        arrays = (self._QA, self._K, self._V, q.K0, q.V0, self._cache, self._stabiliser)
+        arrays = (
+            self._Q_padded,
+            self._K,
+            self._V,
+            q.K_flushed,
+            q.V_flushed,
+            self._cache,
+            self._stabiliser,
+        )
         arrays += (q.slot, q.moved, pack.Kp, pack.B)
         return sum(a.nbytes for a in arrays)
 
@@ -279,7 +287,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
     def correction_flops(self) -> float:
         """Flops to bring one output row up to date now (logits and contributions of the
         packed touched rows, or a fresh row past :attr:`max_query_rows`)."""
-        self._settle()
+        self._drain_log()
         if not self._queue.rows:
             return 0.0
         if len(self._queue.rows) > self.max_query_rows:
@@ -291,13 +299,13 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         return rows * (self.correction_flops() + self._d)
 
     # ------------------------------------------------------------------ the queue and policy
-    def _settle(self) -> None:
+    def _drain_log(self) -> None:
         """Queue the logged updates (see :meth:`PendingUpdates.settle`)."""
         if self._log and self._queue.settle():
             self._planner.forget_fresh_choice()
-            self._arm()
+            self._plan_next_ask()
 
-    def _consult(self, undo=None) -> FlushEvent | None:
+    def _ask_policy(self, undo=None) -> FlushEvent | None:
         """Flush if the policy's threshold is reached; else note when to ask it again. When
         the policy raises or answers nonsense, ``undo()`` takes back the update that asked."""
         queue, log = self._queue, self._log
@@ -311,19 +319,19 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         if pending >= threshold:
             return self.flush()
         if len(log) >= queue.max_log:
-            self._settle()
+            self._drain_log()
         self._schedule.plan(pending, threshold, hold, queue.max_log - len(log))
-        self._arm()
+        self._plan_next_ask()
         return None
 
-    def _arm(self) -> None:
+    def _plan_next_ask(self) -> None:
         """Turn the schedule's pending count into the log length at which an entry update
         consults the policy: the hot path then counts nothing itself."""
         self._ask_at = self._schedule.check_at - self._queue.count
 
     def _ask_policy_next(self) -> None:
         self._schedule.check_at = 0
-        self._arm()
+        self._plan_next_ask()
 
     def _get_pack(self) -> tuple[np.ndarray, np.ndarray, slice | np.ndarray | None]:
         """The touched rows packed, ``(Kp, B, new)``, caught up if behind (timed, per unit,
@@ -360,7 +368,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         many rows at once: matrix products are compute-bound, and a fresh row without guards
         costs 4n·d flops against 4|S|·(3d+2) to correct it), where the guard columns are zero.
         """
-        self._settle()
+        self._drain_log()
         S = len(self._queue.rows)
         limit = self.max_query_rows * (1 if len(idx) < MANY_ROWS else 2)
         if limit < S:
@@ -370,7 +378,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         if S == 0:
             return m, C, 0
         self._get_pack()
-        bad = correct_rows(self._QA[idx], self._qnorm[idx], self._qnorm_max, m, C, self._pack)
+        bad = correct_rows(self._Q_padded[idx], self._qnorm[idx], self._qnorm_max, m, C, self._pack)
         if bad.any():
             m[bad], C[bad] = self._exact(idx[bad])
         return m, C, int(bad.sum())
@@ -383,7 +391,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         matrix products, ``O(m·|S|·d)``; when S is so large that recomputing is cheaper, the
         engine rebuilds instead, ``O(m·n·d)``. Rows that would lose precision are recomputed.
         """
-        self._settle()
+        self._drain_log()
         if not self._queue.rows:
             return None
         t0 = time.perf_counter()
@@ -404,7 +412,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         for blk in self._blocks(entries):
             m, C = self._stabiliser[blk], self._cache[blk]
             bad = correct_rows(
-                self._QA[blk], self._qnorm[blk], self._qnorm_max, m, C, self._pack, self._work
+                self._Q_padded[blk], self._qnorm[blk], self._qnorm_max, m, C, self._pack, self._work
             )
             if bad.any():
                 rows = np.arange(blk.start, blk.stop)[bad]
@@ -415,7 +423,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
     def rebuild(self) -> FlushEvent:
         """Recompute every cache row exactly, ``O(m·n·d)``; also clears the pending queue."""
         t0 = time.perf_counter()
-        self._settle()
+        self._drain_log()
         self._store_exact()
         return self._record("rebuild", 6.0 * self._nq * self._n * self._d, 0, t0)
 

@@ -31,7 +31,7 @@ class CorrectionPack:
     Parameters
     ----------
     queue : PendingUpdates
-        The touched rows (in slot order), their flags, K, V and the snapshot K0, V0.
+        The touched rows (in slot order), their flags, K, V and the snapshot K_flushed, V_flushed.
     scale : float
         Logit scale (keys are packed pre-multiplied by it).
     contributions : Contributions
@@ -111,9 +111,9 @@ class CorrectionPack:
         if nk:
             kr = np.array([rows[k] for k in ks], dtype=np.intp)  # converted once, used 4 times
             np.multiply(q.K[kr], self.scale, out=Kp[p : p + nk])
-            np.multiply(q.K0[kr], self.scale, out=Kp[p + nk : r])
+            np.multiply(q.K_flushed[kr], self.scale, out=Kp[p + nk : r])
             contrib.new(B[p : p + nk], q.V[kr], Kp[p : p + nk])
-            contrib.old(B[p + nk : r], q.V0[kr], Kp[p + nk : r])
+            contrib.old(B[p + nk : r], q.V_flushed[kr], Kp[p + nk : r])
             self.knorm = max(self.knorm, max_norm(Kp[p : p + nk]))
             pos = self.newpos = np.concatenate([self.newpos, np.arange(p, p + nk)])
             contiguous = pos[-1] - pos[0] + 1 == len(pos)
@@ -121,7 +121,7 @@ class CorrectionPack:
         if nv:
             vr = np.array([rows[k] for k in vs], dtype=np.intp)
             np.multiply(q.K[vr], self.scale, out=Kp[r : r + nv])
-            contrib.changed(B[r : r + nv], q.V[vr], q.V0[vr], Kp[r : r + nv])
+            contrib.changed(B[r : r + nv], q.V[vr], q.V_flushed[vr], Kp[r : r + nv])
         grow = max(max(slots) + 1 - len(self.entry), 0)
         self.entry.extend([-1] * grow)
         self.keyed.extend([False] * grow)
@@ -159,7 +159,7 @@ class CorrectionPack:
             self.B[new_e] = B_new
         if chg_e:
             B_chg = np.empty((len(chg_e), width), dtype=dt)
-            self.contrib.changed(B_chg, q.V[chg_r], q.V0[chg_r], self.Kp[chg_e])
+            self.contrib.changed(B_chg, q.V[chg_r], q.V_flushed[chg_r], self.Kp[chg_e])
             self.B[chg_e] = B_chg
 
 

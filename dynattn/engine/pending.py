@@ -3,9 +3,9 @@ rows S and the snapshot of K and V as of the last flush.
 
 Invariants and costs:
 
-* K and V are always current; the snapshot ``K0``, ``V0`` holds what the caches describe
-  (2·n·d numbers, brought in step at each flush for the flushed rows only, O(|S|·d)). So no
-  update copies what it overwrites: its old values are in the snapshot.
+* K and V are always current; the snapshot ``K_flushed``, ``V_flushed`` holds what the caches
+  describe (2·n·d numbers, brought in step at each flush for the flushed rows only, O(|S|·d)).
+  So no update copies what it overwrites: its old values are in the snapshot.
 * A single entry update or row write appends its row's *flag* to ``log`` (K's row i as i, V's
   as n + i): the write plus 8 bytes, the hot path of every stream. The log is queued at the
   next read (:meth:`settle`), vectorised; a short log one by one, where NumPy's ~1 µs a call
@@ -45,7 +45,10 @@ class PendingUpdates:
         n = len(K)
         self.n = n
         self.K, self.V = K, V
-        self.K0, self.V0 = K, V  # replaced by copies once the caches are built (snapshot())
+        self.K_flushed, self.V_flushed = (
+            K,
+            V,
+        )  # replaced by copies once the caches are built (snapshot())
         self.slot = np.full(n, -1, dtype=np.intp)
         self.rows: list[int] = []  # the touched rows, in slot order
         self.moved = np.zeros(2 * n, dtype=bool)  # flags: K's row i at i, V's at n + i
@@ -59,11 +62,17 @@ class PendingUpdates:
 
     def snapshot(self) -> None:
         """Take the snapshot: copies of K and V as they are now (2·n·d numbers)."""
-        self.K0, self.V0 = _validate.aligned_copy(self.K), _validate.aligned_copy(self.V)
+        self.K_flushed, self.V_flushed = (
+            _validate.aligned_copy(self.K),
+            _validate.aligned_copy(self.V),
+        )
 
     def copy_state(self, other: PendingUpdates) -> None:
         """Take ``other``'s snapshot, queue and counters (its log must be settled), O(n·d)."""
-        self.K0, self.V0 = _validate.aligned_copy(other.K0), _validate.aligned_copy(other.V0)
+        self.K_flushed, self.V_flushed = (
+            _validate.aligned_copy(other.K_flushed),
+            _validate.aligned_copy(other.V_flushed),
+        )
         self.slot[...] = other.slot
         self.rows = list(other.rows)
         self.moved[...] = other.moved
@@ -155,7 +164,10 @@ class PendingUpdates:
         self.done += self.count + len(self.log)
         self.count = 0
         self.slot[rows] = -1
-        for moved, now, then in ((self.moved_k, self.K, self.K0), (self.moved_v, self.V, self.V0)):
+        for moved, now, then in (
+            (self.moved_k, self.K, self.K_flushed),
+            (self.moved_v, self.V, self.V_flushed),
+        ):
             changed = rows[moved[rows]]
             then[changed] = now[changed]
             moved[rows] = False

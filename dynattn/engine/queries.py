@@ -61,7 +61,7 @@ class QueryVerbs:
 
     def output(self, stale: bool = False) -> np.ndarray:
         """The whole output O (shape (m, d)): exact in O(m·|S|·d), or the cached view."""
-        self._settle()
+        self._drain_log()
         if stale or not self._queue.rows:  # nothing pending: the caches are exact
             return _out(self._cache, self._d)
         out = np.empty((self._nq, self._d), dtype=self._dtype)
@@ -101,7 +101,7 @@ class QueryVerbs:
             )
         d = self._d
         if stale:
-            m, s, keys = self._stabiliser[I], self._cache[I, d], self._queue.K0[J]
+            m, s, keys = self._stabiliser[I], self._cache[I, d], self._queue.K_flushed[J]
         else:
             m, C, _ = self._current_rows(I)
             s, keys = C[:, d], self._K[J]
@@ -124,7 +124,7 @@ class QueryVerbs:
                 return True
             if self._prefers_fresh():
                 return True
-            self._settle()
+            self._drain_log()
         return self._prefers_fresh()
 
     def _prefers_fresh(self) -> bool:
@@ -201,7 +201,7 @@ class QueryVerbs:
 
     def approximation_error(self) -> ErrorReport:
         """Error of the stale output against the exact output, O(m·|S|·d), no m×n array."""
-        self._settle()
+        self._drain_log()
         norm_diff, norm_exact = FrobeniusNorm(), FrobeniusNorm()
         for blk in self._blocks(2 * len(self._queue.rows) + 1):
             exact = _out(self._current_rows(np.arange(blk.start, blk.stop))[1], self._d)

@@ -64,13 +64,19 @@ class TokenVerbs:
         new = check.as_matrix("values", values, self._dtype, shape=(len(r), self._d))
         qnorm = self._qnorm.copy()
         qnorm[r] = row_norms(new)  # an infinite norm is refused by the limits
-        self._settle()
+        self._drain_log()
         q = self._queue
-        limits = self._limits_for(float(qnorm.max()), self._n, "values", q.K0)
+        limits = self._limits_for(float(qnorm.max()), self._n, "values", q.K_flushed)
         m, C = exact_rows(
-            new, q.K0, q.V0, self._scale, self._contrib.growth, np.arange(len(r)), self._work
+            new,
+            q.K_flushed,
+            q.V_flushed,
+            self._scale,
+            self._contrib.growth,
+            np.arange(len(r)),
+            self._work,
         )
-        self._QA[r, : self._d] = new
+        self._Q_padded[r, : self._d] = new
         self._stabiliser[r], self._cache[r] = m, C
         self._qnorm = qnorm
         if qnorm.max() > self._qnorm_max:  # removals may now err more: weigh them so
@@ -92,21 +98,24 @@ class TokenVerbs:
         if Qr.shape[1] != d:
             raise ValueError(f"Q_rows has shape {Qr.shape}; expected ({t}, {d})")
         qmax = max(self._qnorm_max, float(row_norms(Qr).max()))
-        self._settle()
+        self._drain_log()
         q = self._queue
-        limits = self._limits_for(qmax, self._n + t, "Q_rows", q.K0)
+        limits = self._limits_for(qmax, self._n + t, "Q_rows", q.K_flushed)
         limits.check("K_rows", "K", Kr)
         limits.check("V_rows", "V", Vr)
         # the existing query rows take in the new keys (snapshot = current for new rows)
         stab, cache = self._stabiliser.copy(), self._cache.copy()
         pack = _OneSided(Kr, Vr, self._scale, self._contrib, add=True)
-        QA = self._QA.copy()
+        QA = self._Q_padded.copy()
         bad = correct_rows(QA, self._qnorm, self._qnorm_max, stab, cache, pack)
         spot = np.arange(self._n)
         spot[at:] += t  # old row -> new row
         grow = lambda a, new: np.insert(a, at, new, axis=0)  # noqa: E731
         QA_new = grow(QA, np.hstack([Qr, np.zeros((t, 1), dtype=self._dtype)]))
-        arrays = [grow(a, b) for a, b in ((self._K, Kr), (self._V, Vr), (q.K0, Kr), (q.V0, Vr))]
+        arrays = [
+            grow(a, b)
+            for a, b in ((self._K, Kr), (self._V, Vr), (q.K_flushed, Kr), (q.V_flushed, Vr))
+        ]
         width = cache.shape[1]
         cache = grow(cache, np.zeros((t, width), dtype=self._dtype))
         stab = grow(stab, np.zeros(t, dtype=self._dtype))
@@ -122,20 +131,20 @@ class TokenVerbs:
             raise ValueError(f"rows={r.tolist()} repeats a row")
         if len(r) >= self._n:
             raise ValueError(f"rows would delete all {self._n} rows; at least one must remain")
-        self._settle()
+        self._drain_log()
         q = self._queue
         stab, cache = self._stabiliser.copy(), self._cache.copy()
-        pack = _OneSided(q.K0[r], q.V0[r], self._scale, self._contrib, add=False)
-        bad = correct_rows(self._QA.copy(), self._qnorm, self._qnorm_max, stab, cache, pack)
+        pack = _OneSided(q.K_flushed[r], q.V_flushed[r], self._scale, self._contrib, add=False)
+        bad = correct_rows(self._Q_padded.copy(), self._qnorm, self._qnorm_max, stab, cache, pack)
         keep = np.ones(self._n, dtype=bool)
         keep[r] = False
         spot = np.cumsum(keep) - 1
         spot[~keep] = -1
-        arrays = [a[keep] for a in (self._K, self._V, q.K0, q.V0)]
+        arrays = [a[keep] for a in (self._K, self._V, q.K_flushed, q.V_flushed)]
         fresh = spot[bad & keep]
-        self._rebuild_state(self._QA[keep], *arrays, cache[keep], stab[keep], spot, fresh)
+        self._rebuild_state(self._Q_padded[keep], *arrays, cache[keep], stab[keep], spot, fresh)
 
-    def _limits_for(self, qnorm_max: float, n: int, q_name: str, K0) -> EntryLimits:
+    def _limits_for(self, qnorm_max: float, n: int, q_name: str, K_flushed) -> EntryLimits:
         """The entry limits after a change of Q or of n, checked against the keys and values
         the engine holds (current and snapshot): a ValueError, and nothing changed, when a
         larger query or more keys would let them overflow."""
@@ -147,9 +156,9 @@ class TokenVerbs:
             raise ValueError(f"{q_name}: {exc}") from None
         for name, which, arr in (
             ("K", "K", self._K),
-            ("K (as of the last flush)", "K", K0),
+            ("K (as of the last flush)", "K", K_flushed),
             ("V", "V", self._V),
-            ("V (as of the last flush)", "V", self._queue.V0),
+            ("V (as of the last flush)", "V", self._queue.V_flushed),
         ):
             limits.check(name, which, arr)
         return limits
@@ -161,7 +170,7 @@ class TokenVerbs:
                 f"n={self._n}"
             )
 
-    def _rebuild_state(self, QA, K, V, K0, V0, cache, stab, spot, fresh) -> None:
+    def _rebuild_state(self, QA, K, V, K_flushed, V_flushed, cache, stab, spot, fresh) -> None:
         """Adopt resized arrays, keep counters, logs and the pending queue (renumbered by
         ``spot``: old row -> new row, -1 for a deleted row), recompute rows ``fresh``."""
         q = self._queue
@@ -174,15 +183,20 @@ class TokenVerbs:
         self._cache, self._stabiliser = cache, stab
         self.flush_log, self.query_log, self._n_queries, self._n_flushes = kept
         queue = self._queue
-        queue.K0, queue.V0 = check.aligned_copy(K0), check.aligned_copy(V0)
+        queue.K_flushed, queue.V_flushed = (
+            check.aligned_copy(K_flushed),
+            check.aligned_copy(V_flushed),
+        )
         rows = spot[touched[keep]]
         if len(rows):
             queue.queue(rows)
             queue.moved_k[rows] = flags[0][keep]
             queue.moved_v[rows] = flags[1][keep]
         queue.count, queue.done = count, done
-        self._arm()
+        self._plan_next_ask()
         if len(fresh):
             fresh = np.unique(fresh)
-            m, C = exact_rows(self._Q, K0, V0, self._scale, self._contrib.growth, fresh, self._work)
+            m, C = exact_rows(
+                self._Q, K_flushed, V_flushed, self._scale, self._contrib.growth, fresh, self._work
+            )
             self._stabiliser[fresh], self._cache[fresh] = m, C

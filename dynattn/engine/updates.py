@@ -40,7 +40,7 @@ def _entry_update(which: str):
         log = self._log
         log.append(i if on_k else n + i)
         if len(log) >= self._ask_at:
-            return self._consult_or_restore(target, (i, j), before)
+            return self._ask_policy_or_undo(target, (i, j), before)
         return None
 
     return _method(
@@ -76,7 +76,7 @@ def _row_update(which: str):
         target[i] = new
         log.append(i if on_k else n + i)
         if old is not None:
-            return self._consult_or_restore(target, i, old)
+            return self._ask_policy_or_undo(target, i, old)
         return None
 
     return _method(
@@ -95,14 +95,14 @@ def _method(func, name: str, doc: str):
 
 class UpdateVerbs:
     """The update methods of :class:`~dynattn.engine.LazyAttention`, kept apart from its
-    queries; they use its state (``_K``, ``_V``, ``_log``, ``_queue``, ``_consult``)."""
+    queries; they use its state (``_K``, ``_V``, ``_log``, ``_queue``, ``_ask_policy``)."""
 
     update_k = _entry_update("K")
     update_v = _entry_update("V")
     set_k_row = _row_update("K")
     set_v_row = _row_update("V")
 
-    def _consult_or_restore(self, target: np.ndarray, where, old) -> FlushEvent | None:
+    def _ask_policy_or_undo(self, target: np.ndarray, where, old) -> FlushEvent | None:
         """Ask the policy after a single update; if that fails, ``target[where] = old`` and the
         queue is as before the update. A policy may read exact answers, which queues the log,
         so the queue is checkpointed with every other logged update already in it; a policy
@@ -111,18 +111,18 @@ class UpdateVerbs:
         from the update itself: a closure there would make its locals cells, 10 % of it.)"""
         log, queue = self._log, self._queue
         if not self._schedule.reads_answers:  # the update's log entry stays the last one
-            return self._consult(lambda: (target.__setitem__(where, old), log.pop()))
+            return self._ask_policy(lambda: (target.__setitem__(where, old), log.pop()))
         flag = log.pop()
-        self._settle()
+        self._drain_log()
         mark, was = queue.checkpoint(), queue.moved[flag : flag + 1].copy()
         log.append(flag)
-        self._arm()
+        self._plan_next_ask()
 
         def undo():
             target[where] = old
             queue.rollback(mark, np.array([flag]), queue.moved, was)
 
-        return self._consult(undo)
+        return self._ask_policy(undo)
 
     def update_k_many(self, rows, cols=None, deltas=None) -> FlushEvent | None:
         """Add ``deltas`` to ``K[rows, cols]`` (repeats accumulate); all or nothing.
@@ -187,13 +187,13 @@ class UpdateVerbs:
     def _apply_batch(self, which: str, rows, write, new, old) -> FlushEvent | None:
         """Queue ``rows`` of K or V, ``write(new)`` and ask the policy once its last answer
         has run out; if asking fails, ``write(old)`` and the queue as it was."""
-        self._settle()  # a policy reading exact answers would queue the log: not undoable
+        self._drain_log()  # a policy reading exact answers would queue the log: not undoable
         queue = self._queue
         moved = queue.moved_k if which == "K" else queue.moved_v
         mark, flags = queue.checkpoint(), moved[rows]
         queue.touch(rows, moved, len(rows))
         write(new)
         if queue.count + len(self._log) >= self._schedule.check_at:
-            return self._consult(lambda: (write(old), queue.rollback(mark, rows, moved, flags)))
-        self._ask_at -= len(rows)  # _arm, for what just changed
+            return self._ask_policy(lambda: (write(old), queue.rollback(mark, rows, moved, flags)))
+        self._ask_at -= len(rows)  # _plan_next_ask, for what just changed
         return None
