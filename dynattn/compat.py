@@ -13,7 +13,6 @@ lazy engine is that they need not cost a flush), and nothing spawns processes.
 
 from __future__ import annotations
 
-import math
 import numbers
 import time
 from collections import deque
@@ -72,14 +71,10 @@ class EnhancedDynamicAttention:
         def constant(avg_updates, matrix_size):
             return initial
 
-        self._func = adaptive_threshold_func if adaptive_threshold_func is not None else constant
-        if not callable(self._func):
-            raise TypeError(
-                f"adaptive_threshold_func={self._func!r} must be callable "
-                "(avg_updates, matrix_size) -> int"
-            )
-        self._asked = None  # (arguments, checked answer) of the flush a call is about to make
-        self._policy = OriginalAdaptive(initial=initial, func=self._next_threshold)
+        func = adaptive_threshold_func if adaptive_threshold_func is not None else constant
+        # the policy asks func before each flush, however it comes (also engine.flush()), and
+        # a bad answer refuses the flush: nothing changes
+        self._policy = OriginalAdaptive(initial=initial, func=func, name="adaptive_threshold_func")
         self.sparsity_threshold = float(sparsity_threshold)
         self.engine = LazyAttention(Q, K, V, scale=1.0, policy=self._policy)
         # (update number, "K" or "V", (i, j, delta)) of the updates queued here since the
@@ -136,9 +131,6 @@ class EnhancedDynamicAttention:
         )
         if not len(rows):
             return
-        pending = engine.pending + len(rows)
-        if pending >= self._policy.current:  # this call will flush
-            self._ask_before_flushing(pending)
         first = engine.n_updates
         apply = engine.update_k_many if which == "K" else engine.update_v_many
         apply(rows, cols, deltas)
@@ -149,39 +141,8 @@ class EnhancedDynamicAttention:
             )
         )
 
-    def _ask_before_flushing(self, pending: int) -> None:
-        """Ask the threshold function now for the threshold after a flush of ``pending``
-        updates, so that a bad answer raises before anything changes; the policy is given the
-        same answer when the flush runs (see :meth:`_next_threshold`)."""
-        policy = self._policy
-        counts = [*policy.history, pending][-policy.history.maxlen :]
-        args = (int(sum(counts) / len(counts)), self.engine.n * self.engine.d)
-        self._asked = (args, self._checked(args, self._func(*args)))
-
-    def _next_threshold(self, avg_updates, matrix_size) -> int:
-        """The policy's threshold function: the answer checked before the flush, or (for a
-        flush not made through this class, e.g. ``engine.flush()``) a fresh, checked one."""
-        args = (avg_updates, matrix_size)
-        asked, self._asked = self._asked, None
-        if asked is not None and asked[0] == args:
-            return asked[1]
-        return self._checked(args, self._func(*args))
-
-    def _checked(self, args, value) -> int:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-            raise TypeError(
-                f"adaptive_threshold_func{args} returned {value!r}; expected a number >= 1"
-            )
-        if not (math.isfinite(value) and value >= 1):
-            raise ValueError(
-                f"adaptive_threshold_func{args} returned {value!r}; expected a finite number >= 1"
-            )
-        return int(value)
-
     def apply_lazy_updates(self) -> None:
         """Flush every pending update into the caches."""
-        if self.engine.pending:
-            self._ask_before_flushing(self.engine.pending)
         self.engine.flush()
 
     def query(self, i: int, j: int) -> float:

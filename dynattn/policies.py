@@ -90,21 +90,28 @@ class OriginalAdaptive:
     initial : int, default 10
         Threshold before the first flush.
     func : callable ``(avg_updates, matrix_size) -> int``, default :func:`adaptive_threshold`
+        Asked once per flush, before it (:meth:`before_flush`): an answer that is not a
+        finite number ≥ 1 refuses the flush, which then changes nothing. Truncated to int.
     window : int, default 10
         Flushes averaged.
+    name : str, default "func"
+        How error messages call ``func``.
     """
 
     reads_answers = False  # counters and logs only: see FlushPolicy
 
-    def __init__(self, initial: int = 10, func=adaptive_threshold, window: int = 10):
+    def __init__(
+        self, initial: int = 10, func=adaptive_threshold, window: int = 10, *, name: str = "func"
+    ):
         initial = check_int("initial", initial)
         if not callable(func):
-            raise TypeError(f"func={func!r} must be callable (avg_updates, matrix_size) -> int")
+            raise TypeError(f"{name}={func!r} must be callable (avg_updates, matrix_size) -> int")
         self.initial = int(initial)
-        self.func = func
+        self.func, self.name = func, name
         self.history: deque[int] = deque(maxlen=window)
         self.current = self.initial
         self._size = None
+        self._next = None  # (updates, threshold after a flush of that many), from before_flush
 
     def threshold(self, engine) -> float:
         self._size = engine.n * engine.d
@@ -113,11 +120,30 @@ class OriginalAdaptive:
     def valid_until(self, engine) -> float:
         return math.inf  # it moves only in on_flush
 
+    def before_flush(self, updates: int) -> None:
+        """Ask ``func`` for the threshold after a flush of ``updates`` and check the answer;
+        raises (naming ``func`` and its arguments) before the flush when it is no threshold."""
+        self._next = None
+        if self._size is not None:  # asked by an engine: its size is known
+            counts = [*self.history, updates][-self.history.maxlen :]
+            args = (int(sum(counts) / len(counts)), self._size)
+            self._next = (updates, self._checked(args, self.func(*args)))
+
+    def _checked(self, args, value) -> int:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{self.name}{args} returned {value!r}; expected a number >= 1")
+        if not (math.isfinite(value) and value >= 1):
+            raise ValueError(f"{self.name}{args} returned {value!r}; expected a finite number >= 1")
+        return int(value)
+
     def on_flush(self, event) -> None:
+        prepared, self._next = self._next, None
+        if prepared is None or prepared[0] != event.updates:  # a flush the engine did not announce
+            self.before_flush(event.updates)
+            prepared, self._next = self._next, None
         self.history.append(event.updates)
-        if self._size is not None:
-            avg = sum(self.history) / len(self.history)
-            self.current = int(self.func(int(avg), self._size))
+        if prepared is not None:
+            self.current = prepared[1]
 
     def __repr__(self) -> str:
         return f"OriginalAdaptive(current={self.current})"

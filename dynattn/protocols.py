@@ -69,11 +69,14 @@ class FlushPolicy(Protocol):
     """When a lazy engine flushes: as soon as its pending update count reaches
     ``threshold(engine)`` (``math.inf``: not now; anything but a real number is refused).
 
-    Two optional hooks, looked up once when the policy is set:
+    Three optional hooks, looked up once when the policy is set:
 
     * ``valid_until(engine) -> float``: the update count (``engine.n_updates``) up to which the
       threshold stays what it just said, barring a flush; the engine asks again only then or
       at the threshold (asking costs as much as an update);
+    * ``before_flush(updates)``: called before every flush (the policy's, the caller's or a
+      rebuild) with the number of updates it will apply; raising refuses the flush, which
+      then changes nothing (nor does the update that triggered it);
     * ``on_flush(event)``: called after every flush with its
       :class:`~dynattn.engine.FlushEvent`;
 

@@ -221,17 +221,27 @@ BAD_ANSWERS = [
 
 
 @pytest.mark.parametrize(("answer", "exc"), BAD_ANSWERS)
-@pytest.mark.parametrize("flush_by", ["K", "V", "apply"])
+@pytest.mark.parametrize("flush_by", ["K", "V", "apply", "engine.flush", "engine.rebuild"])
 def test_a_bad_threshold_function_raises_before_anything_changes(answer, exc, flush_by):
+    # also a flush asked of the engine directly (issue 18, 9: it raised after flushing)
     att = small(initial_threshold=3, adaptive_threshold_func=lambda avg, size: answer)
+    K_built = att.K.copy()
     att.lazy_update_K([(0, 0, 0.5)])
     before = state(att)
+    calls = {
+        "apply": att.apply_lazy_updates,
+        "engine.flush": att.engine.flush,
+        "engine.rebuild": att.engine.rebuild,
+    }
     with pytest.raises(exc, match=r"adaptive_threshold_func\(\d+, 24\) returned"):
-        if flush_by == "apply":
-            att.apply_lazy_updates()
+        if flush_by in calls:
+            calls[flush_by]()
         else:
             getattr(att, f"lazy_update_{flush_by}")([(1, 1, 0.25), (2, 2, 0.125)])
     assert_same(state(att), before)
+    np.testing.assert_allclose(
+        att.engine.output(stale=True), dense_attention(att.Q, K_built, att.V, scale=1.0)
+    )
 
 
 def test_the_threshold_function_is_asked_once_per_flush():

@@ -1008,14 +1008,28 @@ def test_entry_log_keeps_each_entrys_value_from_before_the_first_update(steps):
     )
 
 
+READS = {
+    "query": lambda e: e.query(0, 0),
+    "query_row": lambda e: e.query_row(1),
+    "output": lambda e: e.output(),
+    "stale output": lambda e: e.output(stale=True),
+    "weights": lambda e: e.weights([0], [2, 3]),
+    "touched_k": lambda e: e.touched_k,  # queued the log without moving the next check
+    "touched_v": lambda e: e.touched_v,
+    "touched_rows": lambda e: e.touched_rows,
+    "approximation_error": lambda e: e.approximation_error(),
+}
+
+
+@pytest.mark.parametrize("read", READS.values(), ids=READS.keys())
 @pytest.mark.parametrize("read_every", [1, 3, 7])
-def test_fixed_threshold_counts_every_update_across_reads(read_every):
+def test_fixed_threshold_counts_every_update_across_reads(read_every, read):
     # reads queue the entry log; the count the policy sees must not move with them
     eng = make(n=30, d=4, policy=Fixed(5))
     for t in range(40):
         eng.update_k(t % 30, t % 4, 0.1)
         if t % read_every == 0:
-            eng.query(0, 0)
+            read(eng)
     assert [e.updates for e in eng.flush_log] == [5] * 8 and eng.pending == 0
 
 

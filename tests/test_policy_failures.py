@@ -96,3 +96,47 @@ def test_policy_error_names_the_policy_and_its_answer():
     with pytest.raises(PolicyError, match=r"returned threshold 'soon'"):
         eng.update_k(0, 0, 1.0)
     assert eng.pending == 0 and eng.K[0, 0] == 1.0
+
+
+class Refuses:
+    """Flushes at 6 pending, but refuses every flush in ``before_flush``."""
+
+    reads_answers = False
+
+    def __init__(self):
+        self.told, self.flushed = [], 0
+
+    def threshold(self, engine):
+        return 6
+
+    def before_flush(self, updates):
+        self.told.append(updates)
+        raise RuntimeError("not now")
+
+    def on_flush(self, event):
+        self.flushed += 1
+
+
+FLUSHES = {"flush": lambda e: e.flush(), "rebuild": lambda e: e.rebuild()}
+
+
+@pytest.mark.parametrize(
+    "call", [*CALLS.values(), *((f, 0) for f in FLUSHES.values())], ids=[*CALLS, *FLUSHES]
+)
+def test_a_refused_flush_changes_nothing(call):
+    # the policy is told before every flush, however it comes, and may refuse it: then
+    # neither the flush nor the update that triggered it happened (issue 18, 9)
+    call, actions = call
+    rng = np.random.default_rng(11)
+    policy = Refuses()
+    eng = LazyAttention(*rng.standard_normal((3, 8, 3)), policy=policy)
+    for u in range(5):
+        eng.update_k(u, u % 3, 0.25)
+    before = state(eng)
+    with pytest.raises(RuntimeError, match="not now"):
+        call(eng)
+    for a, b in zip(before, state(eng), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert policy.told == [before[2] + actions]  # told once, with what the flush would apply
+    assert policy.flushed == 0 and eng.n_flushes == 0
+    np.testing.assert_allclose(eng.output(), dense_attention(eng.Q, eng.K, eng.V), rtol=1e-12)

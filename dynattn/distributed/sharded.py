@@ -188,6 +188,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
     weight = LazyAttention.weight
     # the engine's policy consultation, on this class's ClientLog (as the engine's queue)
     _ask_policy = LazyAttention._ask_policy
+    _before_flush = LazyAttention._before_flush
     _set_limits = LazyAttention._set_limits
     _plan_next_ask = LazyAttention._plan_next_ask
     _ask_policy_next = LazyAttention._ask_policy_next
@@ -255,13 +256,20 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
 
         Each shard corrects its m/W rows over the touched rows S, O(m·|S|·d / W), or rebuilds
         when that is cheaper. If a shard fails, the others have flushed and ``pending`` stays
-        as it was: a later flush() (after :meth:`recover`) completes it.
+        as it was: a later flush() (after :meth:`recover`) completes it. A policy's
+        ``before_flush`` that raises stops it before anything changes.
         """
+        if self.pending:
+            self._before_flush()
+        return self._flush()
+
+    def _flush(self) -> FlushEvent | None:
         started = self._begin("flush")
         return None if started is None else self._end(started)
 
     def rebuild(self) -> FlushEvent:
         """Recompute every shard's caches exactly, in parallel, O(m·n·d / W) each."""
+        self._before_flush()
         return self._end(self._begin("rebuild"))
 
     def _begin(self, kind: str):

@@ -211,11 +211,13 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
     @property
     def touched_k(self) -> frozenset[int]:
         """Rows of K changed since the last flush."""
+        self._drain_log()
         return frozenset(self._queue.touched(self._queue.moved_k).tolist())
 
     @property
     def touched_v(self) -> frozenset[int]:
         """Rows of V changed since the last flush."""
+        self._drain_log()
         return frozenset(self._queue.touched(self._queue.moved_v).tolist())
 
     @property
@@ -317,7 +319,8 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
                 undo()
             raise
         if pending >= threshold:
-            return self.flush()
+            self._before_flush(undo)
+            return self._flush()
         if len(log) >= queue.max_log:
             self._drain_log()
         self._schedule.plan(pending, threshold, hold, queue.max_log - len(log))
@@ -390,7 +393,25 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         An incremental flush corrects all m rows at once over the touched rows S with two
         matrix products, ``O(m·|S|·d)``; when S is so large that recomputing is cheaper, the
         engine rebuilds instead, ``O(m·n·d)``. Rows that would lose precision are recomputed.
+        A policy's ``before_flush`` that raises stops it before anything changes.
         """
+        if self.pending:
+            self._before_flush()
+        return self._flush()
+
+    def _before_flush(self, undo=None) -> None:
+        """The policy's optional ``before_flush(updates)``, before anything changes: when it
+        raises, ``undo()`` takes back the update that asked for the flush, if any."""
+        hook = self._schedule.before_flush
+        if hook is not None:
+            try:
+                hook(self.pending)
+            except BaseException:
+                if undo is not None:
+                    undo()
+                raise
+
+    def _flush(self) -> FlushEvent | None:
         self._drain_log()
         if not self._queue.rows:
             return None
@@ -422,6 +443,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
 
     def rebuild(self) -> FlushEvent:
         """Recompute every cache row exactly, ``O(m·n·d)``; also clears the pending queue."""
+        self._before_flush()
         t0 = time.perf_counter()
         self._drain_log()
         self._store_exact()

@@ -84,8 +84,9 @@ class PendingUpdates:
         return self.count + len(self.log)
 
     def touched(self, moved: np.ndarray) -> np.ndarray:
-        """The queued rows flagged in ``moved`` (``moved_k`` or ``moved_v``), O(|S|)."""
-        self.settle()
+        """The queued rows flagged in ``moved`` (``moved_k`` or ``moved_v``), O(|S|). The
+        caller queues the log first (the engine's ``_drain_log``, which also moves its next
+        policy check: queued here, that check would come late)."""
         rows = np.array(self.rows, dtype=np.intp)
         return rows[moved[rows]]
 

@@ -34,6 +34,7 @@ class FlushSchedule:
         self.policy = as_policy(policy)
         # the optional hooks of the FlushPolicy protocol, resolved once here, not per update
         self._valid_until = getattr(self.policy, "valid_until", None)
+        self.before_flush = getattr(self.policy, "before_flush", None)
         self.on_flush = getattr(self.policy, "on_flush", None)
         # unless a policy says it reads only counters and logs, it may read exact answers
         self.reads_answers = bool(getattr(self.policy, "reads_answers", True))
