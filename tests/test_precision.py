@@ -36,6 +36,15 @@ def test_error_within_ten_times_dense_recomputation(case):
     assert replay(*args) <= 1.0
 
 
+def test_fuzz_find_float32_dominant_key_at_logit_5000():
+    # found by 20,000 fuzzed sequences (seed 11): the engine's repaired row erred 9.4e-5 of
+    # its natural scale, a dense float32 recomputation 5.3e-7 in blocks of 1-3 rows and 9.4e-5
+    # in blocks of 4 or 8-11: the promise is measured against the worst blocking BLAS may use
+    seed = 1079109248
+    ops = random_ops(np.random.default_rng(seed + 1), 35)
+    assert replay(np.float32, "dominant", 32, 8, seed, ops, 2) <= 1.0
+
+
 def test_issue_example_dominant_key_removed_at_large_logits():
     n = 64
     Q, K, V = np.ones((n, 1)), np.full((n, 1), 8994.0), np.ones((n, 1))
