@@ -96,7 +96,9 @@ class TextSource:
         self.main.objects = [self.explorer.main]
 
 
-def app_page(dashboard: Dashboard | None = None, text: TextSource | None = None, source="Synthetic"):
+def app_page(
+    dashboard: Dashboard | None = None, text: TextSource | None = None, source: str = "Synthetic"
+):
     """The page of one session: ``dashboard.template()`` with a source selector.
 
     Parameters

@@ -45,11 +45,16 @@ TEXT_WINDOWS = (16, 32, 48, 64)
 #: Longest text accepted from the page, in characters (512 tokens are rarely 4,000).
 MAX_CHARS = 20_000
 _POLICIES = {"only when I press Flush": "manual", "cost model": "cost", "every k updates": "fixed"}
-_HEAT_SIZE = (500, 460)  # pixels per heatmap: two side by side beside the sidebar at 1366
+_HEAT_SIZE = (500, 440)  # pixels per heatmap: two side by side beside the sidebar at 1366
+_BARS_SIZE = (540, 230)  # beside the numbers, above the heatmaps: seen without scrolling
+_BAR_COLORS = ("#4393c3", "#d6604d")
+# The page template styles headings added after the page was served as Bootstrap's (28 px);
+# this keeps them as the synthetic sidebar's.
+_HEADING_CSS = ["h3 { font-size: 1.17em; font-weight: 700; }"]
 _TOOLS = ["pan", "box_zoom", "reset", "save"]
 _TITLES = {
     "stale": "Stale: what the engine's caches hold",
-    "exact": "Exact: the edited text's attention",
+    "exact": "Exact: the current text's attention",
     "diff": "Difference |stale − exact|",
 }
 
@@ -67,6 +72,10 @@ def shared_model() -> MiniLM:
 def _never(engine) -> float:
     """A flush policy that never flushes by itself (the Flush button does)."""
     return math.inf
+
+
+def _heading(title: str) -> pn.pane.Markdown:
+    return pn.pane.Markdown(f"### {title}", stylesheets=_HEADING_CSS, margin=(0, 10))
 
 
 class TextSettings(param.Parameterized):
@@ -206,7 +215,8 @@ def footprint_bars(footprint: Footprint | None, layer: int, layers: int = 6) -> 
         table = footprint.table()
         title = f"Rows changed per layer by the last edit (of {footprint.n_after})"
     rtol = 1e-2 if footprint is None else footprint.rtol
-    kinds = {"changed": "changed at all", "significant": f"by more than {rtol:.0%}"}
+    # HoloViews orders a group's bars by name: "any change" before "change > 1 %"
+    kinds = {"changed": "any change", "significant": f"change > {rtol:.0%}"}
     long = pd.DataFrame(
         [
             {"layer": str(row["layer"]), "count": label, "rows": row[key]}
@@ -216,16 +226,16 @@ def footprint_bars(footprint: Footprint | None, layer: int, layers: int = 6) -> 
     )
     bars = hv.Bars(long, ["layer", "count"], hv.Dimension("rows", label="rows changed"))
     return bars.opts(
-        width=_HEAT_SIZE[0],
-        height=_HEAT_SIZE[1] - 60,
-        color="count",
-        cmap=["#4393c3", "#d6604d"],
+        width=_BARS_SIZE[0],
+        height=_BARS_SIZE[1],
+        cmap=list(_BAR_COLORS),  # by the group ("count"), in the order of ``kinds``
         xlabel=f"layer (heatmaps: layer {layer})",
         title=title,
         tools=["hover"],
         default_tools=_TOOLS,
         show_legend=True,
-        legend_position="top",
+        legend_position="right",
+        toolbar=None,
         fontsize={"title": "10pt"},
         multi_level=False,
         backend="bokeh",
@@ -334,7 +344,9 @@ class TextExplorer(pn.viewable.Viewer):
         self.frame, lims = heat_frame(st, s.window, s.row0, s.col0)
         heat = token_heatmaps(self.frame, lims)
         bars = footprint_bars(st.footprint, st.layer, self.model.config.layers)
-        self.plots.object = hv.Layout([*heat, bars]).cols(2).opts(shared_axes=False)
+        stale, exact, diff = heat
+        self.plots.object = hv.Layout([exact, diff, stale]).cols(2)
+        self.bars.object = bars
         win = lims["window"]
         self.window_note.object = (
             f"Tokens {win.r0}–{win.r0 + win.rows - 1} (queries) × {win.c0}–"
@@ -355,6 +367,7 @@ class TextExplorer(pn.viewable.Viewer):
         self.window_note = pn.pane.Markdown("", margin=(0, 10))
         self.word_hint = pn.pane.Markdown("", margin=(0, 10))
         self.plots = pn.pane.HoloViews(backend="bokeh", margin=0)
+        self.bars = pn.pane.HoloViews(backend="bokeh", margin=0)
         self.apply_button = w.Button(label="Apply edit", button_type="primary")
         self.flush_button = w.Button(label="Flush", button_type="warning")
         self.apply_button.on_click(lambda event: self.apply_edit())
@@ -378,29 +391,28 @@ class TextExplorer(pn.viewable.Viewer):
         for widget in c.values():
             widget.sizing_mode = "stretch_width"
         self.controls = pn.Column(
-            "### Text",
+            _heading("Text"),
             c["text"],
             pn.Row(c["layer"], c["head"]),
-            "### Edit one word",
+            _heading("Edit one word"),
             c["kind"],
             pn.Row(c["index"], c["word"]),
             self.word_hint,
             self.apply_button,
-            "### Engine",
+            _heading("Engine"),
             c["policy"],
             c["threshold"],
             self.flush_button,
-            "### Heatmap window",
+            _heading("Heatmap window"),
             c["window"],
             c["row0"],
             c["col0"],
             sizing_mode="stretch_width",
         )
+        numbers = pn.Column(self.edit_note, self.status, self.window_note, width=480)
         self.main = pn.Column(
             self.alert,
-            self.edit_note,
-            self.status,
-            self.window_note,
+            pn.Row(numbers, self.bars),
             self.plots,
             pn.pane.Markdown(_EXPLAIN, max_width=1000, margin=(0, 10)),
         )
@@ -411,9 +423,11 @@ class TextExplorer(pn.viewable.Viewer):
         err = eng.approximation_error()
         exact = float(np.max(np.abs(eng.output() - self.state.model_output())))
         return (
-            f"**Engine:** {eng.pending:,} pending updates on {eng.touched_rows:,} key/value "
-            f"rows · {eng.n_flushes:,} flushes · stale output off by at most {err.max_abs:.3g} "
-            f"(relative {err.relative:.2g}) · exact output vs the model: {exact:.1g}"
+            f"**This head's engine** (layer {self.state.layer}, head {self.state.head}):\n\n"
+            f"* {eng.pending:,} pending updates on {eng.touched_rows:,} key/value rows\n"
+            f"* {eng.n_flushes:,} flushes so far\n"
+            f"* stale output off by at most {err.max_abs:.3g} (relative {err.relative:.2g})\n"
+            f"* exact output vs the model's: {exact:.1g} (float32 rounding)"
         )
 
     def _show_word(self, *events) -> None:
