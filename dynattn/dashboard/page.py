@@ -120,9 +120,7 @@ def app_page(
     text = TextSource() if text is None else text
     page = dash.template()
     synthetic = [*page.sidebar, *page.main]
-    selector = pn.widgets.RadioButtonGroup(
-        name="Source", options=list(SOURCES), value=source, button_style="outline"
-    )
+    selector = pn.widgets.RadioButtonGroup(options=list(SOURCES), value=source, variant="outline")
     selector.sizing_mode = "stretch_width"
     page.sidebar.insert(0, pn.Column("### Source", selector, sizing_mode="stretch_width"))
     page.sidebar.append(text.sidebar)

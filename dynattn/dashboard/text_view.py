@@ -368,8 +368,8 @@ class TextExplorer(pn.viewable.Viewer):
         self.word_hint = pn.pane.Markdown("", margin=(0, 10))
         self.plots = pn.pane.HoloViews(backend="bokeh", margin=0)
         self.bars = pn.pane.HoloViews(backend="bokeh", margin=0)
-        self.apply_button = w.Button(label="Apply edit", button_type="primary")
-        self.flush_button = w.Button(label="Flush", button_type="warning")
+        self.apply_button = w.Button(label="Apply edit", color="primary")
+        self.flush_button = w.Button(label="Flush", color="warning")
         self.apply_button.on_click(lambda event: self.apply_edit())
         self.flush_button.on_click(lambda event: self.flush())
         self.widgets = {
@@ -378,7 +378,7 @@ class TextExplorer(pn.viewable.Viewer):
             ),
             "layer": w.IntSlider.from_param(p.layer),
             "head": w.IntSlider.from_param(p.head),
-            "kind": w.RadioButtonGroup.from_param(p.kind, button_style="outline"),
+            "kind": w.RadioButtonGroup.from_param(p.kind, variant="outline"),
             "index": w.IntInput.from_param(p.index),
             "word": w.TextInput.from_param(p.word),
             "policy": w.Select.from_param(p.policy),
@@ -424,8 +424,8 @@ class TextExplorer(pn.viewable.Viewer):
         exact = float(np.max(np.abs(eng.output() - self.state.model_output())))
         return (
             f"**This head's engine** (layer {self.state.layer}, head {self.state.head}):\n\n"
-            f"* {eng.pending:,} pending updates on {eng.touched_rows:,} key/value rows\n"
-            f"* {eng.n_flushes:,} flushes so far\n"
+            f"* pending updates: {eng.pending:,} (on {eng.touched_rows:,} key/value rows)\n"
+            f"* flushes so far: {eng.n_flushes:,}\n"
             f"* stale output off by at most {err.max_abs:.3g} (relative {err.relative:.2g})\n"
             f"* exact output vs the model's: {exact:.1g} (float32 rounding)"
         )
