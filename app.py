@@ -4,8 +4,7 @@ over your text; ``?source=Text`` opens it directly)."""
 
 import panel as pn
 
-from dynattn.dashboard.page import SOURCES, app_page
+from dynattn.dashboard.page import app_page
 
 pn.extension()
-_asked = pn.state.session_args.get("source", [b"Synthetic"])[0].decode(errors="replace")
-app_page(source=_asked if _asked in SOURCES else "Synthetic").servable()
+app_page().servable()

@@ -82,11 +82,7 @@ def edit(x: TextExplorer, **form) -> bool:
 def same(a: tuple, b: tuple) -> bool:
     """Texts, tokens and counts equal; the same engine and footprint objects; same frame."""
     return (
-        a[:3] == b[:3]
-        and a[3] is b[3]
-        and a[4:6] == b[4:6]
-        and a[6] is b[6]
-        and a[7].equals(b[7])
+        a[:3] == b[:3] and a[3] is b[3] and a[4:6] == b[4:6] and a[6] is b[6] and a[7].equals(b[7])
     )
 
 
@@ -121,12 +117,14 @@ def test_heatmaps_carry_token_labels_on_both_axes_and_in_the_hover(explorer):
 def test_footprint_bars_show_the_footprint_table(explorer):
     explorer.apply_edit()
     table = explorer.state.footprint.table()
-    bars = footprint_bars(explorer.state.footprint, 0)
+    bars = footprint_bars(explorer.state.footprint)
     data = bars.dframe()
     for row in table:
         got = data[data["layer"] == str(row["layer"])]["rows"].tolist()
         assert sorted(got) == sorted([row["changed"], row["significant"]])
-    assert footprint_bars(None, 0).dframe()["rows"].sum() == 0
+    assert footprint_bars(None).dframe()["rows"].sum() == 0
+    # the live plot shows the same
+    np.testing.assert_array_equal(explorer.bars.object[()].dframe()["rows"], data["rows"])
 
 
 # ---------------------------------------------------------------- state against oracles
@@ -178,7 +176,7 @@ def test_select_head_shows_that_heads_weights(explorer):
     assert (explorer.state.layer, explorer.state.head) == (3, 7)
     P = oracle_weights(explorer, 3, 7)
     np.testing.assert_allclose(shown(explorer, "exact"), window_of(explorer, P), atol=2e-6)
-    assert "layer 3, head 7" in explorer.window_note.object
+    assert "(layer 3, head 7)" in explorer.status.object
 
 
 def test_insert_and_delete_change_n_and_keep_the_window_inside(explorer):

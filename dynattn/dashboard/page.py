@@ -97,7 +97,7 @@ class TextSource:
 
 
 def app_page(
-    dashboard: Dashboard | None = None, text: TextSource | None = None, source: str = "Synthetic"
+    dashboard: Dashboard | None = None, text: TextSource | None = None, source: str | None = None
 ):
     """The page of one session: ``dashboard.template()`` with a source selector.
 
@@ -107,8 +107,8 @@ def app_page(
         Default: a new one (the first lesson).
     text : TextSource, optional
         Default: a new one with a :class:`TextExplorer`.
-    source : {"Synthetic", "Text"}
-        The source shown first.
+    source : {"Synthetic", "Text"}, optional
+        The source shown first; default the page's ``?source=`` argument, else "Synthetic".
 
     Returns
     -------
@@ -116,6 +116,9 @@ def app_page(
         ``page.source`` is the selector widget, ``page.dashboard`` and ``page.text`` the two
         sources (for tests and notebooks).
     """
+    if source is None:
+        asked = pn.state.session_args.get("source", [b""])[0].decode(errors="replace")
+        source = asked if asked in SOURCES else SOURCES[0]
     dash = Dashboard() if dashboard is None else dashboard
     text = TextSource() if text is None else text
     page = dash.template()

@@ -34,7 +34,9 @@ __all__ = [
     "TextExplorer",
     "TextSettings",
     "footprint_bars",
+    "heat_element",
     "heat_frame",
+    "live_bars",
     "shared_model",
     "token_heatmaps",
     "token_labels",
@@ -161,52 +163,59 @@ def heat_frame(ta: TextAttention, side: int, row0: int, col0: int) -> tuple[pd.D
     return frame, {"clim": clim, "dlim": dlim, "window": win}
 
 
-def token_heatmaps(frame: pd.DataFrame, lims: dict) -> list[hv.HeatMap]:
-    """Stale, exact and difference heatmaps of a :func:`heat_frame`, token labels on both
-    axes; hovering any of them reads the query and key tokens and the three values.
+_VALUE_LABELS = {"stale": "stale", "exact": "exact", "diff": "|stale − exact|"}
+_KDIMS = [hv.Dimension("key", label="key token"), hv.Dimension("query", label="query token")]
 
-    Stale and exact share one colour range (equal colours, equal weights); the difference
-    has its own, white where the caches are up to date.
+
+def heat_element(data: dict, role: str) -> hv.HeatMap:
+    """One heatmap of a :func:`heat_frame` payload (``frame``, ``clim``, ``dlim``).
+
+    ``role`` ("stale", "exact" or "diff") is the coloured value; the element carries the
+    other two for the hover. Its colour range is the value dimension's range: stale and
+    exact share ``clim`` (equal colours, equal weights), the difference has ``dlim``.
     """
-    kdims = [hv.Dimension("key", label="key token"), hv.Dimension("query", label="query token")]
-    labels = {"stale": "stale", "exact": "exact", "diff": "|stale − exact|"}
-    out = []
-    for role in ("stale", "exact", "diff"):
-        names = [role, *(x for x in labels if x != role)]
-        vdims = [hv.Dimension(x, label=labels[x]) for x in names]
-        heat = hv.HeatMap(frame, kdims, vdims, label=_TITLES[role])
-        out.append(
-            heat.opts(
-                cmap="Reds" if role == "diff" else "viridis",
-                clim=lims["dlim" if role == "diff" else "clim"],
-                colorbar=True,
-                cformatter="%.2g",
-                invert_yaxis=True,
-                xrotation=90,
-                fontsize={"xticks": "7pt", "yticks": "7pt", "title": "10pt"},
-                width=_HEAT_SIZE[0],
-                height=_HEAT_SIZE[1],
-                default_tools=_TOOLS,
-                tools=["hover"],
-                hover_tooltips=[
-                    ("query", "@query"),
-                    ("key", "@key"),
-                    ("stale", "@stale{0.0000}"),
-                    ("exact", "@exact{0.0000}"),
-                    ("|stale − exact|", "@diff{0.000e0}"),
-                ],
-                title=_TITLES[role],
-                backend="bokeh",
-            )
+    names = [role, *(x for x in _VALUE_LABELS if x != role)]
+    vdims = [hv.Dimension(x, label=_VALUE_LABELS[x]) for x in names]
+    vdims[0] = vdims[0].clone(range=tuple(data["dlim" if role == "diff" else "clim"]))
+    return hv.HeatMap(data["frame"], _KDIMS, vdims, label=_TITLES[role])
+
+
+def token_heatmaps(pipe: hv.streams.Pipe) -> dict[str, hv.DynamicMap]:
+    """The live stale, exact and difference heatmaps fed by ``pipe`` (payloads of
+    :func:`heat_frame`): token labels on both axes, and hovering any of them reads the query
+    and key tokens and the three values. Built once per explorer, never per edit."""
+    out = {}
+    for role in _TITLES:
+        dmap = hv.DynamicMap(functools.partial(heat_element, role=role), streams=[pipe])
+        out[role] = dmap.opts(
+            cmap="Reds" if role == "diff" else "viridis",
+            colorbar=True,
+            cformatter="%.2g",
+            framewise=True,  # new tokens, new factors; new weights, new colour range
+            invert_yaxis=True,
+            xrotation=90,
+            fontsize={"xticks": "7pt", "yticks": "7pt", "title": "10pt"},
+            width=_HEAT_SIZE[0],
+            height=_HEAT_SIZE[1],
+            default_tools=_TOOLS,
+            tools=["hover"],
+            hover_tooltips=[
+                ("query", "@query"),
+                ("key", "@key"),
+                ("stale", "@stale{0.0000}"),
+                ("exact", "@exact{0.0000}"),
+                ("|stale − exact|", "@diff{0.0e0}"),
+            ],
+            title=_TITLES[role],
+            backend="bokeh",
         )
     return out
 
 
-def footprint_bars(footprint: Footprint | None, layer: int, layers: int = 6) -> hv.Bars:
-    """Rows changed per layer by the last edit (and those changed by more than ``rtol``).
+def footprint_bars(footprint: Footprint | None, layers: int = 6) -> hv.Bars:
+    """Rows changed per layer by the last edit, and those changed by more than ``rtol``.
 
-    ``footprint=None`` (no edit yet) gives empty bars with a title that says so; ``layer``
-    (the one shown in the heatmaps) is named in the title.
+    ``footprint=None`` (no edit yet) gives empty bars whose title says to apply an edit.
     """
     if footprint is None:
         table = [{"layer": i, "changed": 0, "significant": 0} for i in range(layers)]
@@ -224,13 +233,22 @@ def footprint_bars(footprint: Footprint | None, layer: int, layers: int = 6) -> 
             for key, label in kinds.items()
         ]
     )
-    bars = hv.Bars(long, ["layer", "count"], hv.Dimension("rows", label="rows changed"))
-    return bars.opts(
+    top = 1.1 * max(int(long["rows"].max()), 1)  # no negative axis before an edit
+    rows = hv.Dimension("rows", label="rows changed", range=(0, top))
+    return hv.Bars(long, ["layer", "count"], rows, label=title)
+
+
+def _bars_frame(data: dict) -> hv.Bars:
+    return footprint_bars(data["footprint"], data["layers"])
+
+
+def live_bars(pipe: hv.streams.Pipe) -> hv.DynamicMap:
+    """The footprint bars fed by ``pipe`` (dicts ``footprint``, ``layers``)."""
+    return hv.DynamicMap(_bars_frame, streams=[pipe]).opts(
         width=_BARS_SIZE[0],
         height=_BARS_SIZE[1],
-        cmap=list(_BAR_COLORS),  # by the group ("count"), in the order of ``kinds``
-        xlabel=f"layer (heatmaps: layer {layer})",
-        title=title,
+        framewise=True,
+        cmap=list(_BAR_COLORS),  # by the group ("count"), in the order of the names
         tools=["hover"],
         default_tools=_TOOLS,
         show_legend=True,
@@ -339,21 +357,25 @@ class TextExplorer(pn.viewable.Viewer):
         self._attempt("Flush failed", self.state.engine.flush)
 
     def refresh(self) -> None:
-        """Redraw the heatmaps, the bars and the numbers from the current state."""
+        """Send the current state to the heatmaps, the bars and the numbers, in one batch."""
+        heat, bars, win = self._payloads()
+        with pn.io.hold():
+            self._heat_pipe.send(heat)
+            self._bars_pipe.send(bars)
+            self.window_note.object = (
+                f"Tokens {win.r0}–{win.r0 + win.rows - 1} (queries) × {win.c0}–"
+                f"{win.c0 + win.cols - 1} (keys) of {self.state.engine.n}."
+            )
+            self.status.object = self._status()
+            self._show_word()
+
+    def _payloads(self) -> tuple[dict, dict, object]:
+        """What the heatmap and bar streams receive, and the window; sets :attr:`frame`."""
         s, st = self.settings, self.state
         self.frame, lims = heat_frame(st, s.window, s.row0, s.col0)
-        heat = token_heatmaps(self.frame, lims)
-        bars = footprint_bars(st.footprint, st.layer, self.model.config.layers)
-        stale, exact, diff = heat
-        self.plots.object = hv.Layout([exact, diff, stale]).cols(2)
-        self.bars.object = bars
-        win = lims["window"]
-        self.window_note.object = (
-            f"Tokens {win.r0}–{win.r0 + win.rows - 1} (queries) × {win.c0}–"
-            f"{win.c0 + win.cols - 1} (keys) of {st.engine.n}; layer {st.layer}, head {st.head}."
-        )
-        self.status.object = self._status()
-        self._show_word()
+        win = lims.pop("window")
+        bars = {"footprint": st.footprint, "layers": self.model.config.layers}
+        return {"frame": self.frame, **lims}, bars, win
 
     def __panel__(self):
         return pn.Row(self.controls, self.main)
@@ -366,8 +388,17 @@ class TextExplorer(pn.viewable.Viewer):
         self.edit_note = pn.pane.Markdown("**Last edit:** none yet.", margin=(0, 10))
         self.window_note = pn.pane.Markdown("", margin=(0, 10))
         self.word_hint = pn.pane.Markdown("", margin=(0, 10))
-        self.plots = pn.pane.HoloViews(backend="bokeh", margin=0)
-        self.bars = pn.pane.HoloViews(backend="bokeh", margin=0)
+        heat, bars, _ = self._payloads()
+        self._heat_pipe = hv.streams.Pipe(data=heat)
+        self._bars_pipe = hv.streams.Pipe(data=bars)
+        self.heatmaps = token_heatmaps(self._heat_pipe)
+        maps = self.heatmaps
+        self.plots = pn.pane.HoloViews(
+            hv.Layout([maps["exact"], maps["diff"], maps["stale"]]).cols(2),
+            backend="bokeh",
+            margin=0,
+        )
+        self.bars = pn.pane.HoloViews(live_bars(self._bars_pipe), backend="bokeh", margin=0)
         self.apply_button = w.Button(label="Apply edit", color="primary")
         self.flush_button = w.Button(label="Flush", color="warning")
         self.apply_button.on_click(lambda event: self.apply_edit())
