@@ -190,7 +190,6 @@ def token_heatmaps(pipe: hv.streams.Pipe) -> dict[str, hv.DynamicMap]:
         out[role] = dmap.opts(
             cmap="Reds" if role == "diff" else "viridis",
             colorbar=True,
-            cformatter="%.2g",
             framewise=True,  # new tokens, new factors; new weights, new colour range
             invert_yaxis=True,
             xrotation=90,
