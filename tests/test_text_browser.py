@@ -157,7 +157,7 @@ def test_a_500_word_text_draws_a_window_and_takes_an_edit(text_server):
         page.get_by_text("Edit one word", exact=True).click()  # focus leaves the box
         wait_until(lambda: x.state.engine.n == 500, 60, "the long text read")
         wait_until(lambda: labels_drawn(page, x), 30, "the window's labels")
-        assert len(x.frame) <= 64 * 64
+        assert len(x.frame) <= 32 * 32
         page.get_by_role("button", name="Apply edit").click()
         wait_until(lambda: x.state.footprint is not None, 60, "the edit at 500 tokens")
         assert x.state.footprint.n_after == 500

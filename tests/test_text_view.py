@@ -97,7 +97,7 @@ def test_settings_bounds_match_the_model(model):  # noqa: F811
     p = TextSettings.param
     assert p.layer.bounds == (0, model.config.layers - 1)
     assert p.head.bounds == (0, model.config.heads - 1)
-    assert max(TEXT_WINDOWS) <= 64
+    assert max(TEXT_WINDOWS) <= 32
 
 
 def test_heatmaps_carry_token_labels_on_both_axes_and_in_the_hover(explorer):
@@ -190,17 +190,17 @@ def test_insert_and_delete_change_n_and_keep_the_window_inside(explorer):
     assert set(explorer.frame["query"]) == set(token_labels(explorer.state.tokens))
 
 
-def test_a_long_text_draws_a_window_of_at_most_64_tokens(model):  # noqa: F811
+def test_a_long_text_draws_a_window_of_at_most_32_tokens(model):  # noqa: F811
     text = " ".join(["word"] * 500)  # 502 tokens
-    x = TextExplorer(model, text=text, window=64)
+    x = TextExplorer(model, text=text, window=32)
     assert x.state.engine.n == 502
-    assert len(x.frame) == 64 * 64
+    assert len(x.frame) == 32 * 32
     x.settings.row0 = 400
     assert x.frame["query"].iloc[0] == "400 word"
     P = oracle_weights(x)
     np.testing.assert_allclose(shown(x, "exact"), window_of(x, P), atol=2e-6)
-    with pytest.raises(ValueError, match="at most 438"):
-        x.settings.col0 = 502 - 64 + 1  # past the end: the slider's bound refuses it
+    with pytest.raises(ValueError, match="at most 470"):
+        x.settings.col0 = 502 - 32 + 1  # past the end: the slider's bound refuses it
     assert x.settings.col0 == 0
     assert TextSettings.param.row0.bounds == (0, 1)  # bounds are this explorer's, not shared
 

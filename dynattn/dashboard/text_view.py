@@ -7,7 +7,7 @@ as row updates; a bar plot shows how many rows of every layer the edit changed. 
 (:class:`TextSettings`) are ``param`` declarations and the widgets are generated from them.
 
 Costs: a text or an edit is one forward pass (about 130 ms at 512 tokens, float32); choosing a
-head rebuilds its engine, O(n²·d); a frame forms at most ``64 × 64`` weights, so a 512-token
+head rebuilds its engine, O(n²·d); a frame forms at most ``32 × 32`` weights, so a 512-token
 text draws as fast as a short one.
 """
 
@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import panel as pn
 import param
+from threadpoolctl import ThreadpoolController
 
 from ..models import DEFAULT_TEXT, Edit, Footprint, MiniLM, TextAttention
 from ..models.edits import KINDS
@@ -42,8 +43,9 @@ __all__ = [
     "token_labels",
 ]
 
-#: Tokens per side of the heatmap window: up to 64 (readable labels, cheap frames).
-TEXT_WINDOWS = (16, 32, 48, 64)
+#: Tokens per side of the heatmap window: 32 labels are still readable on a 440-pixel axis
+#: (at 64 they overlap), and a frame stays cheap (~0.2 s of HoloViews work at 32, 0.4 at 64).
+TEXT_WINDOWS = (8, 16, 24, 32)
 #: Longest text accepted from the page, in characters (512 tokens are rarely 4,000).
 MAX_CHARS = 20_000
 _POLICIES = {"only when I press Flush": "manual", "cost model": "cost", "every k updates": "fixed"}
@@ -112,6 +114,15 @@ class TextSettings(param.Parameterized):
         bounds=(1, 4096),
         label="k (pending updates)",
         doc="Flush after k pending updates (policy 'every k updates').",
+    )
+    blas_threads = param.Integer(
+        default=1,
+        bounds=(1, None),
+        allow_None=True,
+        doc="""
+        BLAS threads of a forward pass (None: the library default). One by default: on a
+        loaded two-core machine idle BLAS threads busy-waiting made a 362-token pass take
+        0.5-3.5 s instead of 0.2-0.3 s, and a server runs several sessions.""",
     )
 
     def engine_policy(self):
@@ -314,7 +325,11 @@ class TextExplorer(pn.viewable.Viewer):
         self.settings = TextSettings(**settings)
         s = self.settings
         self.model = shared_model() if model is None else model
-        self.state = TextAttention(self.model, s.text, s.layer, s.head, policy=s.engine_policy())
+        self._blas = ThreadpoolController()
+        with self._blas.limit(limits=s.blas_threads, user_api="blas"):
+            self.state = TextAttention(
+                self.model, s.text, s.layer, s.head, policy=s.engine_policy()
+            )
         self.frame = pd.DataFrame()
         self._syncing = False
         self._build_widgets()
@@ -509,7 +524,8 @@ class TextExplorer(pn.viewable.Viewer):
         its previous value) back and keep the state as it was (the model's methods are all
         or nothing)."""
         try:
-            work()
+            with self._blas.limit(limits=self.settings.blas_threads, user_api="blas"):
+                work()
         except Exception as exc:  # the page stays usable whatever the input
             if revert is not None:
                 with self._synced():
