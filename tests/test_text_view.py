@@ -26,6 +26,7 @@ from dynattn.dashboard.text_view import (
     token_labels,
 )
 from dynattn.models import INSTALL_COMMAND, Edit, EditDiff, ModelFilesError
+from dynattn.policies import CostModel, Fixed
 from dynattn.reference import dense_attention, dense_weights
 
 TEXT = "The storm gathered over the sea and the boats came home."
@@ -108,7 +109,7 @@ def test_heatmaps_carry_token_labels_on_both_axes_and_in_the_hover(explorer):
     for element in layout:
         plot = hv.render(element, backend="bokeh")
         assert list(plot.x_range.factors) == labels
-        assert list(plot.y_range.factors) == labels[::-1] or list(plot.y_range.factors) == labels
+        assert list(plot.y_range.factors) == labels[::-1]  # query 0 at the top
         hover = plot.select_one({"type": HoverTool})
         fields = " ".join(v for _, v in hover.tooltips)
         assert "@query" in fields and "@key" in fields
@@ -205,16 +206,22 @@ def test_a_long_text_draws_a_window_of_at_most_32_tokens(model):  # noqa: F811
     assert TextSettings.param.row0.bounds == (0, 1)  # bounds are this explorer's, not shared
 
 
-@pytest.mark.parametrize(
-    ("policy", "flushes"), [("fixed", lambda f: f >= 1), ("cost", lambda f: f >= 0)]
-)
-def test_flush_policy_reaches_the_engine(explorer, policy, flushes):
-    explorer.settings.param.update(policy=policy, threshold=1)
-    explorer.apply_edit()
+def test_flush_policy_reaches_the_engine(explorer):
+    explorer.settings.param.update(policy="fixed", threshold=1)
     eng = explorer.state.engine
-    assert flushes(eng.n_flushes)
-    if policy == "fixed":
-        assert eng.pending == 0
+    assert isinstance(eng.policy, Fixed) and eng.policy.k == 1
+    assert explorer.apply_edit()
+    assert eng.pending == 0 and eng.n_flushes >= 1  # flushed by itself
+    explorer.settings.policy = "cost"
+    assert isinstance(explorer.state.engine.policy, CostModel)
+    explorer.select(2, 3)  # a new head's engine gets the same kind of policy
+    assert isinstance(explorer.state.engine.policy, CostModel)
+    explorer.settings.policy = "manual"
+    explorer.select(0, 0)
+    for word in ("fog", "rain"):
+        assert edit(explorer, word=word)
+    eng = explorer.state.engine
+    assert eng.n_flushes == 0 and eng.pending > 0  # waits for the Flush button
 
 
 # ---------------------------------------------------------------- bad input
