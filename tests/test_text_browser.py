@@ -129,7 +129,14 @@ def test_text_source_labels_edits_footprint_and_flush(text_server):
         assert x.state.engine.pending > 0
         wait_until(lambda: labels_drawn(page, x) and "4 fog" in x.frame["key"].tolist(), 10, "")
         wait_until(lambda: largest_difference(page) > 1e-3, 10, "a difference")
+        # for the screenshot, the hover over the difference map at key 4 ("fog"), query 13
+        # (the plot frame spans about 18-81 % of the canvas's width and 6-80 % of its height)
+        diff = page.locator(".bk-Canvas:visible").nth(2).bounding_box()
+        x_rel, y_rel = 0.182 + 0.63 * 4.5 / 32, 0.059 + 0.739 * 13.5 / 32
+        page.mouse.move(diff["x"] + diff["width"] * x_rel, diff["y"] + diff["height"] * y_rel)
+        wait_until(lambda: page.evaluate(TOOLTIP_JS), 10, "the hover tooltip")
         shoot(page, "text_after.png")
+        page.mouse.move(0, 0)
 
         # a flush empties the queue; the difference map goes white
         page.get_by_role("button", name="Flush", exact=True).click()
