@@ -207,7 +207,9 @@ def test_a_long_text_draws_a_window_of_at_most_32_tokens(model):  # noqa: F811
 
 
 def test_flush_policy_reaches_the_engine(explorer):
+    assert not explorer.widgets["threshold"].visible  # k means nothing to the other policies
     explorer.settings.param.update(policy="fixed", threshold=1)
+    assert explorer.widgets["threshold"].visible
     eng = explorer.state.engine
     assert isinstance(eng.policy, Fixed) and eng.policy.k == 1
     assert explorer.apply_edit()

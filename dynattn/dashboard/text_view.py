@@ -427,7 +427,9 @@ class TextExplorer(pn.viewable.Viewer):
             "index": w.IntInput.from_param(p.index),
             "word": w.TextInput.from_param(p.word),
             "policy": w.Select.from_param(p.policy),
-            "threshold": w.IntSlider.from_param(p.threshold),
+            "threshold": w.IntSlider.from_param(
+                p.threshold, visible=self.settings.policy == "fixed"
+            ),
             "window": w.Select.from_param(p.window, label="tokens per side"),
             "row0": w.IntSlider.from_param(p.row0),
             "col0": w.IntSlider.from_param(p.col0),
@@ -513,6 +515,8 @@ class TextExplorer(pn.viewable.Viewer):
             self._attempt("Moving the window failed", lambda: None)
 
     def _on_policy(self, *events) -> None:
+        self.widgets["threshold"].visible = self.settings.policy == "fixed"
+
         def work():
             self.state.policy = self.settings.engine_policy()
             self.state.engine.policy = self.state.policy
