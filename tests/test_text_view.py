@@ -325,3 +325,14 @@ def test_without_the_wheel_the_text_source_says_how_to_install(monkeypatch):
     assert source.explorer is None
     text = source.main.objects[0].object
     assert INSTALL_COMMAND in text and isinstance(source.main.objects[0], pn.pane.Alert)
+
+
+def test_a_text_source_that_fails_to_start_says_so(model):  # noqa: F811
+    def broken():
+        raise RuntimeError("<b>no</b>")
+
+    source = TextSource(broken)
+    source.show()
+    alert = source.main.objects[0]
+    assert source.explorer is None and isinstance(alert, pn.pane.Alert)
+    assert "RuntimeError" in alert.object and "&lt;b&gt;" in alert.object

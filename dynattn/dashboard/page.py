@@ -15,6 +15,7 @@ import threading
 import panel as pn
 
 from ..models import INSTALL_COMMAND, ModelFilesError
+from .text import escape
 from .text_view import TextExplorer, shared_model
 from .view import Dashboard
 
@@ -89,6 +90,14 @@ class TextSource:
                     f"installed. Install them with\n\n`{INSTALL_COMMAND}`\n\n(or `make "
                     f".venv/.installed`) and reload the page. ({type(exc).__name__})",
                     alert_type="warning",
+                )
+            ]
+            return
+        except Exception as exc:  # the rest of the page stays usable
+            self.main.objects = [
+                pn.pane.Alert(
+                    f"The Text source could not start ({type(exc).__name__}: {escape(exc)}).",
+                    alert_type="danger",
                 )
             ]
             return
