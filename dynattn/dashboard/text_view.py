@@ -475,13 +475,16 @@ class TextExplorer(pn.viewable.Viewer):
         )
 
     def _status(self) -> str:
-        """The engine's numbers for the page: pending updates, flushes, errors."""
+        """The engine's numbers for the page: pending updates, flushes, errors; O(n·|S|·d)
+        (the stale output against the exact one) and O(n·d) (the exact one against the
+        model's)."""
         eng = self.state.engine
         err = eng.approximation_error()
         exact = float(np.max(np.abs(eng.output() - self.state.model_output())))
         return (
             f"**This head's engine** (layer {self.state.layer}, head {self.state.head}):\n\n"
-            f"* pending updates: {eng.pending:,} (on {eng.touched_rows:,} key/value rows)\n"
+            f"* pending updates: {eng.pending:,}, touching {eng.touched_rows:,} of {eng.n:,} "
+            "key/value rows\n"
             f"* flushes so far: {eng.n_flushes:,}\n"
             f"* stale output off by at most {err.max_abs:.3g} (relative {err.relative:.2g})\n"
             f"* exact output vs the model's: {exact:.1g} (float32 rounding)"
