@@ -1,8 +1,10 @@
-"""Entry point for ``panel serve app.py``: one dashboard (and simulation) per browser session."""
+"""Entry point for ``panel serve app.py``: one page per browser session, with two sources:
+the synthetic dashboard (its lessons open first) and the Text source (a real model's attention
+over your text; ``?source=Text`` opens it directly)."""
 
 import panel as pn
 
-from dynattn.dashboard import Dashboard
+from dynattn.dashboard.page import app_page
 
 pn.extension()
-Dashboard().template().servable()
+app_page().servable()
