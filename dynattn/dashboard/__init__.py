@@ -6,10 +6,13 @@ Three layers, HoloViz style:
   rows, counters, the per-frame work budget) with numpy and pandas only;
 * :mod:`.plots` builds HoloViews elements and the live plots fed by streams;
 * :mod:`.view` holds :class:`Dashboard`, a Panel ``Viewer`` whose widgets come from ``param``
-  declarations (:mod:`.controls`), with guided :mod:`.lessons` and page text in :mod:`.text`.
+  declarations (:mod:`.controls`), with guided :mod:`.lessons` and page text in :mod:`.text`;
+* :mod:`.text_view` holds :class:`TextExplorer`, a real model's attention over a text and its
+  word edits played through a lazy engine; :mod:`.page` puts both sources on one page
+  (:func:`app_page`).
 
-Run it with ``panel serve app.py`` or show ``Dashboard()`` in a notebook after
-``pn.extension()``.
+Run it with ``panel serve app.py`` or show ``Dashboard()`` / ``TextExplorer()`` in a notebook
+after ``pn.extension()``.
 """
 
 from .frames import (
@@ -26,6 +29,8 @@ from .frames import (
     plan_window,
 )
 from .lessons import LESSONS, Lesson
+from .page import app_page
+from .text_view import TextExplorer
 from .view import Dashboard
 
 __all__ = [
@@ -39,7 +44,9 @@ __all__ = [
     "FrameSource",
     "Lesson",
     "Pacer",
+    "TextExplorer",
     "Window",
+    "app_page",
     "block_max",
     "block_mean",
     "plan_window",
