@@ -128,7 +128,9 @@ class Dashboard(pn.viewable.Viewer):
         self._build_widgets()
         self._sidebar, self._main = build_layout(self)
         self._layout = pn.Row(self._sidebar, self._main)
-        self._loop = SessionLoop(self._on_frame, self.period, self._on_session_destroyed)
+        self._loop = SessionLoop(
+            self._on_frame, self.period, self._on_session_destroyed, self._on_loaded
+        )
         self._callback = self._loop.callback
         self.settings.show_policy()
         self._fit_window_controls()
@@ -157,12 +159,16 @@ class Dashboard(pn.viewable.Viewer):
         # Every HoloViews plot update freezes the Bokeh document and, on unfreezing, walks the
         # whole model graph again; one outer freeze makes that one walk per frame, not six.
         freeze = doc.models.freeze() if doc is not None else contextlib.nullcontext()
+        # Before the page has loaded a stream send would leave HoloViews refreshes circulating
+        # under the document lock (see .session); the page shows this frame once loaded.
+        live = self._loop.loaded
         with pn.io.hold(), freeze:
-            if series and self._unsent:
+            if series and self._unsent and live:
                 self._series.send(pd.concat(self._unsent, ignore_index=True))
                 self._unsent = []
                 self._series_sent = t0
-            self._heat_pipe.send(frame.heat)
+            if live:
+                self._heat_pipe.send(frame.heat)
             self.window_text.object = frame.heat["window"]
             self._show_stats(frame.stats)
         self._render_ms = 1e3 * (time.perf_counter() - t0)  # shown with the next frame
@@ -406,6 +412,10 @@ class Dashboard(pn.viewable.Viewer):
             done,
         )
 
+    def _on_loaded(self) -> None:
+        """The page has loaded: show the latest frame (streams were left alone until now)."""
+        self._guarded("Showing the first frame", lambda: self.step(0))
+
     def _on_session_destroyed(self, session_context) -> None:
         """Stop the frames as soon as the browser tab goes away."""
         self._stop()
@@ -453,7 +463,8 @@ class Dashboard(pn.viewable.Viewer):
         images carry their own axis ranges, so the axes follow the new n)."""
         self._player.restart()
         self._unsent = []
-        self._series.clear()
+        if self._loop.loaded:  # before, nothing was sent (see render)
+            self._series.clear()
         self.settings.sync()
         self._fit_window_controls()
         self._source.clim = None
