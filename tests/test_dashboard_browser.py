@@ -27,6 +27,7 @@ import pytest
 from browser import chromium, chromium_path, served, wait_for_bokeh, wait_until
 
 from dynattn.dashboard import LESSONS, Dashboard
+from dynattn.dashboard.plots import _TICK_LABEL_JS
 
 pytestmark = pytest.mark.browser
 
@@ -174,6 +175,29 @@ def typed_field(page, label: str):
     """The text input of the field labelled ``label``."""
     group = page.locator(".bk-input-group", has=page.get_by_text(label, exact=True))
     return group.locator("input").first
+
+
+# Tick values and the labels a person should read (never "6.000e-3" nor "0.000007").
+TICK_LABELS = {
+    6e-3: "6e-3",
+    0.006000000000000001: "6e-3",
+    1e-4: "1e-4",
+    2.5e-7: "2.5e-7",
+    1.5e-15: "1.5e-15",
+    -3e-5: "-3e-5",
+    0.0102: "0.0102",
+    0.5: "0.5",
+    20.0: "20",
+    1e9: "1e9",
+    0.0: "0",
+}
+
+
+def test_tick_labels_are_short():
+    with chromium() as (page, errors):
+        code = f"(ticks) => ticks.map((tick) => {{ {_TICK_LABEL_JS} }})"
+        assert page.evaluate(code, list(TICK_LABELS)) == list(TICK_LABELS.values())
+        assert errors == []
 
 
 def test_page_references_no_external_host(app_server):
