@@ -115,6 +115,14 @@ class SessionLoop:
         self._start_on_load = False
         self.callback.stop()
 
+    def soon(self, callback) -> None:
+        """Call ``callback()`` on the event loop's next turn, after what is being sent now
+        (outside a server: at once)."""
+        if self.served:
+            self.doc.add_next_tick_callback(callback)
+        else:
+            callback()
+
     def orphaned(self) -> bool:
         """Whether the session lost its browser tab: it had a connection and has none left (a
         page still loading has not connected yet and is not orphaned)."""

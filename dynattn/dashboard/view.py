@@ -115,6 +115,7 @@ class Dashboard(pn.viewable.Viewer):
         self._said = 0  # messages shown so far
         self._steps_left = 0  # ticks asked for by "Step one tick", run by frames
         self._unsent: list[pd.DataFrame] = []  # tick records not yet in the time series
+        self._clear_series = False  # empty the time series at the next render
         self._series_sent = self._rendered_at = 0.0
         self._source = FrameSource(self.sim)
         self._player = Player(self.sim, Pacer(self.frame_budget))
@@ -155,14 +156,12 @@ class Dashboard(pn.viewable.Viewer):
         t0 = time.perf_counter()
         if len(frame.records):
             self._unsent.append(frame.records)
-        doc = pn.state.curdoc
-        # Every HoloViews plot update freezes the Bokeh document and, on unfreezing, walks the
-        # whole model graph again; one outer freeze makes that one walk per frame, not six.
-        freeze = doc.models.freeze() if doc is not None else contextlib.nullcontext()
         # Before the page has loaded a stream send would leave HoloViews refreshes circulating
         # under the document lock (see .session); the page shows this frame once loaded.
         live = self._loop.loaded
-        with pn.io.hold(), freeze:
+        with self._batch():
+            if series and self._clear_series and live:
+                self._empty_series()
             if series and self._unsent and live:
                 self._series.send(pd.concat(self._unsent, ignore_index=True))
                 self._unsent = []
@@ -173,6 +172,24 @@ class Dashboard(pn.viewable.Viewer):
             self._show_stats(frame.stats)
         self._render_ms = 1e3 * (time.perf_counter() - t0)  # shown with the next frame
         self._rendered_at = t0
+
+    def _batch(self) -> contextlib.ExitStack:
+        """One batch of browser updates. Every HoloViews plot update freezes the Bokeh
+        document and, on unfreezing, walks the whole model graph again; one outer freeze
+        makes that one walk per batch, not one per plot."""
+        batch = contextlib.ExitStack()
+        batch.enter_context(pn.io.hold())
+        doc = pn.state.curdoc
+        if doc is not None:
+            batch.enter_context(doc.models.freeze())
+        return batch
+
+    def _empty_series(self) -> None:
+        """Empty the time series if a restart asked for it (about 0.3 s of plot updates)."""
+        if self._clear_series and self._loop.loaded:
+            with self._batch():
+                self._series.clear()
+            self._clear_series = False
 
     def step(self, ticks: int | None = None) -> Frame:
         """Advance and render one frame; returns it."""
@@ -439,7 +456,15 @@ class Dashboard(pn.viewable.Viewer):
             self._clear_alert()
             self._guarded(what, lambda: done(error))
 
-        self._loop.in_background(what, work, finish)
+        threads = self.blas_threads
+
+        def limited():
+            # frames pause meanwhile, so this thread alone sets the process's BLAS threads:
+            # at n = 8,192 a rebuild took 0.37 s with one thread, 0.67 s with two busy ones
+            with self._player.limited(threads):
+                work()
+
+        self._loop.in_background(what, limited, finish)
 
     def _guarded(self, action: str, func) -> None:
         """Run a button action; a failure leaves the page usable and says what happened."""
@@ -463,12 +488,14 @@ class Dashboard(pn.viewable.Viewer):
         images carry their own axis ranges, so the axes follow the new n)."""
         self._player.restart()
         self._unsent = []
-        if self._loop.loaded:  # before, nothing was sent (see render)
-            self._series.clear()
+        self._clear_series = True
         self.settings.sync()
         self._fit_window_controls()
         self._source.clim = None
-        self.step(0)
+        # the new matrices first; the series are emptied next (or by the next frame's render,
+        # if that comes first), which costs as much again
+        self.render(self.advance(0), series=False)
+        self._loop.soon(self._empty_series)
 
     def _fit_window_controls(self) -> None:
         """Bounds of the window sliders for the current n; disabled when nothing scrolls."""
