@@ -252,10 +252,12 @@ def test_dashboard_plays_and_obeys_its_controls(app_server, tmp_path):
         wait_until(lambda: not dash._callback.running, 10, "the periodic callback to stop")
         live = dash.form.threshold
         assert slider(page, "threshold").get_attribute("aria-valuenow") == f"{live}.0"
-        # ... and touching it takes over with a fixed threshold at that value
-        press_slider(page, "threshold", "ArrowLeft", 2)
+        # ... and touching it takes over with a fixed threshold at that value (two steps
+        # down, or up when the policy chose eager flushing, threshold 1, the slider's end)
+        key, step = ("ArrowLeft", -2) if live > 2 else ("ArrowRight", 2)
+        press_slider(page, "threshold", key, 2)
         wait_until(lambda: dash.sim.config.policy == "fixed", 10, "policy 'fixed'")
-        wait_until(lambda: dash.sim.config.threshold == live - 2, 10, "threshold live - 2")
+        wait_until(lambda: dash.sim.config.threshold == live + step, 10, f"threshold {live + step}")
         page.get_by_role("button", name="▶ Play").click()
         wait_until(lambda: flush_marks(page) >= 1, 15, "a flush mark in the error plot")
 
