@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import time
 
 import holoviews as hv
@@ -22,22 +21,32 @@ import panel as pn
 import param
 
 from ..simulation import Simulation
-from .controls import build_layout, speedup_indicators
+from .controls import build_layout, fit_window_controls, show_stats, speedup_indicators
 from .frames import SERIES, WINDOWS, Frame, FrameSource, Pacer, Player, series_rows
 from .lessons import LESSONS
 from .plots import heatmaps, series_plots
 from .session import SessionLoop
 from .settings import SettingsEditor
-from .text import counters_html, escape, fmt_ratio
+from .text import escape
 
 __all__ = ["Dashboard"]
 
-_RATIO_COLORS = [(1.0, "#b2182b"), (math.inf, "#1a7837")]  # red when behind, green ahead
-_NO_RATIO_COLORS = [(math.inf, "#888888")]
 #: Seconds between time-series refreshes while playing (each costs ~0.1 s of HoloViews work).
 SERIES_INTERVAL = 0.7
 _FREE_PLAY = "Free play (your own settings)"
 _VIEWS = {"attention weights P": "weights", "output O = PV": "output"}
+
+
+def _batch() -> contextlib.ExitStack:
+    """One batch of browser updates. Every HoloViews plot update freezes the Bokeh document
+    and, on unfreezing, walks the whole model graph again; one outer freeze makes that one
+    walk per batch, not one per plot."""
+    batch = contextlib.ExitStack()
+    batch.enter_context(pn.io.hold())
+    doc = pn.state.curdoc
+    if doc is not None:
+        batch.enter_context(doc.models.freeze())
+    return batch
 
 
 def _timeline_csv(sim: Simulation) -> io.StringIO:
@@ -134,7 +143,7 @@ class Dashboard(pn.viewable.Viewer):
         )
         self._callback = self._loop.callback
         self.settings.show_policy()
-        self._fit_window_controls()
+        fit_window_controls(self)
         self._rebuild_heatmaps()
         self._on_play()  # Dashboard(playing=True) starts at once (e.g. a classroom display)
 
@@ -159,7 +168,7 @@ class Dashboard(pn.viewable.Viewer):
         # Before the page has loaded a stream send would leave HoloViews refreshes circulating
         # under the document lock (see .session); the page shows this frame once loaded.
         live = self._loop.loaded
-        with self._batch():
+        with _batch():
             if series and self._clear_series and live:
                 self._empty_series()
             if series and self._unsent and live:
@@ -169,25 +178,14 @@ class Dashboard(pn.viewable.Viewer):
             if live:
                 self._heat_pipe.send(frame.heat)
             self.window_text.object = frame.heat["window"]
-            self._show_stats(frame.stats)
+            show_stats(self, frame.stats)
         self._render_ms = 1e3 * (time.perf_counter() - t0)  # shown with the next frame
         self._rendered_at = t0
-
-    def _batch(self) -> contextlib.ExitStack:
-        """One batch of browser updates. Every HoloViews plot update freezes the Bokeh
-        document and, on unfreezing, walks the whole model graph again; one outer freeze
-        makes that one walk per batch, not one per plot."""
-        batch = contextlib.ExitStack()
-        batch.enter_context(pn.io.hold())
-        doc = pn.state.curdoc
-        if doc is not None:
-            batch.enter_context(doc.models.freeze())
-        return batch
 
     def _empty_series(self) -> None:
         """Empty the time series if a restart asked for it (about 0.3 s of plot updates)."""
         if self._clear_series and self._loop.loaded:
-            with self._batch():
+            with _batch():
                 self._series.clear()
             self._clear_series = False
 
@@ -399,12 +397,12 @@ class Dashboard(pn.viewable.Viewer):
             return
         names = {e.name for e in events}
         if "view" in names:
-            self._fit_window_controls()
+            fit_window_controls(self)
             self._guarded("Changing the view", self._rebuild_heatmaps)
             return
         if "window" in names:
             self._source.clim = None  # a new window: refit the shared colour range
-        self._fit_window_controls()
+        fit_window_controls(self)
         self._guarded("Moving the window", lambda: self.step(0))
 
     def _on_lesson(self, event) -> None:
@@ -490,42 +488,12 @@ class Dashboard(pn.viewable.Viewer):
         self._unsent = []
         self._clear_series = True
         self.settings.sync()
-        self._fit_window_controls()
+        fit_window_controls(self)
         self._source.clim = None
         # the new matrices first; the series are emptied next (or by the next frame's render,
         # if that comes first), which costs as much again
         self.render(self.advance(0), series=False)
         self._loop.soon(self._empty_series)
-
-    def _fit_window_controls(self) -> None:
-        """Bounds of the window sliders for the current n; disabled when nothing scrolls."""
-        win = self._source.window(self.view, self.window, self.row0, self.col0)
-        n = self.sim.engine.n
-        spare_rows = n - win.rows
-        spare_cols = (n - win.cols) if self.view == "weights" else 0
-        self._syncing = True
-        try:
-            for name, spare, slider in (
-                ("row0", spare_rows, self.row_slider),
-                ("col0", spare_cols, self.col_slider),
-            ):
-                # A slider needs end > start; with nothing to scroll it is shown disabled.
-                self.param[name].bounds = (0, max(spare, 1))
-                setattr(self, name, min(getattr(self, name), max(spare, 0)))
-                slider.disabled = spare <= 0
-        finally:
-            self._syncing = False
-        self.col_slider.visible = self.view == "weights"
-
-    def _show_stats(self, stats: dict) -> None:
-        self.counters.object = counters_html(stats)
-        self.settings.follow_threshold(stats["threshold"])
-        for key, number in self.speedups.items():
-            ratio = stats["speedup"][key]
-            # no ratio yet: a grey dash, not a red one
-            colors = _NO_RATIO_COLORS if ratio is None else _RATIO_COLORS
-            value = 1.0 if ratio is None else ratio
-            number.param.update(value=value, format=fmt_ratio(ratio), colors=colors)
 
     def _say(self, message: str, kind: str = "danger") -> None:
         """Show ``message`` (Markdown; user-derived parts already escaped) above the plots."""
