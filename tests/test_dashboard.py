@@ -7,7 +7,15 @@ import numpy as np
 import panel as pn
 import pytest
 from bokeh.document import Document
-from bokeh.models import GlyphRenderer, HoverTool, Image, Plot
+from bokeh.models import (
+    ColorBar,
+    CustomJSTickFormatter,
+    GlyphRenderer,
+    HoverTool,
+    Image,
+    LogAxis,
+    Plot,
+)
 
 from dynattn.dashboard import (
     MAX_SIDE,
@@ -128,6 +136,24 @@ def test_heatmap_hover_names_only_existing_columns(view):
                 assert field in columns, (field, columns)
             for field in re.findall(r"@\{?\w+\}?", spec):
                 assert hover.formatters.get(field) == "printf"
+
+
+def test_log_axes_and_colour_bars_get_short_labels_of_their_own():
+    """Every log axis and colour bar formats its ticks with the short labels, each with a
+    formatter model of its own (a Bokeh model belongs to one session's document)."""
+    formatters = []
+    for _ in range(2):  # two sessions
+        dash = make_dashboard()
+        dash.step(3)
+        root = pn.panel(dash).get_root(Document())
+        log_axes = [a for a in root.select({"type": LogAxis})]
+        assert len(log_axes) == 2  # error and cost (log scale by default)
+        bars = list(root.select({"type": ColorBar}))
+        assert len(bars) == 3
+        for owner in (*log_axes, *bars):
+            assert isinstance(owner.formatter, CustomJSTickFormatter)
+            formatters.append(owner.formatter)
+    assert len({id(f) for f in formatters}) == len(formatters)
 
 
 def test_large_window_is_block_reduced_to_max_side():

@@ -14,14 +14,23 @@ import math
 import panel as pn
 
 from .frames import STRATEGIES
-from .text import EXPLANATION
+from .text import EXPLANATION, counters_html, fmt_ratio
 
-__all__ = ["TOLERANCES", "TYPED_FIELDS", "build_layout", "simulation_controls"]
+__all__ = [
+    "TOLERANCES",
+    "TYPED_FIELDS",
+    "build_layout",
+    "fit_window_controls",
+    "show_stats",
+    "simulation_controls",
+]
 
 #: Error-budget tolerances offered by the tolerance slider (a log scale in discrete steps).
 TOLERANCES = tuple(10.0**e for e in range(-8, 1))
 #: Settings typed as text: name -> (label, integer?).
 TYPED_FIELDS = {"seed": ("seed", True), "delta_scale": ("update size (std of δ)", False)}
+_RATIO_COLORS = [(1.0, "#b2182b"), (math.inf, "#1a7837")]  # red when behind, green ahead
+_NO_RATIO_COLORS = [(math.inf, "#888888")]
 
 
 def simulation_controls(form) -> dict:
@@ -144,3 +153,38 @@ def build_layout(dash) -> tuple[pn.Column, pn.Tabs]:
     explanation = pn.pane.Markdown(EXPLANATION, sizing_mode="stretch_width", max_width=900)
     main = pn.Tabs(("Live", live), ("What am I looking at?", explanation), dynamic=False)
     return sidebar, main
+
+
+def fit_window_controls(dash) -> None:
+    """Bounds of a dashboard's window sliders for the current n; disabled when nothing
+    scrolls."""
+    win = dash._source.window(dash.view, dash.window, dash.row0, dash.col0)
+    n = dash.sim.engine.n
+    spare_rows = n - win.rows
+    spare_cols = (n - win.cols) if dash.view == "weights" else 0
+    dash._syncing = True
+    try:
+        for name, spare, slider in (
+            ("row0", spare_rows, dash.row_slider),
+            ("col0", spare_cols, dash.col_slider),
+        ):
+            # A slider needs end > start; with nothing to scroll it is shown disabled.
+            dash.param[name].bounds = (0, max(spare, 1))
+            setattr(dash, name, min(getattr(dash, name), max(spare, 0)))
+            slider.disabled = spare <= 0
+    finally:
+        dash._syncing = False
+    dash.col_slider.visible = dash.view == "weights"
+
+
+def show_stats(dash, stats: dict) -> None:
+    """A frame's counters, live threshold and speed-ups (:meth:`FrameSource.stats`) on the
+    dashboard's page."""
+    dash.counters.object = counters_html(stats)
+    dash.settings.follow_threshold(stats["threshold"])
+    for key, number in dash.speedups.items():
+        ratio = stats["speedup"][key]
+        # no ratio yet: a grey dash, not a red one
+        colors = _NO_RATIO_COLORS if ratio is None else _RATIO_COLORS
+        value = 1.0 if ratio is None else ratio
+        number.param.update(value=value, format=fmt_ratio(ratio), colors=colors)

@@ -451,10 +451,14 @@ class Player:
         self.tick = None  # the tick in flight, if any
         self._blas = ThreadpoolController()
 
+    def limited(self, threads: int | None):
+        """Context manager: at most ``threads`` BLAS threads (None: the library default)."""
+        return self._blas.limit(limits=threads, user_api="blas")
+
     def whole(self, ticks: int, threads: int | None) -> list[dict]:
         """Records of ``ticks`` complete ticks (a tick in flight is finished first and counts),
         with at most ``threads`` BLAS threads."""
-        with self._blas.limit(limits=threads, user_api="blas"):
+        with self.limited(threads):
             records = self.finish() if ticks else []
             records += [self.sim.step() for _ in range(ticks - len(records))]
         return records
@@ -465,7 +469,7 @@ class Player:
         pacer, records = self.pacer, []
         pacer.budget = budget
         pacer.start()
-        with self._blas.limit(limits=threads, user_api="blas"):
+        with self.limited(threads):
             while len(records) < ticks:
                 if self.tick is None:
                     if records and not pacer.fits(pacer.tick_seconds or 0.0):

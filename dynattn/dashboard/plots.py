@@ -15,6 +15,7 @@ import holoviews as hv
 import holoviews.plotting.bokeh
 import numpy as np
 import pandas as pd
+from bokeh.models import CustomJSTickFormatter
 
 from .frames import STRATEGIES
 
@@ -58,12 +59,39 @@ _SERIES_OPTS = {
 }
 
 
+# Tick labels as a person writes them: "6e-3", "1e-4", "2.5e-7", "0.5", "20", "1e9", never
+# "6.000e-3" (Bokeh's fallback on a log axis spanning less than a decade) nor "0.000007".
+# Plain between 0.01 and 10,000; else up to three digits and a short exponent.
+_TICK_LABEL_JS = """
+if (tick == 0) return "0";
+const x = Number(tick.toPrecision(3));
+const a = Math.abs(x);
+if (a >= 1e-2 && a < 1e4) return String(x);
+return x.toExponential().replace("e+", "e");
+"""
+
+
+def _readable_tick_labels(formatted) -> None:
+    """Give ``formatted`` (an axis or a colour bar) the labels of ``_TICK_LABEL_JS``; once per
+    plot, a model of its own (a Bokeh model belongs to one session's document)."""
+    if not isinstance(formatted.formatter, CustomJSTickFormatter):
+        formatted.formatter = CustomJSTickFormatter(code=_TICK_LABEL_JS)
+
+
 def _readable_log_axis(plot, element) -> None:
-    """A log axis with a few labelled decades and no minor ticks (Bokeh otherwise draws a
-    black block of ticks when the values span twenty decades)."""
+    """A log axis with a few labelled decades, no minor ticks (Bokeh otherwise draws a black
+    block of ticks when the values span twenty decades) and short labels."""
     axis = plot.state.yaxis[0]
     axis.ticker.desired_num_ticks = 4
     axis.minor_tick_line_color = None
+    _readable_tick_labels(axis)
+
+
+def _readable_colorbar(plot, element) -> None:
+    """Short colour-bar labels ("7e-6", not "0.000007")."""
+    colorbar = plot.handles.get("colorbar")
+    if colorbar is not None:
+        _readable_tick_labels(colorbar)
 
 
 def heat_image(data: dict, role: str) -> hv.Image:
@@ -132,7 +160,7 @@ def heatmaps(pipe: hv.streams.Pipe, view: str) -> dict[str, hv.DynamicMap]:
             hover_formatters={field: "printf" for field in fields.values()},
             title=_TITLES[role],
             colorbar=True,
-            cformatter="%.2g",
+            hooks=[_readable_colorbar],
             backend="bokeh",
         )
     return out

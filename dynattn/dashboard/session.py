@@ -2,10 +2,17 @@
 off the event loop.
 
 Panel runs every session's callbacks on one event loop; a callback that computes for a second
-holds up every visitor. :class:`SessionLoop` owns the session's one periodic callback, stops
-it as soon as the tab has gone (Bokeh discards a closed session only later, and under load
-sometimes much later), and runs slow steps (a rebuild, an upload, a large flush) in a thread,
-publishing the result back on the event loop.
+holds up every visitor. :class:`SessionLoop` owns the session's one periodic callback, starts
+it only once the page has loaded, stops it as soon as the tab has gone (Bokeh discards a
+closed session only later), and runs slow steps (a rebuild, an upload, a large flush) in a
+thread, publishing the result back on the event loop.
+
+Why nothing may run before the page has loaded: until the browser reports its document ready,
+Panel counts the session as not connected, and both HoloViews (a plot refresh after a stream
+send) and Panel (a periodic callback's start) then reschedule themselves on the next tick,
+under the session's document lock, again and again until it connects. A tab closed before it
+reports ready (a slow page on a busy machine) never connects: those callbacks circulate
+forever, the lock is never free, and Bokeh never discards the session nor frees its memory.
 """
 
 from __future__ import annotations
@@ -56,23 +63,39 @@ class SessionLoop:
     period : int
     on_destroyed : callable (session_context) -> None
         Called when Bokeh destroys the session (not outside a server).
+    on_loaded : callable () -> None
+        Called once the page has loaded (in a server; outside one, ``loaded`` is True at once
+        and this is never called).
 
     Attributes
     ----------
     callback : panel.io.callbacks.PeriodicCallback
     busy : str or None
         What a background thread is doing, if anything (frames should pause meanwhile).
+    loaded : bool
+        Whether the page has loaded: until then the view must not send to its streams, and
+        ``start`` waits for it (see the module's docstring).
     """
 
-    def __init__(self, frame, period: int, on_destroyed):
+    def __init__(self, frame, period: int, on_destroyed, on_loaded):
         self.callback = pn.state.add_periodic_callback(frame, period=period, start=False)
         self.doc = pn.state.curdoc
         self.context = self.doc.session_context if self.doc else None
         self.busy: str | None = None
+        self.loaded = self.context is None
+        self._start_on_load = False  # started before the page loaded
+        self._on_loaded = on_loaded
         self._was_connected = False
         if self.context is not None:  # outside a server there is no session to clean up
             pn.state.on_session_destroyed(on_destroyed)
+            pn.state.onload(self._load)
             ignore_writes_to_closed_tabs(asyncio.get_event_loop())
+
+    def _load(self) -> None:
+        self.loaded = True
+        self._on_loaded()
+        if self._start_on_load:
+            self.start(self.callback.period)
 
     @property
     def served(self) -> bool:
@@ -80,12 +103,25 @@ class SessionLoop:
         return self.context is not None
 
     def start(self, period: int) -> None:
+        """Run frames every ``period`` ms (from when the page has loaded)."""
         self.callback.period = period
+        if not self.loaded:
+            self._start_on_load = True
+            return
         if not self.callback.running:
             self.callback.start()
 
     def stop(self) -> None:
+        self._start_on_load = False
         self.callback.stop()
+
+    def soon(self, callback) -> None:
+        """Call ``callback()`` on the event loop's next turn, after what is being sent now
+        (outside a server: at once)."""
+        if self.served:
+            self.doc.add_next_tick_callback(callback)
+        else:
+            callback()
 
     def orphaned(self) -> bool:
         """Whether the session lost its browser tab: it had a connection and has none left (a

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import time
 
 import holoviews as hv
@@ -22,22 +21,32 @@ import panel as pn
 import param
 
 from ..simulation import Simulation
-from .controls import build_layout, speedup_indicators
+from .controls import build_layout, fit_window_controls, show_stats, speedup_indicators
 from .frames import SERIES, WINDOWS, Frame, FrameSource, Pacer, Player, series_rows
 from .lessons import LESSONS
 from .plots import heatmaps, series_plots
 from .session import SessionLoop
 from .settings import SettingsEditor
-from .text import counters_html, escape, fmt_ratio
+from .text import escape
 
 __all__ = ["Dashboard"]
 
-_RATIO_COLORS = [(1.0, "#b2182b"), (math.inf, "#1a7837")]  # red when behind, green ahead
-_NO_RATIO_COLORS = [(math.inf, "#888888")]
 #: Seconds between time-series refreshes while playing (each costs ~0.1 s of HoloViews work).
 SERIES_INTERVAL = 0.7
 _FREE_PLAY = "Free play (your own settings)"
 _VIEWS = {"attention weights P": "weights", "output O = PV": "output"}
+
+
+def _batch() -> contextlib.ExitStack:
+    """One batch of browser updates. Every HoloViews plot update freezes the Bokeh document
+    and, on unfreezing, walks the whole model graph again; one outer freeze makes that one
+    walk per batch, not one per plot."""
+    batch = contextlib.ExitStack()
+    batch.enter_context(pn.io.hold())
+    doc = pn.state.curdoc
+    if doc is not None:
+        batch.enter_context(doc.models.freeze())
+    return batch
 
 
 def _timeline_csv(sim: Simulation) -> io.StringIO:
@@ -115,6 +124,7 @@ class Dashboard(pn.viewable.Viewer):
         self._said = 0  # messages shown so far
         self._steps_left = 0  # ticks asked for by "Step one tick", run by frames
         self._unsent: list[pd.DataFrame] = []  # tick records not yet in the time series
+        self._clear_series = False  # empty the time series at the next render
         self._series_sent = self._rendered_at = 0.0
         self._source = FrameSource(self.sim)
         self._player = Player(self.sim, Pacer(self.frame_budget))
@@ -128,10 +138,12 @@ class Dashboard(pn.viewable.Viewer):
         self._build_widgets()
         self._sidebar, self._main = build_layout(self)
         self._layout = pn.Row(self._sidebar, self._main)
-        self._loop = SessionLoop(self._on_frame, self.period, self._on_session_destroyed)
+        self._loop = SessionLoop(
+            self._on_frame, self.period, self._on_session_destroyed, self._on_loaded
+        )
         self._callback = self._loop.callback
         self.settings.show_policy()
-        self._fit_window_controls()
+        fit_window_controls(self)
         self._rebuild_heatmaps()
         self._on_play()  # Dashboard(playing=True) starts at once (e.g. a classroom display)
 
@@ -153,20 +165,29 @@ class Dashboard(pn.viewable.Viewer):
         t0 = time.perf_counter()
         if len(frame.records):
             self._unsent.append(frame.records)
-        doc = pn.state.curdoc
-        # Every HoloViews plot update freezes the Bokeh document and, on unfreezing, walks the
-        # whole model graph again; one outer freeze makes that one walk per frame, not six.
-        freeze = doc.models.freeze() if doc is not None else contextlib.nullcontext()
-        with pn.io.hold(), freeze:
-            if series and self._unsent:
+        # Before the page has loaded a stream send would leave HoloViews refreshes circulating
+        # under the document lock (see .session); the page shows this frame once loaded.
+        live = self._loop.loaded
+        with _batch():
+            if series and self._clear_series and live:
+                self._empty_series()
+            if series and self._unsent and live:
                 self._series.send(pd.concat(self._unsent, ignore_index=True))
                 self._unsent = []
                 self._series_sent = t0
-            self._heat_pipe.send(frame.heat)
+            if live:
+                self._heat_pipe.send(frame.heat)
             self.window_text.object = frame.heat["window"]
-            self._show_stats(frame.stats)
+            show_stats(self, frame.stats)
         self._render_ms = 1e3 * (time.perf_counter() - t0)  # shown with the next frame
         self._rendered_at = t0
+
+    def _empty_series(self) -> None:
+        """Empty the time series if a restart asked for it (about 0.3 s of plot updates)."""
+        if self._clear_series and self._loop.loaded:
+            with _batch():
+                self._series.clear()
+            self._clear_series = False
 
     def step(self, ticks: int | None = None) -> Frame:
         """Advance and render one frame; returns it."""
@@ -376,12 +397,12 @@ class Dashboard(pn.viewable.Viewer):
             return
         names = {e.name for e in events}
         if "view" in names:
-            self._fit_window_controls()
+            fit_window_controls(self)
             self._guarded("Changing the view", self._rebuild_heatmaps)
             return
         if "window" in names:
             self._source.clim = None  # a new window: refit the shared colour range
-        self._fit_window_controls()
+        fit_window_controls(self)
         self._guarded("Moving the window", lambda: self.step(0))
 
     def _on_lesson(self, event) -> None:
@@ -406,6 +427,10 @@ class Dashboard(pn.viewable.Viewer):
             done,
         )
 
+    def _on_loaded(self) -> None:
+        """The page has loaded: show the latest frame (streams were left alone until now)."""
+        self._guarded("Showing the first frame", lambda: self.step(0))
+
     def _on_session_destroyed(self, session_context) -> None:
         """Stop the frames as soon as the browser tab goes away."""
         self._stop()
@@ -429,7 +454,15 @@ class Dashboard(pn.viewable.Viewer):
             self._clear_alert()
             self._guarded(what, lambda: done(error))
 
-        self._loop.in_background(what, work, finish)
+        threads = self.blas_threads
+
+        def limited():
+            # frames pause meanwhile, so this thread alone sets the process's BLAS threads:
+            # at n = 8,192 a rebuild took 0.37 s with one thread, 0.67 s with two busy ones
+            with self._player.limited(threads):
+                work()
+
+        self._loop.in_background(what, limited, finish)
 
     def _guarded(self, action: str, func) -> None:
         """Run a button action; a failure leaves the page usable and says what happened."""
@@ -453,41 +486,14 @@ class Dashboard(pn.viewable.Viewer):
         images carry their own axis ranges, so the axes follow the new n)."""
         self._player.restart()
         self._unsent = []
-        self._series.clear()
+        self._clear_series = True
         self.settings.sync()
-        self._fit_window_controls()
+        fit_window_controls(self)
         self._source.clim = None
-        self.step(0)
-
-    def _fit_window_controls(self) -> None:
-        """Bounds of the window sliders for the current n; disabled when nothing scrolls."""
-        win = self._source.window(self.view, self.window, self.row0, self.col0)
-        n = self.sim.engine.n
-        spare_rows = n - win.rows
-        spare_cols = (n - win.cols) if self.view == "weights" else 0
-        self._syncing = True
-        try:
-            for name, spare, slider in (
-                ("row0", spare_rows, self.row_slider),
-                ("col0", spare_cols, self.col_slider),
-            ):
-                # A slider needs end > start; with nothing to scroll it is shown disabled.
-                self.param[name].bounds = (0, max(spare, 1))
-                setattr(self, name, min(getattr(self, name), max(spare, 0)))
-                slider.disabled = spare <= 0
-        finally:
-            self._syncing = False
-        self.col_slider.visible = self.view == "weights"
-
-    def _show_stats(self, stats: dict) -> None:
-        self.counters.object = counters_html(stats)
-        self.settings.follow_threshold(stats["threshold"])
-        for key, number in self.speedups.items():
-            ratio = stats["speedup"][key]
-            # no ratio yet: a grey dash, not a red one
-            colors = _NO_RATIO_COLORS if ratio is None else _RATIO_COLORS
-            value = 1.0 if ratio is None else ratio
-            number.param.update(value=value, format=fmt_ratio(ratio), colors=colors)
+        # the new matrices first; the series are emptied next (or by the next frame's render,
+        # if that comes first), which costs as much again
+        self.render(self.advance(0), series=False)
+        self._loop.soon(self._empty_series)
 
     def _say(self, message: str, kind: str = "danger") -> None:
         """Show ``message`` (Markdown; user-derived parts already escaped) above the plots."""
