@@ -104,7 +104,7 @@ def _edit_rows(model: MiniLM, text: str, edit: Edit, layer: int, repeats: int) -
 
 def _page_row(model: MiniLM, text: str, edit: Edit, repeats: int) -> dict:
     """The edit through the dashboard's Text source (layer 5, head 0), as a click on "Apply
-    edit" runs it on the server: forward pass (the page's one BLAS thread), row updates, the
+    edit" runs it on the server: forward pass (the page's BLAS threads), row updates, the
     heatmaps' and bars' new data sent to their Bokeh models (a document is attached)."""
     import panel as pn  # the page's libraries, only for this row
 

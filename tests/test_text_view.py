@@ -336,3 +336,16 @@ def test_a_text_source_that_fails_to_start_says_so(model):  # noqa: F811
     alert = source.main.objects[0]
     assert source.explorer is None and isinstance(alert, pn.pane.Alert)
     assert "RuntimeError" in alert.object and "&lt;b&gt;" in alert.object
+
+
+@pytest.mark.parametrize(
+    ("setting", "load", "want"),
+    [(None, 0.3, "cores"), (None, 9.0, 1), (1, 0.3, 1), (2, 9.0, 2)],
+)
+def test_forward_threads_use_idle_cores_only(monkeypatch, setting, load, want):
+    # a forward pass is 13 GFLOP at 512 tokens: every core when they are idle, one when the
+    # machine is busy (spinning BLAS threads made passes 2-10x slower at load 6)
+    monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    got = TextSettings(blas_threads=setting).forward_threads()
+    assert got == (4 if want == "cores" else want)
