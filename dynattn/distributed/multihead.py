@@ -207,15 +207,14 @@ class MultiHeadAttention:
         """Flush every head with pending updates, in parallel; one entry per head. Every
         head's policy is told first (``before_flush``): one that refuses stops them all."""
         for head in self._heads:
-            if head.pending:
-                head._before_flush()
+            head._before_flush()
         out = self._each("flush", lambda h, head: head._begin("flush"), ShardedAttention._end)
         return [out.get(h) for h in range(len(self._heads))]
 
     def rebuild(self) -> list[FlushEvent]:
         """Recompute every head exactly, in parallel (policies told first, as :meth:`flush`)."""
         for head in self._heads:
-            head._before_flush()
+            head._before_flush(rebuild=True)
         out = self._each("rebuild", lambda h, head: head._begin("rebuild"), ShardedAttention._end)
         return [out[h] for h in range(len(self._heads))]
 

@@ -259,8 +259,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
         as it was: a later flush() (after :meth:`recover`) completes it. A policy's
         ``before_flush`` that raises stops it before anything changes.
         """
-        if self.pending:
-            self._before_flush()
+        self._before_flush()
         return self._flush()
 
     def _flush(self) -> FlushEvent | None:
@@ -269,7 +268,7 @@ class ShardedAttention(UpdateVerbs, ShardCalls):
 
     def rebuild(self) -> FlushEvent:
         """Recompute every shard's caches exactly, in parallel, O(m·n·d / W) each."""
-        self._before_flush()
+        self._before_flush(rebuild=True)
         return self._end(self._begin("rebuild"))
 
     def _begin(self, kind: str):

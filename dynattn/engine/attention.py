@@ -314,12 +314,13 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         pending = queue.count + len(log)
         try:
             threshold, hold = self._schedule.ask(self)
+            if pending >= threshold:
+                self._before_flush()
         except BaseException:
             if undo is not None:
                 undo()
             raise
         if pending >= threshold:
-            self._before_flush(undo)
             return self._flush()
         if len(log) >= queue.max_log:
             self._drain_log()
@@ -395,21 +396,15 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         engine rebuilds instead, ``O(m·n·d)``. Rows that would lose precision are recomputed.
         A policy's ``before_flush`` that raises stops it before anything changes.
         """
-        if self.pending:
-            self._before_flush()
+        self._before_flush()
         return self._flush()
 
-    def _before_flush(self, undo=None) -> None:
-        """The policy's optional ``before_flush(updates)``, before anything changes: when it
-        raises, ``undo()`` takes back the update that asked for the flush, if any."""
+    def _before_flush(self, rebuild: bool = False) -> None:
+        """The policy's optional ``before_flush(updates)``, before anything changes (and may
+        raise): before every flush with something pending, and before every rebuild."""
         hook = self._schedule.before_flush
-        if hook is not None:
-            try:
-                hook(self.pending)
-            except BaseException:
-                if undo is not None:
-                    undo()
-                raise
+        if hook is not None and (rebuild or self.pending):
+            hook(self.pending)
 
     def _flush(self) -> FlushEvent | None:
         self._drain_log()
@@ -443,7 +438,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
 
     def rebuild(self) -> FlushEvent:
         """Recompute every cache row exactly, ``O(m·n·d)``; also clears the pending queue."""
-        self._before_flush()
+        self._before_flush(rebuild=True)
         t0 = time.perf_counter()
         self._drain_log()
         self._store_exact()
