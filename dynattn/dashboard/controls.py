@@ -9,6 +9,7 @@ when a value is refused, instead of widgets that would keep showing a rejected v
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import panel as pn
@@ -20,6 +21,8 @@ __all__ = [
     "TOLERANCES",
     "TYPED_FIELDS",
     "build_layout",
+    "code_edits",
+    "fit_slider",
     "fit_window_controls",
     "show_stats",
     "simulation_controls",
@@ -155,6 +158,25 @@ def build_layout(dash) -> tuple[pn.Column, pn.Tabs]:
     return sidebar, main
 
 
+@contextlib.contextmanager
+def code_edits(owner):
+    """Inside, ``owner._syncing`` is True: the owner's watchers ignore settings the code
+    makes, and act on a person's edits only."""
+    owner._syncing = True
+    try:
+        yield
+    finally:
+        owner._syncing = False
+
+
+def fit_slider(owner, name: str, spare: int, widget) -> None:
+    """Bound the window slider ``owner.<name>`` to ``spare`` scroll positions (its value kept
+    within them). A slider needs end > start: with nothing to scroll it is shown disabled."""
+    owner.param[name].bounds = (0, max(spare, 1))
+    setattr(owner, name, min(getattr(owner, name), max(spare, 0)))
+    widget.disabled = spare <= 0
+
+
 def fit_window_controls(dash) -> None:
     """Bounds of a dashboard's window sliders for the current n; disabled when nothing
     scrolls."""
@@ -162,18 +184,9 @@ def fit_window_controls(dash) -> None:
     n = dash.sim.engine.n
     spare_rows = n - win.rows
     spare_cols = (n - win.cols) if dash.view == "weights" else 0
-    dash._syncing = True
-    try:
-        for name, spare, slider in (
-            ("row0", spare_rows, dash.row_slider),
-            ("col0", spare_cols, dash.col_slider),
-        ):
-            # A slider needs end > start; with nothing to scroll it is shown disabled.
-            dash.param[name].bounds = (0, max(spare, 1))
-            setattr(dash, name, min(getattr(dash, name), max(spare, 0)))
-            slider.disabled = spare <= 0
-    finally:
-        dash._syncing = False
+    with code_edits(dash):
+        fit_slider(dash, "row0", spare_rows, dash.row_slider)
+        fit_slider(dash, "col0", spare_cols, dash.col_slider)
     dash.col_slider.visible = dash.view == "weights"
 
 

@@ -10,7 +10,7 @@ and under a policy that picks its own threshold the threshold slider shows the l
 from __future__ import annotations
 
 from ..simulation import REBUILD_PARAMS, SimulationConfig
-from .controls import TYPED_FIELDS, simulation_controls
+from .controls import TYPED_FIELDS, code_edits, simulation_controls
 from .text import POLICY_NOTES, escape, rejection
 
 __all__ = ["SIM_CONTROLS", "SettingsEditor"]
@@ -167,13 +167,10 @@ class SettingsEditor:
     # ------------------------------------------------------------------ showing
     def set(self, **values) -> None:
         """Show ``values`` in the controls without applying them."""
-        self._syncing = True
-        try:
+        with code_edits(self):
             self.form.param.update(**values)
             for name in TYPED_FIELDS:
                 self.controls[name].value = f"{getattr(self.form, name):g}"
-        finally:
-            self._syncing = False
 
     def sync(self) -> None:
         """Show the simulation's current settings."""

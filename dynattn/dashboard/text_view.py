@@ -13,7 +13,6 @@ text draws as fast as a short one.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -29,6 +28,7 @@ from threadpoolctl import ThreadpoolController
 
 from ..models import DEFAULT_TEXT, Edit, Footprint, MiniLM, TextAttention
 from ..models.edits import KINDS
+from .controls import code_edits, fit_slider
 from .frames import fit_clim, plan_window, weights_window
 from .text import escape
 
@@ -381,7 +381,7 @@ class TextExplorer(pn.viewable.Viewer):
             words, n_before = self.state.text.split(), len(self.state.tokens)
             self.state.apply_edit(edit)
             self.edit_note.object = _edit_note(edit, words, n_before, len(self.state.tokens))
-            with self._synced():
+            with code_edits(self):
                 s.text = self.state.text
 
         return self._attempt("The edit was not applied", work)
@@ -555,7 +555,7 @@ class TextExplorer(pn.viewable.Viewer):
                 work()
         except Exception as exc:  # the page stays usable whatever the input
             if revert is not None:
-                with self._synced():
+                with code_edits(self):
                     setattr(self.settings, *revert)
             self.alert.object = f"{action}: {escape(exc)}. Nothing changed."
             self.alert.visible = True
@@ -569,17 +569,6 @@ class TextExplorer(pn.viewable.Viewer):
         """Window sliders bounded by n; disabled when the whole text fits."""
         s, n = self.settings, self.state.engine.n
         spare = max(n - s.window, 0)
-        with self._synced():
+        with code_edits(self):
             for name in ("row0", "col0"):
-                s.param[name].bounds = (0, max(spare, 1))  # a slider needs end > start
-                setattr(s, name, min(getattr(s, name), spare))
-                self.widgets[name].disabled = spare == 0
-
-    @contextlib.contextmanager
-    def _synced(self):
-        """Settings set by the code, not the user, inside: their watchers do nothing."""
-        self._syncing = True
-        try:
-            yield
-        finally:
-            self._syncing = False
+                fit_slider(s, name, spare, self.widgets[name])

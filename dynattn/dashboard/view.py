@@ -21,7 +21,13 @@ import panel as pn
 import param
 
 from ..simulation import Simulation
-from .controls import build_layout, fit_window_controls, show_stats, speedup_indicators
+from .controls import (
+    build_layout,
+    code_edits,
+    fit_window_controls,
+    show_stats,
+    speedup_indicators,
+)
 from .frames import SERIES, WINDOWS, Frame, FrameSource, Pacer, Player, series_rows
 from .lessons import LESSONS
 from .plots import heatmaps, series_plots
@@ -411,11 +417,8 @@ class Dashboard(pn.viewable.Viewer):
         lesson = next((x for x in LESSONS if x.title == event.new), None)
         if lesson is None:
             return
-        self._syncing = True
-        try:
+        with code_edits(self):
             self.param.update(**lesson.view_params)
-        finally:
-            self._syncing = False
 
         def done(error):
             self._restart_view()
