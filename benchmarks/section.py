@@ -28,11 +28,11 @@ that needs a fresh process (peak memory) uses :func:`benchmarks.child.in_fresh_p
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .plans import Plan
 
-__all__ = ["Log", "Run", "Section", "target", "verdict"]
+__all__ = ["Log", "Run", "Section", "not_run", "skipped", "target", "verdict"]
 
 #: Where progress lines go (``print`` with a clock in the CLI).
 Log = Callable[[str], None]
@@ -115,3 +115,15 @@ def target(name: str, status: str, measured: str, required: str, detail: str = "
 def verdict(ok: bool) -> str:
     """``"PASS"`` or ``"MISS"``."""
     return "PASS" if ok else "MISS"
+
+
+def not_run(run: Run, key: str, why: str) -> dict:
+    """What ``measure`` returns for a section this mode does not run: ``{key: None}``, with
+    the reason noted for the report ("<key>: not run in the <mode> mode (<why>)")."""
+    run.notes.append(f"{key.replace('_', ' ')}: not run in the {run.plan.mode} mode ({why})")
+    return {key: None}
+
+
+def skipped(targets: Iterable[tuple[str, str]], why: str) -> list[dict]:
+    """``SKIP`` records of ``(name, required)`` pairs, each saying ``why``."""
+    return [target(name, "SKIP", "-", required, why) for name, required in targets]

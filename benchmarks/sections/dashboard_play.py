@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .. import bench_dashboard_play as play
 from ..plans import Plan
-from ..section import Run, Section, target, verdict
+from ..section import Run, Section, not_run, skipped, target, verdict
 from ..text import table
 
 __all__ = ["SECTION"]
@@ -18,8 +18,7 @@ N = 8192
 
 def measure(run: Run) -> dict:
     if run.plan.mode not in MINUTES:
-        run.notes.append("dashboard play: not run in the tiny mode (it plays for minutes)")
-        return {"dashboard_play": None}
+        return not_run(run, "dashboard_play", "it plays for minutes")
     res = play.measure(MINUTES[run.plan.mode], N)
     run.log(
         f"  dashboard play n={N}: tick median {res['tick_median_ms']:.1f} ms, "
@@ -36,7 +35,7 @@ def targets(res: dict, plan: Plan) -> list[dict]:
     )
     if r is None or r["minutes"] < 5:
         why = "tiny mode" if r is None else f"played {r['minutes'] * 60:.0f} s, not 5 minutes"
-        return [target(name, "SKIP", "-", f"≤ {bound:.0f} ms", why) for name, bound in names]
+        return skipped(((name, f"≤ {bound:.0f} ms") for name, bound in names), why)
     got = (r["tick_median_ms"], r["tick_p95_ms"])
     return [
         target(

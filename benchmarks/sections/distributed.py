@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .. import bench_distributed
 from ..plans import Plan
-from ..section import Run, Section, target, verdict
+from ..section import Run, Section, not_run, skipped, target, verdict
 
 __all__ = ["SECTION"]
 
@@ -16,8 +16,7 @@ TARGET_N = 65536
 
 def measure(run: Run) -> dict:
     if run.plan.mode == "tiny":
-        run.notes.append("distributed: not run in the tiny mode (a cluster takes seconds)")
-        return {"distributed": None}
+        return not_run(run, "distributed", "a cluster takes seconds")
     res = bench_distributed.measure(quick=run.plan.mode == "quick")
     run.log(
         f"  distributed n={res['n']}: flush {res['sharded_flush'] / res['single_flush']:.2f}×, "
@@ -36,7 +35,7 @@ def targets(res: dict, plan: Plan) -> list[dict]:
     )
     if r is None or r["n"] != TARGET_N:
         why = "tiny mode" if r is None else f"measured at n={r['n']:,}"
-        return [target(name, "SKIP", "-", bound, why) for name, bound in names]
+        return skipped(names, why)
     flush = r["sharded_flush"] / r["single_flush"]
     rebuild = r["sharded_rebuild"] / r["single_rebuild"]
     return [
