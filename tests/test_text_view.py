@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import holoviews as hv
 import numpy as np
 import panel as pn
 import pytest
@@ -108,9 +107,10 @@ def test_heatmaps_carry_token_labels_on_both_axes_and_in_the_hover(explorer):
     labels = token_labels(explorer.state.tokens)
     assert list(explorer.frame["query"].unique()) == labels
     assert list(explorer.frame["key"].unique()) == labels
-    layout = explorer.plots.object
-    for element in layout:
-        plot = hv.render(element, backend="bokeh")
+    assert explorer.plots.object is explorer.heatmaps.layout
+    for column in explorer.frame:  # the figures draw the frame, cell for cell
+        assert list(explorer.heatmaps.source.data[column]) == explorer.frame[column].tolist()
+    for plot in explorer.heatmaps.figures.values():
         assert list(plot.x_range.factors) == labels
         assert list(plot.y_range.factors) == labels[::-1]  # query 0 at the top
         hover = plot.select_one({"type": HoverTool})

@@ -31,22 +31,21 @@ from ..models.edits import KINDS
 from .controls import code_edits, fit_slider
 from .frames import fit_clim, plan_window, weights_window
 from .text import escape
+from .token_heatmaps import TokenHeatmaps
 
 __all__ = [
     "TEXT_WINDOWS",
     "TextExplorer",
     "TextSettings",
     "footprint_bars",
-    "heat_element",
     "heat_frame",
     "live_bars",
     "shared_model",
-    "token_heatmaps",
     "token_labels",
 ]
 
 #: Tokens per side of the heatmap window: 32 labels are still readable on a 440-pixel axis
-#: (at 64 they overlap), and a frame stays cheap (~0.2 s of HoloViews work at 32, 0.4 at 64).
+#: (at 64 they overlap).
 TEXT_WINDOWS = (8, 16, 24, 32)
 #: Longest text accepted from the page, in characters (512 tokens are rarely 4,000).
 MAX_CHARS = 20_000
@@ -58,11 +57,6 @@ _BAR_COLORS = ("#4393c3", "#d6604d")
 # this keeps them as the synthetic sidebar's.
 _HEADING_CSS = ["h3 { font-size: 1.17em; font-weight: 700; }"]
 _TOOLS = ["pan", "box_zoom", "reset", "save"]
-_TITLES = {
-    "stale": "Stale: what the engine's caches hold",
-    "exact": "Exact: the current text's attention",
-    "diff": "Difference |stale − exact|",
-}
 
 
 _MODEL_LOCK = threading.Lock()
@@ -192,54 +186,6 @@ def heat_frame(ta: TextAttention, side: int, row0: int, col0: int) -> tuple[pd.D
     floor = 64 * float(np.finfo(ta.engine.dtype).eps) * clim[1]
     dlim = (0.0, max(float(data["diff"].max()), floor))
     return frame, {"clim": clim, "dlim": dlim, "window": win}
-
-
-_VALUE_LABELS = {"stale": "stale", "exact": "exact", "diff": "|stale − exact|"}
-_KDIMS = [hv.Dimension("key", label="key token"), hv.Dimension("query", label="query token")]
-
-
-def heat_element(data: dict, role: str) -> hv.HeatMap:
-    """One heatmap of a :func:`heat_frame` payload (``frame``, ``clim``, ``dlim``).
-
-    ``role`` ("stale", "exact" or "diff") is the coloured value; the element carries the
-    other two for the hover. Its colour range is the value dimension's range: stale and
-    exact share ``clim`` (equal colours, equal weights), the difference has ``dlim``.
-    """
-    names = [role, *(x for x in _VALUE_LABELS if x != role)]
-    vdims = [hv.Dimension(x, label=_VALUE_LABELS[x]) for x in names]
-    vdims[0] = vdims[0].clone(range=tuple(data["dlim" if role == "diff" else "clim"]))
-    return hv.HeatMap(data["frame"], _KDIMS, vdims, label=_TITLES[role])
-
-
-def token_heatmaps(pipe: hv.streams.Pipe) -> dict[str, hv.DynamicMap]:
-    """The live stale, exact and difference heatmaps fed by ``pipe`` (payloads of
-    :func:`heat_frame`): token labels on both axes, and hovering any of them reads the query
-    and key tokens and the three values. Built once per explorer, never per edit."""
-    out = {}
-    for role in _TITLES:
-        dmap = hv.DynamicMap(functools.partial(heat_element, role=role), streams=[pipe])
-        out[role] = dmap.opts(
-            cmap="Reds" if role == "diff" else "viridis",
-            colorbar=True,
-            framewise=True,  # new tokens, new factors; new weights, new colour range
-            invert_yaxis=True,
-            xrotation=90,
-            fontsize={"xticks": "7pt", "yticks": "7pt", "title": "10pt"},
-            width=_HEAT_SIZE[0],
-            height=_HEAT_SIZE[1],
-            default_tools=_TOOLS,
-            tools=["hover"],
-            hover_tooltips=[
-                ("query", "@query"),
-                ("key", "@key"),
-                ("stale", "@stale{0.0000}"),
-                ("exact", "@exact{0.0000}"),
-                ("|stale − exact|", "@diff{0.0e0}"),
-            ],
-            title=_TITLES[role],
-            backend="bokeh",
-        )
-    return out
 
 
 def footprint_bars(footprint: Footprint | None, layers: int = 6) -> hv.Bars:
@@ -394,7 +340,7 @@ class TextExplorer(pn.viewable.Viewer):
         """Send the current state to the heatmaps, the bars and the numbers, in one batch."""
         heat, bars, win = self._payloads()
         with pn.io.hold():
-            self._heat_pipe.send(heat)
+            self.heatmaps.show(**heat)
             self._bars_pipe.send(bars)
             self.window_note.object = (
                 f"Tokens {win.r0}–{win.r0 + win.rows - 1} (queries) × {win.c0}–"
@@ -423,15 +369,10 @@ class TextExplorer(pn.viewable.Viewer):
         self.window_note = pn.pane.Markdown("", margin=(0, 10))
         self.word_hint = pn.pane.Markdown("", margin=(0, 10))
         heat, bars, _ = self._payloads()
-        self._heat_pipe = hv.streams.Pipe(data=heat)
+        self.heatmaps = TokenHeatmaps(_HEAT_SIZE, _TOOLS)
+        self.heatmaps.show(**heat)
         self._bars_pipe = hv.streams.Pipe(data=bars)
-        self.heatmaps = token_heatmaps(self._heat_pipe)
-        maps = self.heatmaps
-        self.plots = pn.pane.HoloViews(
-            hv.Layout([maps["exact"], maps["diff"], maps["stale"]]).cols(2),
-            backend="bokeh",
-            margin=0,
-        )
+        self.plots = pn.pane.Bokeh(self.heatmaps.layout, margin=0)
         self.bars = pn.pane.HoloViews(live_bars(self._bars_pipe), backend="bokeh", margin=0)
         self.apply_button = w.Button(label="Apply edit", color="primary")
         self.flush_button = w.Button(label="Flush", color="warning")
