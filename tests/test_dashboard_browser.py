@@ -356,21 +356,25 @@ def test_a_click_is_answered_within_half_a_second_at_the_heaviest_settings(app_s
         assert dash.sim.engine.n == heaviest["n"]
         dash.ticks_per_frame = 64
         wait_until(lambda: dash._player.tick is not None, 60, "a tick in flight")
-        # clicks are answered between frames: at most a frame's budget plus its rendering
-        latencies = []
-        for _ in range(3):
-            mark = dash.sim.engine.n_flushes, dash.sim.engine.pending
+        # Clicks are answered between frames, at most a frame's budget plus its rendering
+        # after they arrive: every click, not the best of several. The flush itself then
+        # runs off the event loop behind a progress bar (at these sizes it is O(n·|S|·d)
+        # arithmetic: 0.3-0.7 s were measured with a CPU hog beside the test).
+        engine, handled = dash.sim.engine, []
+        # runs on the event loop right after the page's own handler (which starts the flush)
+        dash.flush_button.on_click(lambda event: handled.append(time.monotonic()))
+        # The first click has a tick's updates to flush; the next ones come while that tick's
+        # eager baseline still runs (1,024 updates at ~5-40 ms each, spread over frames).
+        wait_until(lambda: engine.pending > 0, 60, "updates to flush", interval=0.01)
+        flushes = engine.n_flushes
+        for i in range(3):
             page.get_by_role("button", name="Flush now").click()
             clicked = time.monotonic()
-            wait_until(
-                lambda: dash.sim.engine.pending == 0 or (dash.sim.engine.n_flushes, 0) != mark,  # noqa: B023
-                30,
-                "the flush",
-                interval=0.01,
-            )
-            latencies.append(time.monotonic() - clicked)
-        # the best of three: a single slow spell of a shared machine is not the page's fault
-        assert min(latencies) <= 0.5, latencies
+            wait_until(lambda: len(handled) > i, 30, "the click to be handled", interval=0.005)  # noqa: B023
+            answered = handled[i] - clicked
+            assert answered <= 0.5, f"click {i + 1} was answered after {answered:.2f} s"
+            wait_until(lambda: dash._busy is None, 30, "the flush")
+        assert engine.n_flushes > flushes  # the clicks did flush
         page.get_by_role("button", name="Pause").click()
         wait_until(lambda: not dash._callback.running, 30, "the periodic callback to stop")
         assert errors == []

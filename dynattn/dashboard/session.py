@@ -4,8 +4,10 @@ off the event loop.
 Panel runs every session's callbacks on one event loop; a callback that computes for a second
 holds up every visitor. :class:`SessionLoop` owns the session's one periodic callback, starts
 it only once the page has loaded, stops it as soon as the tab has gone (Bokeh discards a
-closed session only later), and runs slow steps (a rebuild, an upload, a large flush) in a
-thread, publishing the result back on the event loop.
+closed session only later), and runs model work (a frame's ticks, a rebuild, an upload, a
+flush) in threads, one at a time, publishing the results back on the event loop: at the
+largest sizes a single flush or query batch takes over half a second, and a click must not
+wait for it.
 
 Why nothing may run before the page has loaded: until the browser reports its document ready,
 Panel counts the session as not connected, and both HoloViews (a plot refresh after a stream
@@ -72,6 +74,9 @@ class SessionLoop:
     callback : panel.io.callbacks.PeriodicCallback
     busy : str or None
         What a background thread is doing, if anything (frames should pause meanwhile).
+    lock : threading.RLock
+        Held by every piece of model work of this session (see :meth:`off_loop`); code on the
+        event loop that reads or changes the model takes it too.
     loaded : bool
         Whether the page has loaded: until then the view must not send to its streams, and
         ``start`` waits for it (see the module's docstring).
@@ -82,14 +87,23 @@ class SessionLoop:
         self.doc = pn.state.curdoc
         self.context = self.doc.session_context if self.doc else None
         self.busy: str | None = None
+        self.lock = threading.RLock()
         self.loaded = self.context is None
         self._start_on_load = False  # started before the page loaded
         self._on_loaded = on_loaded
         self._was_connected = False
+        self._closed = False  # the session was destroyed: its document takes no more callbacks
+        self._closing = threading.Lock()
         if self.context is not None:  # outside a server there is no session to clean up
-            pn.state.on_session_destroyed(on_destroyed)
+            pn.state.on_session_destroyed(self._destroyed)
+            self._on_destroyed = on_destroyed
             pn.state.onload(self._load)
             ignore_writes_to_closed_tabs(asyncio.get_event_loop())
+
+    def _destroyed(self, session_context) -> None:
+        with self._closing:
+            self._closed = True
+        self._on_destroyed(session_context)
 
     def _load(self) -> None:
         self.loaded = True
@@ -135,31 +149,47 @@ class SessionLoop:
         return self._was_connected and connections == 0
 
     def in_background(self, what: str, work, done) -> None:
-        """Run ``work()`` in a thread (in a server session), then ``done(error)`` on the event
-        loop (``error`` None or the exception ``work`` raised); ``busy`` says ``what``
-        meanwhile. Outside a server both run at once, in order."""
-        if not self.served:
-            error = None
-            try:
-                work()
-            except Exception as exc:
-                error = exc
-            done(error)
-            return
-        self.busy = what
-        doc = self.doc
+        """Run ``work()`` off the event loop (see :meth:`off_loop`), then ``done(error)`` on
+        it (``error`` None or the exception ``work`` raised); ``busy`` says ``what``
+        meanwhile."""
 
-        def finish(error):
+        def finish(result, error):
             self.busy = None
             done(error)
 
-        def target():
-            try:
-                work()
-                error = None
-            except Exception as exc:
-                error = exc
-            with contextlib.suppress(Exception):  # the tab may have closed meanwhile
-                doc.add_next_tick_callback(lambda: finish(error))
+        self.busy = what if self.served else None
+        self.off_loop(work, finish)
 
-        threading.Thread(target=target, name="dynattn-background", daemon=True).start()
+    def off_loop(self, work, done) -> None:
+        """Run ``work()`` in a thread holding :attr:`lock`, then ``done(result, error)`` on the
+        event loop (one of them None). Outside a server both run at once, in order.
+
+        Every change to the session's model runs under :attr:`lock` (a frame's ticks, a
+        flush, a rebuild, a setting applied), so they never interleave; the event loop itself
+        never waits for model work and answers clicks at once.
+        """
+        if not self.served:
+            result, error = _call(work)
+            done(result, error)
+            return
+        doc = self.doc
+
+        def target():
+            with self.lock:
+                result, error = _call(work)
+            # A callback added to a destroyed session's document never runs, and it would
+            # keep this session's objects alive for as long as Bokeh's global state holds
+            # that document. Added before the session is destroyed, it is dropped with it.
+            with self._closing, contextlib.suppress(Exception):
+                if not self._closed:
+                    doc.add_next_tick_callback(lambda: done(result, error))
+
+        threading.Thread(target=target, name="dynattn-session", daemon=True).start()
+
+
+def _call(work):
+    """``(work(), None)``, or ``(None, exception)`` if it raised."""
+    try:
+        return work(), None
+    except Exception as exc:
+        return None, exc

@@ -120,15 +120,20 @@ class SettingsEditor:
                 self._rebuilt,
             )
             return
-        try:
-            dash.sim.config.param.update(**changes)
-        except Exception as exc:
-            self.sync()
-            shown = escape(", ".join(f"{k} = {v!r}" for k, v in changes.items()))
-            dash._say(f"Could not apply {shown}: {escape(exc)}. The previous settings are kept.")
-            return
-        dash._player.pacer.forget()
-        dash._clear_alert()
+
+        def applied(_, error):
+            if error is not None:
+                self.sync()
+                shown = escape(", ".join(f"{k} = {v!r}" for k, v in changes.items()))
+                dash._say(
+                    f"Could not apply {shown}: {escape(error)}. The previous settings are kept."
+                )
+                return
+            dash._player.pacer.forget()
+            dash._clear_alert()
+
+        # from the next tick; off the event loop, as the tick running now may take a while
+        dash._loop.off_loop(lambda: dash.sim.config.param.update(**changes), applied)
 
     def _rebuilt(self, error) -> None:
         dash = self.dash

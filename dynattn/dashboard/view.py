@@ -129,6 +129,7 @@ class Dashboard(pn.viewable.Viewer):
         self._syncing = False  # view parameters being set by the code, not the user
         self._said = 0  # messages shown so far
         self._steps_left = 0  # ticks asked for by "Step one tick", run by frames
+        self._frame_running = False  # a frame's model work is running off the event loop
         self._unsent: list[pd.DataFrame] = []  # tick records not yet in the time series
         self._clear_series = False  # empty the time series at the next render
         self._series_sent = self._rendered_at = 0.0
@@ -298,7 +299,7 @@ class Dashboard(pn.viewable.Viewer):
             lambda e: e.new and self.settings.upload(self.file_input.filename, e.new), "value"
         )
         self.download = w.FileDownload(
-            callback=lambda: _timeline_csv(self.sim),
+            callback=self._timeline_csv,
             filename="dynattn_timeline.csv",
             label="Download timeline (CSV)",
             color="primary",
@@ -326,13 +327,19 @@ class Dashboard(pn.viewable.Viewer):
         self.param.watch(self._rebuild_series, ["log_error", "cost_unit", "log_cost"])
         self._show_caption()
 
+    def _timeline_csv(self) -> io.StringIO:
+        """The simulation's timeline as CSV, for the download button."""
+        with self._loop.lock:  # not while a frame appends to it
+            return _timeline_csv(self.sim)
+
     def _show_caption(self) -> None:
         self.caption.object = next((x.caption for x in LESSONS if x.title == self.lesson), "")
 
     # ------------------------------------------------------------------ event handlers
     def _on_frame(self) -> None:
-        """Periodic callback: one bounded frame; any failure pauses and is explained."""
-        if self._busy:
+        """Periodic callback: start one bounded frame off the event loop, unless one is still
+        running; :meth:`_frame_done` draws it."""
+        if self._busy or self._frame_running:
             return
         if self._loop.orphaned():
             # Bokeh discards a closed tab's session only later (under load, it was seen to
@@ -345,8 +352,16 @@ class Dashboard(pn.viewable.Viewer):
         if not self.playing and not self._steps_left:
             self._callback.stop()
             return
+        self._frame_running = True
+        ticks = None if self.playing else self._steps_left
+        self._loop.off_loop(lambda: self.play_frame(ticks), self._frame_done)
+
+    def _frame_done(self, frame: Frame | None, error: Exception | None) -> None:
+        """Draw a frame computed off the event loop; any failure pauses and is explained."""
+        self._frame_running = False
         try:
-            frame = self.play_frame(None if self.playing else self._steps_left)
+            if error is not None:
+                raise error
             now = time.perf_counter()
             # a frame that only advanced part of a tick is drawn at most once a second: the
             # time goes to finishing the tick instead
@@ -354,7 +369,8 @@ class Dashboard(pn.viewable.Viewer):
                 due = not self.playing or now - self._series_sent >= SERIES_INTERVAL
                 self.render(frame, series=due)
         except Exception as exc:  # keep the page alive whatever the simulation raises
-            self._player.restart()
+            with self._loop.lock:
+                self._player.restart()
             self._steps_left = 0
             self.playing = False
             self._say(f"Stopped: a tick failed ({type(exc).__name__}: {escape(exc)}).")
@@ -389,14 +405,16 @@ class Dashboard(pn.viewable.Viewer):
     def _flushed(self, error) -> None:
         if error is not None:
             raise error
-        self.step(0)  # render at once: the difference map goes blank
+        self._redraw("Showing the flush")  # at once: the difference map goes blank
 
     def _on_reset(self, event=None) -> None:
-        def reset():
-            self.sim.reset()
+        def done(error):
+            if error is not None:
+                raise error
             self._restart_view()
 
-        self._guarded("Reset", reset)
+        # rebuilds every strategy, O(n²·d): over a second at the largest sizes
+        self._in_background("Resetting", self.sim.reset, done)
 
     def _on_view_change(self, *events) -> None:
         if self._syncing:
@@ -409,7 +427,7 @@ class Dashboard(pn.viewable.Viewer):
         if "window" in names:
             self._source.clim = None  # a new window: refit the shared colour range
         fit_window_controls(self)
-        self._guarded("Moving the window", lambda: self.step(0))
+        self._redraw("Moving the window")
 
     def _on_lesson(self, event) -> None:
         """Set every control as the lesson says, rebuild, and play."""
@@ -432,7 +450,7 @@ class Dashboard(pn.viewable.Viewer):
 
     def _on_loaded(self) -> None:
         """The page has loaded: show the latest frame (streams were left alone until now)."""
-        self._guarded("Showing the first frame", lambda: self.step(0))
+        self._redraw("Showing the first frame")
 
     def _on_session_destroyed(self, session_context) -> None:
         """Stop the frames as soon as the browser tab goes away."""
@@ -441,7 +459,8 @@ class Dashboard(pn.viewable.Viewer):
     # ------------------------------------------------------------------ helpers
     def _stop(self) -> None:
         self._loop.stop()
-        self._player.tick = None
+        with self._loop.lock:  # not under a frame that is running the tick
+            self._player.tick = None
         with contextlib.suppress(Exception):  # the session may be half torn down
             self.playing = False
 
@@ -467,6 +486,18 @@ class Dashboard(pn.viewable.Viewer):
 
         self._loop.in_background(what, limited, finish)
 
+    def _redraw(self, action: str) -> None:
+        """Draw the current state without a tick; its data are prepared off the event loop
+        (after any frame running now)."""
+
+        def done(frame, error):
+            if error is not None:
+                self._say(f"{action} failed ({type(error).__name__}: {escape(error)}).")
+                return
+            self.render(frame)
+
+        self._loop.off_loop(lambda: self.advance(0), done)
+
     def _guarded(self, action: str, func) -> None:
         """Run a button action; a failure leaves the page usable and says what happened."""
         if self._busy:
@@ -474,7 +505,8 @@ class Dashboard(pn.viewable.Viewer):
             return
         said = self._said
         try:
-            func()
+            with self._loop.lock:  # model work off the event loop ends first
+                func()
         except Exception as exc:
             self._say(
                 f"{action} failed ({type(exc).__name__}: {escape(exc)}). The previous state is "
