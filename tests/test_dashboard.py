@@ -35,8 +35,8 @@ def make_dashboard(**sim_params) -> Dashboard:
 
 
 def images(dash: Dashboard) -> dict:
-    """The current HoloViews image of each heatmap."""
-    return {role: dmap[()] for role, dmap in dash.heatmaps.items()}
+    """The image each heatmap draws now (row 0: the window's first query)."""
+    return dash.heatmaps.images()
 
 
 def release(slider, value) -> None:
@@ -95,23 +95,24 @@ def test_panel_layout_renders_outside_a_server():
 
 def test_heatmap_shapes_follow_n_window_and_view():
     dash = make_dashboard()
-    imgs = images(dash)
-    assert imgs["lazy"].kdims == ["key", "query"]
-    assert [v.name for v in imgs["lazy"].vdims] == ["lazy", "exact", "diff"]
-    assert [v.name for v in imgs["diff"].vdims] == ["diff", "lazy", "exact"]
-    for img in imgs.values():
-        assert img.dimension_values(2, flat=False).shape == (64, 64)
+    figs = dash.heatmaps.figures
+    assert figs["lazy"].xaxis[0].axis_label == "key j"
+    assert figs["lazy"].yaxis[0].axis_label == "query i"
+    for img in images(dash).values():
+        assert img.shape == (64, 64)
+    # the axes span exactly the window, query 0 at the top
+    assert (figs["diff"].x_range.start, figs["diff"].x_range.end) == (-0.5, 63.5)
+    assert (figs["diff"].y_range.start, figs["diff"].y_range.end) == (63.5, -0.5)
 
     dash.form.n = 300
     assert dash.sim.engine.n == 300
-    assert images(dash)["exact"].dimension_values(2, flat=False).shape == (128, 128)
+    assert images(dash)["exact"].shape == (128, 128)
     dash.window = 512
-    assert images(dash)["exact"].dimension_values(2, flat=False).shape == (300, 300)
+    assert images(dash)["exact"].shape == (300, 300)
 
     dash.view = "output"
-    img = images(dash)["lazy"]
-    assert img.kdims == ["feature", "query"]
-    assert img.dimension_values(2, flat=False).shape == (300, 8)
+    assert dash.heatmaps.figures["lazy"].xaxis[0].axis_label == "feature c"
+    assert images(dash)["lazy"].shape == (300, 8)
 
 
 @pytest.mark.parametrize("view", ["weights", "output"])
@@ -159,23 +160,23 @@ def test_log_axes_and_colour_bars_get_short_labels_of_their_own():
 def test_large_window_is_block_reduced_to_max_side():
     dash = make_dashboard(n=1100, d=4)
     dash.window = 2048
-    img = images(dash)["diff"]
-    assert img.dimension_values(2, flat=False).shape == (366, 366)  # blocks of 3
+    assert images(dash)["diff"].shape == (366, 366)  # blocks of 3
     assert "blocks of 3×3" in dash.last_frame.heat["window"]
     # the image spans the matrix coordinates of the rows it covers
-    assert img.bounds.lbrt() == (-0.5, -0.5, 1097.5, 1097.5)
+    assert dash.heatmaps.bounds == (-0.5, -0.5, 1097.5, 1097.5)
 
 
 def test_lazy_and_exact_share_one_colour_range_and_lazy_matches_the_engine():
     dash = make_dashboard(policy="fixed", threshold=2048)
     dash.step(5)
-    imgs = images(dash)
-    lazy_range = imgs["lazy"].vdims[0].range
-    assert lazy_range == imgs["exact"].vdims[0].range
+    figs = dash.heatmaps.figures
+    mappers = [fig.renderers[0].glyph.color_mapper for fig in figs.values()]
+    assert mappers[0] is mappers[1] is not mappers[2]  # lazy and exact: one colour range
+    clim = dash.last_frame.heat["clim"]
+    assert (mappers[0].low, mappers[0].high) == clim
     eng = dash.sim.engine
     expected = eng.weights(slice(0, 64), slice(0, 64), stale=True)
-    # HoloViews returns images with y ascending, here the query index: the matrix itself
-    np.testing.assert_allclose(imgs["lazy"].dimension_values(2, flat=False), expected, rtol=1e-6)
+    np.testing.assert_allclose(images(dash)["lazy"], expected, rtol=1e-6)
 
 
 def test_difference_is_zero_right_after_a_flush_and_regrows():
@@ -185,8 +186,7 @@ def test_difference_is_zero_right_after_a_flush_and_regrows():
     assert dash.last_frame.heat["dmax"] > 0
     dash.flush_button.clicks += 1
     assert dash.sim.engine.pending == 0
-    diff = images(dash)["diff"]
-    assert np.all(diff.dimension_values("diff") == 0)
+    assert np.all(images(dash)["diff"] == 0)
     assert dash.last_frame.heat["dmax"] == 0
     dash.step_button.clicks += 1
     assert dash.last_frame.heat["dmax"] > 0
@@ -246,10 +246,10 @@ def test_controls_at_their_ends_keep_working():
     dash.step(2)
     assert (dash.sim.engine.n, dash.sim.engine.d) == (2, 1)
     assert dash.sim.engine.pending == 0  # threshold 1: every update flushes
-    assert images(dash)["lazy"].dimension_values(2, flat=False).shape == (2, 2)
+    assert images(dash)["lazy"].shape == (2, 2)
     assert dash.row_slider.disabled and dash.col_slider.disabled
     dash.view = "output"
-    assert images(dash)["lazy"].dimension_values(2, flat=False).shape == (2, 1)
+    assert images(dash)["lazy"].shape == (2, 1)
     assert not dash.alert.visible
 
 
@@ -271,7 +271,7 @@ def test_changing_n_while_playing_explains_and_keeps_playing():
     assert dash.sim.engine.n == 40 and dash.sim.tick == 0
     assert dash.alert.visible and dash.alert.alert_type == "info"
     assert "n = 40" in dash.alert.object
-    assert images(dash)["lazy"].dimension_values(2, flat=False).shape == (40, 40)
+    assert images(dash)["lazy"].shape == (40, 40)
     dash.play_toggle.value = False
     assert not dash._callback.running
 
@@ -315,7 +315,7 @@ def test_good_npz_rebuilds_and_updates_the_controls():
     assert (dash.sim.engine.n, dash.sim.engine.d) == (10, 4)
     assert (dash.form.n, dash.form.d, dash.form.preset) == (10, 4, "file")
     np.testing.assert_array_equal(dash.sim.engine.K, K)
-    assert images(dash)["exact"].dimension_values(2, flat=False).shape == (10, 10)
+    assert images(dash)["exact"].shape == (10, 10)
     # n is fixed by the file: changing it is refused with a message, the file stays in use
     release(dash.controls["n"], 20)
     assert dash.alert.alert_type == "danger"
@@ -374,7 +374,7 @@ def test_window_sliders_follow_n():
     assert dash.param.row0.bounds == (0, 300 - 128)
     assert (dash.row_slider.start, dash.row_slider.end) == (0, 172)
     dash.row_slider.value = 172
-    assert images(dash)["lazy"].bounds.lbrt()[1] == pytest.approx(171.5)
+    assert dash.heatmaps.bounds[1] == pytest.approx(171.5)
     dash.form.n = 200  # the window start moves back so that the window still fits
     assert dash.row0 == 72 and dash.row_slider.end == 72
     dash.form.n = 100

@@ -27,7 +27,7 @@ import pytest
 from browser import chromium, chromium_path, served, wait_for_bokeh, wait_until
 
 from dynattn.dashboard import LESSONS, Dashboard
-from dynattn.dashboard.plots import _TICK_LABEL_JS
+from dynattn.dashboard.heatmaps import TICK_LABEL_JS
 
 pytestmark = pytest.mark.browser
 
@@ -57,13 +57,11 @@ SOURCES_JS = """() => {
   return out;
 }"""
 
-# Largest value of the difference heatmap as drawn (the image whose own value is "diff",
-# i.e. the one without a separate "diff" column).
+# Largest value of the difference heatmap as drawn (the three images share one source).
 DIFF_MAX_JS = """() => {
   for (const m of Bokeh.documents[0].all_models) {
     if (m.glyph !== undefined && m.glyph.type === "Image") {
-      const data = m.data_source.data;
-      if (!("diff" in data)) return Math.max(...data.image[0]);
+      return Math.max(...m.data_source.data.diff[0]);
     }
   }
   return null;
@@ -195,7 +193,7 @@ TICK_LABELS = {
 
 def test_tick_labels_are_short():
     with chromium() as (page, errors):
-        code = f"(ticks) => ticks.map((tick) => {{ {_TICK_LABEL_JS} }})"
+        code = f"(ticks) => ticks.map((tick) => {{ {TICK_LABEL_JS} }})"
         assert page.evaluate(code, list(TICK_LABELS)) == list(TICK_LABELS.values())
         assert errors == []
 

@@ -8,7 +8,7 @@ Three layers, HoloViz style:
 * :mod:`.view` holds :class:`Dashboard`, a Panel ``Viewer`` whose widgets come from ``param``
   declarations (:mod:`.controls`), with guided :mod:`.lessons` and page text in :mod:`.text`;
 * :mod:`.text_view` holds :class:`TextExplorer`, a real model's attention over a text and its
-  word edits played through a lazy engine, drawn by :mod:`.token_heatmaps` (plain Bokeh,
+  word edits played through a lazy engine, drawn by :mod:`.heatmaps` (plain Bokeh,
   for speed); :mod:`.page` puts both sources on one page
   (:func:`app_page`).
 

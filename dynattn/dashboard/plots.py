@@ -1,10 +1,10 @@
-"""HoloViews elements and live plots of the dashboard, built from frame data.
+"""HoloViews elements and live plots of the dashboard's time series, built from frame data.
 
 The element builders are module-level functions, not methods, on purpose: a DynamicMap keeps
 its callback alive, and a bound method would tie every stream to the Dashboard and keep a
-closed session's view in memory (panel#8580). Plots are built once per view and fed through
-streams (a ``Pipe`` for the heatmaps, a bounded ``Buffer`` for the time series); nothing here
-is rebuilt per tick.
+closed session's view in memory (panel#8580). Plots are built once and fed through a bounded
+``Buffer`` of tick records; nothing here is rebuilt per tick. (The heatmaps are plain Bokeh:
+:mod:`.heatmaps`.)
 """
 
 from __future__ import annotations
@@ -18,27 +18,10 @@ import pandas as pd
 from bokeh.models import CustomJSTickFormatter
 
 from .frames import STRATEGIES
+from .heatmaps import TICK_LABEL_JS
 
-__all__ = ["cost_plot", "error_plot", "heat_image", "heatmaps", "pending_plot", "series_plots"]
+__all__ = ["cost_plot", "error_plot", "pending_plot", "series_plots"]
 
-_KDIMS = {
-    "weights": (hv.Dimension("key", label="key j"), hv.Dimension("query", label="query i")),
-    "output": (hv.Dimension("feature", label="feature c"), hv.Dimension("query", label="query i")),
-}
-# Value dimensions of each heatmap: its own value first (coloured), the others for the hover.
-_ROLES = {
-    "lazy": ("lazy", "exact", "diff"),
-    "exact": ("exact", "lazy", "diff"),
-    "diff": ("diff", "lazy", "exact"),
-}
-_VALUE_LABELS = {"lazy": "lazy (stale)", "exact": "exact", "diff": "|lazy − exact|"}
-_TITLES = {
-    "lazy": "Lazy: what the caches say",
-    "exact": "Exact: the true values",
-    "diff": "Difference |lazy − exact|",
-}
-_CMAPS = {"weights": "viridis", "output": "coolwarm", "diff": "Reds"}
-_HEAT_SIZE = (330, 280)  # pixels per heatmap: three fit beside the sidebar at 1366 wide
 # No wheel zoom: over a plot the mouse wheel scrolls the page, as everywhere else.
 _TOOLS = ["pan", "box_zoom", "reset", "save"]
 _SERIES_OPTS = {
@@ -59,23 +42,11 @@ _SERIES_OPTS = {
 }
 
 
-# Tick labels as a person writes them: "6e-3", "1e-4", "2.5e-7", "0.5", "20", "1e9", never
-# "6.000e-3" (Bokeh's fallback on a log axis spanning less than a decade) nor "0.000007".
-# Plain between 0.01 and 10,000; else up to three digits and a short exponent.
-_TICK_LABEL_JS = """
-if (tick == 0) return "0";
-const x = Number(tick.toPrecision(3));
-const a = Math.abs(x);
-if (a >= 1e-2 && a < 1e4) return String(x);
-return x.toExponential().replace("e+", "e");
-"""
-
-
 def _readable_tick_labels(formatted) -> None:
     """Give ``formatted`` (an axis or a colour bar) the labels of ``_TICK_LABEL_JS``; once per
     plot, a model of its own (a Bokeh model belongs to one session's document)."""
     if not isinstance(formatted.formatter, CustomJSTickFormatter):
-        formatted.formatter = CustomJSTickFormatter(code=_TICK_LABEL_JS)
+        formatted.formatter = CustomJSTickFormatter(code=TICK_LABEL_JS)
 
 
 def _readable_log_axis(plot, element) -> None:
@@ -85,85 +56,6 @@ def _readable_log_axis(plot, element) -> None:
     axis.ticker.desired_num_ticks = 4
     axis.minor_tick_line_color = None
     _readable_tick_labels(axis)
-
-
-def _readable_colorbar(plot, element) -> None:
-    """Short colour-bar labels ("7e-6", not "0.000007")."""
-    colorbar = plot.handles.get("colorbar")
-    if colorbar is not None:
-        _readable_tick_labels(colorbar)
-
-
-def heat_image(data: dict, role: str) -> hv.Image:
-    """The heatmap of one ``role`` from a frame's heat payload.
-
-    Parameters
-    ----------
-    data : dict
-        A :attr:`~dynattn.dashboard.frames.Frame.heat` payload.
-    role : {"lazy", "exact", "diff"}
-        Which value is coloured; the image also carries the other two, so that hovering any
-        heatmap shows lazy, exact and their difference.
-
-    Returns
-    -------
-    holoviews.Image
-        Key dimensions ``key``/``feature`` (x) and ``query`` (y) in matrix coordinates. The
-        colour range comes from the payload: ``clim``, shared by lazy and exact so that
-        equal colours mean equal values, or ``dlim`` for the difference.
-    """
-    names = _ROLES[role]
-    vdims = [hv.Dimension(name, label=_VALUE_LABELS[name]) for name in names]
-    vdims[0] = vdims[0].clone(range=tuple(data["dlim" if role == "diff" else "clim"]))
-    # An image array's first row is drawn at the top bound (largest y); the plot's y axis is
-    # inverted so that query 0 is at the top, hence the flip. One stacked array with bounds
-    # builds several times faster than coordinate arrays, which are checked for regularity.
-    stacked = np.dstack([data[name][::-1] for name in names])
-    left, bottom, right, top = data["bounds"]
-    return hv.Image(
-        stacked,
-        bounds=data["bounds"],
-        kdims=list(_KDIMS[data["view"]]),
-        vdims=vdims,
-        label=_TITLES[role],
-    ).opts(xlim=(left, right), ylim=(bottom, top), backend="bokeh")
-
-
-def heatmaps(pipe: hv.streams.Pipe, view: str) -> dict[str, hv.DynamicMap]:
-    """The three live heatmaps (lazy, exact, difference) fed by ``pipe``.
-
-    Equal plot sizes with a colour bar each give equal image frames; lazy and exact show the
-    same (shared) colour range. Hovering reads query, key (or feature) and the three values.
-    """
-    col_label = "key j" if view == "weights" else "feature c"
-    out = {}
-    for role in ("lazy", "exact", "diff"):
-        # Bokeh names an image's own (coloured) value "image"; the others keep their names.
-        fields = {name: "@image" if name == role else f"@{{{name}}}" for name in _ROLES}
-        hover = [
-            ("query i", "$y{0}"),
-            (col_label, "$x{0}"),
-            ("lazy", fields["lazy"] + "{%.5g}"),
-            ("exact", fields["exact"] + "{%.5g}"),
-            ("|lazy − exact|", fields["diff"] + "{%.3g}"),
-        ]
-        dmap = hv.DynamicMap(functools.partial(heat_image, role=role), streams=[pipe])
-        out[role] = dmap.opts(
-            cmap=_CMAPS["diff" if role == "diff" else view],
-            framewise=True,
-            invert_yaxis=True,
-            width=_HEAT_SIZE[0],
-            height=_HEAT_SIZE[1],
-            default_tools=_TOOLS,
-            tools=["hover"],
-            hover_tooltips=hover,
-            hover_formatters={field: "printf" for field in fields.values()},
-            title=_TITLES[role],
-            colorbar=True,
-            hooks=[_readable_colorbar],
-            backend="bokeh",
-        )
-    return out
 
 
 def _positive(values: pd.Series) -> np.ndarray:

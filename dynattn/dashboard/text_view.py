@@ -30,8 +30,8 @@ from ..models import DEFAULT_TEXT, Edit, Footprint, MiniLM, TextAttention
 from ..models.edits import KINDS
 from .controls import code_edits, fit_slider
 from .frames import fit_clim, plan_window, weights_window
+from .heatmaps import TokenHeatmaps
 from .text import escape
-from .token_heatmaps import TokenHeatmaps
 
 __all__ = [
     "TEXT_WINDOWS",

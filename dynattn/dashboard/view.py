@@ -29,8 +29,9 @@ from .controls import (
     speedup_indicators,
 )
 from .frames import SERIES, WINDOWS, Frame, FrameSource, Pacer, Player, series_rows
+from .heatmaps import MatrixHeatmaps
 from .lessons import LESSONS
-from .plots import heatmaps, series_plots
+from .plots import series_plots
 from .session import SessionLoop
 from .settings import SettingsEditor
 from .text import escape
@@ -41,6 +42,9 @@ __all__ = ["Dashboard"]
 SERIES_INTERVAL = 0.7
 _FREE_PLAY = "Free play (your own settings)"
 _VIEWS = {"attention weights P": "weights", "output O = PV": "output"}
+_HEAT_SIZE = (330, 280)  # pixels per heatmap: three fit beside the sidebar at 1366 wide
+# No wheel zoom: over a plot the mouse wheel scrolls the page, as everywhere else.
+_TOOLS = ["pan", "box_zoom", "reset", "save"]
 
 
 def _batch() -> contextlib.ExitStack:
@@ -140,8 +144,7 @@ class Dashboard(pn.viewable.Viewer):
         self._series = hv.streams.Buffer(
             pd.DataFrame({c: np.zeros(0) for c in SERIES}), length=points, index=False
         )
-        self._heat_pipe: hv.streams.Pipe | None = None
-        self._heatmaps: dict[str, hv.DynamicMap] = {}
+        self._heatmaps: MatrixHeatmaps | None = None
         self._build_widgets()
         self._sidebar, self._main = build_layout(self)
         self._layout = pn.Row(self._sidebar, self._main)
@@ -182,8 +185,7 @@ class Dashboard(pn.viewable.Viewer):
                 self._series.send(pd.concat(self._unsent, ignore_index=True))
                 self._unsent = []
                 self._series_sent = t0
-            if live:
-                self._heat_pipe.send(frame.heat)
+            self._heatmaps.show(frame.heat)
             self.window_text.object = frame.heat["window"]
             show_stats(self, frame.stats)
         self._render_ms = 1e3 * (time.perf_counter() - t0)  # shown with the next frame
@@ -218,9 +220,10 @@ class Dashboard(pn.viewable.Viewer):
         return self._loop.busy
 
     @property
-    def heatmaps(self) -> dict[str, hv.DynamicMap]:
-        """``{"lazy", "exact", "diff"}`` -> DynamicMap; ``dmap[()]`` is the current image."""
-        return dict(self._heatmaps)
+    def heatmaps(self) -> MatrixHeatmaps:
+        """The lazy, exact and difference heatmaps (:meth:`MatrixHeatmaps.images` reads what
+        they show)."""
+        return self._heatmaps
 
     @property
     def series(self) -> hv.streams.Buffer:
@@ -252,15 +255,11 @@ class Dashboard(pn.viewable.Viewer):
         return frame
 
     def _rebuild_heatmaps(self) -> None:
-        """New heatmap plots for the current view and size (never per tick). A fresh ``Pipe``
-        per build: the old plots, still subscribed to the old pipe, see no foreign payload."""
+        """New heatmap figures for the current view (never per tick)."""
         self._source.clim = None
         frame = self.advance(0)
-        self._heat_pipe = hv.streams.Pipe(data=frame.heat)
-        self._heatmaps = heatmaps(self._heat_pipe, self.view)
-        self.heat_pane.object = (
-            hv.Layout(list(self._heatmaps.values())).cols(3).opts(shared_axes=True, backend="bokeh")
-        )
+        self._heatmaps = MatrixHeatmaps(self.view, _HEAT_SIZE, _TOOLS)
+        self.heat_pane.object = self._heatmaps.layout
         self.render(frame)
 
     def _rebuild_series(self, *events) -> None:
@@ -319,7 +318,7 @@ class Dashboard(pn.viewable.Viewer):
         self.window_text = pn.pane.Markdown("", margin=(0, 10), sizing_mode="stretch_width")
         self.counters = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 10))
         self.speedups = speedup_indicators()
-        self.heat_pane = pn.pane.HoloViews(backend="bokeh", margin=0)
+        self.heat_pane = pn.pane.Bokeh(margin=0)
         self.error_pane = pn.pane.HoloViews(backend="bokeh", margin=0)
         self.pending_pane = pn.pane.HoloViews(backend="bokeh", margin=0)
         self.cost_pane = pn.pane.HoloViews(backend="bokeh", margin=0)
