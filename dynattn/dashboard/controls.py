@@ -20,6 +20,7 @@ from .text import EXPLANATION, counters_html, fmt_ratio
 __all__ = [
     "TOLERANCES",
     "TYPED_FIELDS",
+    "add_display_panes",
     "build_layout",
     "code_edits",
     "fit_slider",
@@ -34,6 +35,26 @@ TOLERANCES = tuple(10.0**e for e in range(-8, 1))
 TYPED_FIELDS = {"seed": ("seed", True), "delta_scale": ("update size (std of δ)", False)}
 _RATIO_COLORS = [(1.0, "#b2182b"), (math.inf, "#1a7837")]  # red when behind, green ahead
 _NO_RATIO_COLORS = [(math.inf, "#888888")]
+
+
+def add_display_panes(dash) -> None:
+    """Give ``dash`` its read-only panes: messages, progress bar, counters, speed-ups, the
+    lesson caption and the plots' panes (filled later)."""
+    dash.policy_note = pn.pane.Markdown("", margin=(0, 10))
+    dash.caption = pn.pane.Markdown("", margin=(0, 10), sizing_mode="stretch_width")
+    dash.alert = pn.pane.Alert(
+        "", alert_type="danger", visible=False, sizing_mode="stretch_width", margin=(5, 10)
+    )
+    dash.progress = pn.indicators.Progress(
+        active=True, visible=False, width=120, margin=(15, 10), bar_color="primary"
+    )
+    dash.window_text = pn.pane.Markdown("", margin=(0, 10), sizing_mode="stretch_width")
+    dash.counters = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 10))
+    dash.speedups = speedup_indicators()
+    dash.heat_pane = pn.pane.Bokeh(margin=0)
+    dash.error_pane, dash.pending_pane, dash.cost_pane = (
+        pn.pane.HoloViews(backend="bokeh", margin=0) for _ in range(3)
+    )
 
 
 def simulation_controls(form) -> dict:

@@ -11,6 +11,7 @@ progress bar, so no session's clicks wait on them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import time
 
@@ -22,11 +23,11 @@ import param
 
 from ..simulation import Simulation
 from .controls import (
+    add_display_panes,
     build_layout,
     code_edits,
     fit_window_controls,
     show_stats,
-    speedup_indicators,
 )
 from .frames import SERIES, WINDOWS, Frame, FrameSource, Pacer, Player, series_rows
 from .heatmaps import MatrixHeatmaps
@@ -59,10 +60,11 @@ def _batch() -> contextlib.ExitStack:
     return batch
 
 
-def _timeline_csv(sim: Simulation) -> io.StringIO:
+def _timeline_csv(dash: Dashboard) -> io.StringIO:
     """The simulation's timeline as CSV, for the download button."""
     buf = io.StringIO()
-    sim.timeline.to_csv(buf)
+    with dash._loop.lock:  # not while a frame appends to it
+        dash.sim.timeline.to_csv(buf)
     buf.seek(0)
     return buf
 
@@ -221,8 +223,7 @@ class Dashboard(pn.viewable.Viewer):
 
     @property
     def heatmaps(self) -> MatrixHeatmaps:
-        """The lazy, exact and difference heatmaps (:meth:`MatrixHeatmaps.images` reads what
-        they show)."""
+        """The lazy, exact and difference heatmaps (``.images()``: what they show)."""
         return self._heatmaps
 
     @property
@@ -276,6 +277,7 @@ class Dashboard(pn.viewable.Viewer):
 
     # ------------------------------------------------------------------ widgets
     def _build_widgets(self) -> None:
+        add_display_panes(self)
         w = pn.widgets
         self.play_toggle = w.Toggle.from_param(self.param.playing, label="▶ Play", color="success")
         self.step_button = w.Button(label="Step one tick")
@@ -288,17 +290,15 @@ class Dashboard(pn.viewable.Viewer):
         self.param.watch(self._on_period, "period")
         self.param.watch(self._on_view_change, ["view", "window", "row0", "col0"])
         self.param.watch(self._on_lesson, "lesson")
-        self.policy_note = pn.pane.Markdown("", margin=(0, 10))
         self.settings = SettingsEditor(self)
         self.form, self.controls = self.settings.form, self.settings.controls
         self.lesson_select = w.Select.from_param(self.param.lesson, label="Lesson", width=330)
-        self.caption = pn.pane.Markdown("", margin=(0, 10), sizing_mode="stretch_width")
         self.file_input = w.FileInput(accept=".npz", multiple=False)
         self.file_input.param.watch(
             lambda e: e.new and self.settings.upload(self.file_input.filename, e.new), "value"
         )
         self.download = w.FileDownload(
-            callback=self._timeline_csv,
+            callback=functools.partial(_timeline_csv, self),
             filename="dynattn_timeline.csv",
             label="Download timeline (CSV)",
             color="primary",
@@ -309,27 +309,9 @@ class Dashboard(pn.viewable.Viewer):
         self.window_select = w.Select.from_param(self.param.window, label="window", width=90)
         self.row_slider = w.IntSlider.from_param(self.param.row0, width=200)
         self.col_slider = w.IntSlider.from_param(self.param.col0, width=200)
-        self.alert = pn.pane.Alert(
-            "", alert_type="danger", visible=False, sizing_mode="stretch_width", margin=(5, 10)
-        )
-        self.progress = pn.indicators.Progress(
-            active=True, visible=False, width=120, margin=(15, 10), bar_color="primary"
-        )
-        self.window_text = pn.pane.Markdown("", margin=(0, 10), sizing_mode="stretch_width")
-        self.counters = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 10))
-        self.speedups = speedup_indicators()
-        self.heat_pane = pn.pane.Bokeh(margin=0)
-        self.error_pane = pn.pane.HoloViews(backend="bokeh", margin=0)
-        self.pending_pane = pn.pane.HoloViews(backend="bokeh", margin=0)
-        self.cost_pane = pn.pane.HoloViews(backend="bokeh", margin=0)
         self._rebuild_series()
         self.param.watch(self._rebuild_series, ["log_error", "cost_unit", "log_cost"])
         self._show_caption()
-
-    def _timeline_csv(self) -> io.StringIO:
-        """The simulation's timeline as CSV, for the download button."""
-        with self._loop.lock:  # not while a frame appends to it
-            return _timeline_csv(self.sim)
 
     def _show_caption(self) -> None:
         self.caption.object = next((x.caption for x in LESSONS if x.title == self.lesson), "")
@@ -486,8 +468,7 @@ class Dashboard(pn.viewable.Viewer):
         self._loop.in_background(what, limited, finish)
 
     def _redraw(self, action: str) -> None:
-        """Draw the current state without a tick; its data are prepared off the event loop
-        (after any frame running now)."""
+        """Draw the current state (no tick), its data prepared off the event loop."""
 
         def done(frame, error):
             if error is not None:
