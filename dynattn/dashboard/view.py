@@ -2,10 +2,11 @@
 
 It drives one :class:`~dynattn.simulation.Simulation` in *frames*: each frame runs as much
 simulation work as its time budget allows (measured costs decide before any work starts, a
-large tick is spread over several frames), prepares the data with
-:class:`~dynattn.dashboard.frames.FrameSource` and pushes it into HoloViews streams in one
-batch. Slow steps (a rebuild for a new n, an upload) run in a thread while the page shows a
-progress bar, so no session's clicks wait on them.
+large tick is spread over several frames) and prepares the data with
+:class:`~dynattn.dashboard.frames.FrameSource`, in a thread (see
+:class:`~dynattn.dashboard.session.SessionLoop`); the event loop only draws it, in one batch
+of browser updates, so clicks are answered at once. Slow steps (a rebuild for a new n, an
+upload, a flush) show a progress bar meanwhile.
 """
 
 from __future__ import annotations
@@ -256,12 +257,11 @@ class Dashboard(pn.viewable.Viewer):
         return frame
 
     def _rebuild_heatmaps(self) -> None:
-        """New heatmap figures for the current view (never per tick)."""
+        """New heatmap figures for the current view (never per tick), filled by a redraw."""
         self._source.clim = None
-        frame = self.advance(0)
         self._heatmaps = MatrixHeatmaps(self.view, _HEAT_SIZE, _TOOLS)
         self.heat_pane.object = self._heatmaps.layout
-        self.render(frame)
+        self._redraw("Changing the view")
 
     def _rebuild_series(self, *events) -> None:
         error, pending, cost = series_plots(
@@ -403,7 +403,7 @@ class Dashboard(pn.viewable.Viewer):
         names = {e.name for e in events}
         if "view" in names:
             fit_window_controls(self)
-            self._guarded("Changing the view", self._rebuild_heatmaps)
+            self._rebuild_heatmaps()
             return
         if "window" in names:
             self._source.clim = None  # a new window: refit the shared colour range
