@@ -274,10 +274,15 @@ def test_dashboard_plays_and_obeys_its_controls(app_server, tmp_path):
             10,
             "the difference map to go blank after the flush",
         )
-        # until a K update lands in the window (V updates leave P alone); with the small
-        # threshold the cost model may have chosen under load, a tick leaves 1-4 updates
-        # pending, a key in the window for about one in eight: up to 60 ticks, not 10
-        for _ in range(60):
+        # From here on every update stays pending: a small fixed threshold (the one the cost
+        # model chose, two steps off) may flush all of a tick's 16 updates within the tick
+        # (4 does), and the map would stay blank. A pending K update changes every row's
+        # weights (through the row sums), so the next tick fills the map in unless all 16
+        # updates went to V (odds 2⁻¹⁶).
+        top = dash.form.param.threshold.bounds[1]
+        dash.form.param.update(threshold=top)
+        wait_until(lambda: dash.sim.config.threshold == top, 10, f"threshold {top}")
+        for _ in range(10):
             tick = dash.sim.tick
             page.get_by_role("button", name="Step one tick").click()
             wait_until(lambda: dash.sim.tick == tick + 1, 10, "one tick")  # noqa: B023
