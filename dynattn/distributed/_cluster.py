@@ -3,6 +3,7 @@ calls gathered with their failures named, BLAS threads per worker."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from dask.distributed import Client, LocalCluster
@@ -85,9 +86,18 @@ class Cluster:
 
     owned = property(lambda self: self._cluster is not None, doc="Whether close() stops it.")
 
-    def workers(self) -> list[str]:
-        """Addresses of the workers, sorted (a stable placement for the same cluster)."""
+    def workers(self, timeout: float = 10.0) -> list[str]:
+        """Addresses of the workers, sorted (a stable placement for the same cluster).
+
+        With none, waits up to ``timeout`` seconds for one: on a busy machine a worker that
+        missed its heartbeats is dropped by the scheduler and joins again moments later
+        (seen once in CI, where an engine built in that moment failed).
+        """
         workers = sorted(self.client.scheduler_info()["workers"])
+        if not workers:
+            with contextlib.suppress(TimeoutError):
+                self.client.wait_for_workers(1, timeout=timeout)
+            workers = sorted(self.client.scheduler_info()["workers"])
         if not workers:
             raise RuntimeError(f"the Dask cluster of {self.client!r} has no worker")
         return workers
