@@ -32,7 +32,7 @@ from bokeh.models import (
 from bokeh.plotting import figure
 from holoviews.plotting.util import process_cmap
 
-__all__ = ["TICK_LABEL_JS", "MatrixHeatmaps", "TokenHeatmaps"]
+__all__ = ["TICK_LABEL_JS", "TOOLS", "MatrixHeatmaps", "TokenHeatmaps"]
 
 # Tick labels as a person writes them: "6e-3", "1e-4", "2.5e-7", "0.5", "20", "1e9", never
 # "6.000e-3" (Bokeh's fallback on a log axis spanning less than a decade) nor "0.000007".
@@ -46,31 +46,42 @@ return x.toExponential().replace("e+", "e");
 """
 
 
+#: Tools of every dashboard plot besides the hover. No wheel zoom: over a plot the mouse wheel
+#: scrolls the page, as everywhere else.
+TOOLS = ("pan", "box_zoom", "reset", "save")
+
+
 def _palette(name: str) -> list[str]:
     return process_cmap(name, 256)  # the same colours HoloViews gave these maps
 
 
-def _heat_figure(title: str, size, tools, x_range, y_range, labels, mapper, hover):
-    """One heatmap figure with its colour bar: no grid, no tick marks, short bar labels."""
-    fig = figure(
-        title=title,
-        x_range=x_range,
-        y_range=y_range,
-        width=size[0],
-        height=size[1],
-        tools=[*tools, hover],
-        x_axis_label=labels[0],
-        y_axis_label=labels[1],
-    )
-    bar = ColorBar(
-        color_mapper=mapper, width=12, formatter=CustomJSTickFormatter(code=TICK_LABEL_JS)
-    )
-    fig.add_layout(bar, "right")
-    fig.title.text_font_size = "10pt"
-    fig.grid.visible = False
-    fig.axis.major_tick_line_color = None
-    fig.axis.minor_tick_line_color = None
-    return fig
+def _heat_figures(titles: dict, mappers: dict, draw, labels, ranges, size, tools, hover) -> dict:
+    """One figure per role of ``titles``, ``draw(fig, role, mapper)`` adding its glyph: the
+    difference coloured by ``mappers["diff"]``, the others by ``mappers["values"]``; all on
+    the same ``ranges`` (panning one pans all), each with its colour bar (short labels) and
+    a hover tool of its own, ``HoverTool(**hover)``; no grid, no tick marks."""
+    figures = {}
+    for role, title in titles.items():
+        mapper = mappers["diff" if role == "diff" else "values"]
+        fig = figure(
+            title=title,
+            x_range=ranges[0],
+            y_range=ranges[1],
+            width=size[0],
+            height=size[1],
+            tools=[*tools, HoverTool(**hover)],
+            x_axis_label=labels[0],
+            y_axis_label=labels[1],
+        )
+        labels_js = CustomJSTickFormatter(code=TICK_LABEL_JS)
+        fig.add_layout(ColorBar(color_mapper=mapper, width=12, formatter=labels_js), "right")
+        fig.title.text_font_size = "10pt"
+        fig.grid.visible = False
+        fig.axis.major_tick_line_color = None
+        fig.axis.minor_tick_line_color = None
+        draw(fig, role, mapper)
+        figures[role] = fig
+    return figures
 
 
 def _set_range(mapper: LinearColorMapper, lim) -> None:
@@ -97,8 +108,9 @@ class MatrixHeatmaps:
         Axis labels and colour map (viridis for P, diverging coolwarm for O).
     size : (int, int)
         Width and height of each figure in pixels.
-    tools : list of str
-        Bokeh tools besides the hover; one toolbar above the row serves all three.
+    tools : sequence of str, optional
+        Bokeh tools besides the hover (default :data:`TOOLS`); one toolbar above the row
+        serves all three.
 
     Attributes
     ----------
@@ -110,7 +122,7 @@ class MatrixHeatmaps:
     layout : bokeh.models.GridPlot
     """
 
-    def __init__(self, view: str, size: tuple[int, int], tools: list[str]):
+    def __init__(self, view: str, size: tuple[int, int], tools=TOOLS):
         self.view = view
         columns = (*MATRIX_TITLES, "x", "y", "dw", "dh")
         self.source = ColumnDataSource({name: [] for name in columns})
@@ -129,23 +141,21 @@ class MatrixHeatmaps:
             ("|lazy − exact|", "@diff{%.3g}"),
         ]
         formats = {"@lazy": "printf", "@exact": "printf", "@diff": "printf"}
-        self.figures = {}
-        for role, title in MATRIX_TITLES.items():
-            mapper = self.mappers["diff" if role == "diff" else "values"]
-            fig = _heat_figure(
-                title,
-                size,
-                tools,
-                self.x_range,
-                self.y_range,
-                (column, "query i"),
-                mapper,
-                HoverTool(tooltips=hover, formatters=formats),
-            )
-            fig.image(
-                image=role, x="x", y="y", dw="dw", dh="dh", source=self.source, color_mapper=mapper
-            )
-            self.figures[role] = fig
+
+        def draw(fig, role, mapper):
+            place = {"x": "x", "y": "y", "dw": "dw", "dh": "dh"}
+            fig.image(image=role, **place, source=self.source, color_mapper=mapper)
+
+        self.figures = _heat_figures(
+            MATRIX_TITLES,
+            self.mappers,
+            draw,
+            (column, "query i"),
+            (self.x_range, self.y_range),
+            size,
+            tools,
+            {"tooltips": hover, "formatters": formats},
+        )
         self.layout = gridplot([list(self.figures.values())], toolbar_location="above")
 
     def show(self, heat: dict) -> None:
@@ -206,8 +216,9 @@ class TokenHeatmaps:
     ----------
     size : (int, int)
         Width and height of each figure in pixels.
-    tools : list of str
-        Bokeh tools besides the hover (one toolbar above the grid serves all three).
+    tools : sequence of str, optional
+        Bokeh tools besides the hover (default :data:`TOOLS`); one toolbar above the grid
+        serves all three.
 
     Attributes
     ----------
@@ -223,32 +234,31 @@ class TokenHeatmaps:
     difference has its own, white at zero.
     """
 
-    def __init__(self, size: tuple[int, int], tools: list[str]):
+    def __init__(self, size: tuple[int, int], tools=TOOLS):
         self.source = ColumnDataSource({name: [] for name in _COLUMNS})
         self.x_range, self.y_range = FactorRange(), FactorRange()
         self.mappers = {
-            "weight": LinearColorMapper(palette=_palette("viridis"), low=0.0, high=1.0),
+            "values": LinearColorMapper(palette=_palette("viridis"), low=0.0, high=1.0),
             "diff": LinearColorMapper(palette=_palette("Reds"), low=0.0, high=1.0),
         }
-        self.figures = {}
-        for role, title in TOKEN_TITLES.items():
-            mapper = self.mappers["diff" if role == "diff" else "weight"]
-            fig = _heat_figure(
-                title,
-                size,
-                tools,
-                self.x_range,
-                self.y_range,
-                ("key token", "query token"),
-                mapper,
-                HoverTool(tooltips=_TOOLTIPS),
-            )
+
+        def draw(fig, role, mapper):
             fill = {"field": role, "transform": mapper}
             fig.rect("key", "query", 1, 1, source=self.source, fill_color=fill, line_color=None)
             fig.axis.major_label_text_font_size = "7pt"
             fig.axis.axis_line_color = None
             fig.xaxis.major_label_orientation = np.pi / 2
-            self.figures[role] = fig
+
+        self.figures = _heat_figures(
+            TOKEN_TITLES,
+            self.mappers,
+            draw,
+            ("key token", "query token"),
+            (self.x_range, self.y_range),
+            size,
+            tools,
+            {"tooltips": _TOOLTIPS},
+        )
         f = self.figures
         self.layout = gridplot(
             [[f["exact"], f["diff"]], [f["stale"], None]], toolbar_location="above"
@@ -265,5 +275,5 @@ class TokenHeatmaps:
             self.x_range.factors = keys
         if self.y_range.factors != queries[::-1]:  # query 0 at the top
             self.y_range.factors = queries[::-1]
-        _set_range(self.mappers["weight"], clim)
+        _set_range(self.mappers["values"], clim)
         _set_range(self.mappers["diff"], dlim)

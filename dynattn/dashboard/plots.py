@@ -18,17 +18,15 @@ import pandas as pd
 from bokeh.models import CustomJSTickFormatter
 
 from .frames import STRATEGIES
-from .heatmaps import TICK_LABEL_JS
+from .heatmaps import TICK_LABEL_JS, TOOLS
 
 __all__ = ["cost_plot", "error_plot", "pending_plot", "series_plots"]
 
-# No wheel zoom: over a plot the mouse wheel scrolls the page, as everywhere else.
-_TOOLS = ["pan", "box_zoom", "reset", "save"]
 _SERIES_OPTS = {
     "width": 330,
     "height": 250,
     "show_grid": True,
-    "default_tools": _TOOLS,
+    "default_tools": list(TOOLS),
     "legend_position": "top",  # above the plot, never over the curves
     "legend_opts": {
         "orientation": "horizontal",

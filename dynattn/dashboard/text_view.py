@@ -30,7 +30,7 @@ from ..models import DEFAULT_TEXT, Edit, Footprint, MiniLM, TextAttention
 from ..models.edits import KINDS
 from .controls import code_edits, fit_slider
 from .frames import fit_clim, plan_window, weights_window
-from .heatmaps import TokenHeatmaps
+from .heatmaps import TOOLS, TokenHeatmaps
 from .text import escape
 
 __all__ = [
@@ -56,7 +56,6 @@ _BAR_COLORS = ("#4393c3", "#d6604d")
 # The page template styles headings added after the page was served as Bootstrap's (28 px);
 # this keeps them as the synthetic sidebar's.
 _HEADING_CSS = ["h3 { font-size: 1.17em; font-weight: 700; }"]
-_TOOLS = ["pan", "box_zoom", "reset", "save"]
 
 
 _MODEL_LOCK = threading.Lock()
@@ -226,7 +225,7 @@ def live_bars(pipe: hv.streams.Pipe) -> hv.DynamicMap:
         framewise=True,
         cmap=list(_BAR_COLORS),  # by the group ("count"), in the order of the names
         tools=["hover"],
-        default_tools=_TOOLS,
+        default_tools=list(TOOLS),
         show_legend=True,
         legend_position="right",
         toolbar=None,
@@ -369,7 +368,7 @@ class TextExplorer(pn.viewable.Viewer):
         self.window_note = pn.pane.Markdown("", margin=(0, 10))
         self.word_hint = pn.pane.Markdown("", margin=(0, 10))
         heat, bars, _ = self._payloads()
-        self.heatmaps = TokenHeatmaps(_HEAT_SIZE, _TOOLS)
+        self.heatmaps = TokenHeatmaps(_HEAT_SIZE)
         self.heatmaps.show(**heat)
         self._bars_pipe = hv.streams.Pipe(data=bars)
         self.plots = pn.pane.Bokeh(self.heatmaps.layout, margin=0)

@@ -45,8 +45,6 @@ SERIES_INTERVAL = 0.7
 _FREE_PLAY = "Free play (your own settings)"
 _VIEWS = {"attention weights P": "weights", "output O = PV": "output"}
 _HEAT_SIZE = (330, 280)  # pixels per heatmap: three fit beside the sidebar at 1366 wide
-# No wheel zoom: over a plot the mouse wheel scrolls the page, as everywhere else.
-_TOOLS = ["pan", "box_zoom", "reset", "save"]
 
 
 def _batch() -> contextlib.ExitStack:
@@ -259,7 +257,7 @@ class Dashboard(pn.viewable.Viewer):
     def _rebuild_heatmaps(self) -> None:
         """New heatmap figures for the current view (never per tick), filled by a redraw."""
         self._source.clim = None
-        self._heatmaps = MatrixHeatmaps(self.view, _HEAT_SIZE, _TOOLS)
+        self._heatmaps = MatrixHeatmaps(self.view, _HEAT_SIZE)
         self.heat_pane.object = self._heatmaps.layout
         self._redraw("Changing the view")
 

@@ -93,11 +93,9 @@ class Cluster:
         missed its heartbeats is dropped by the scheduler and joins again moments later
         (seen once in CI, where an engine built in that moment failed).
         """
+        with contextlib.suppress(TimeoutError):  # at once when a worker is there
+            self.client.wait_for_workers(1, timeout=timeout)
         workers = sorted(self.client.scheduler_info()["workers"])
-        if not workers:
-            with contextlib.suppress(TimeoutError):
-                self.client.wait_for_workers(1, timeout=timeout)
-            workers = sorted(self.client.scheduler_info()["workers"])
         if not workers:
             raise RuntimeError(f"the Dask cluster of {self.client!r} has no worker")
         return workers
