@@ -18,8 +18,9 @@ from dynattn.reference import dense_attention
 
 RATIO = 10.0
 # the floor in units u of the dtype's roundoff (1.1e-16 in float64, 6e-8 in float32): what
-# the precision guards allow, 2·(1 + PLAIN_LOGITS)·g u (see dynattn.engine.kernels)
-FLOOR_UNITS = {np.dtype(np.float64): 2 * 33 * 16.0, np.dtype(np.float32): 2 * 33 * 8.0}
+# the precision guards allow, 2·(1 + PLAIN_LOGITS)·g u (see dynattn.engine.kernels), 1.0e-14
+# in float64 (the floor) and 3e-5 in float32
+FLOOR_UNITS = {np.dtype(np.float64): 2 * 9 * 5.0, np.dtype(np.float32): 2 * 33 * 8.0}
 KINDS = ("ordinary", "large", "crowded", "sparse", "dominant")
 
 

@@ -24,6 +24,7 @@ from dynattn import (
     OriginalAdaptive,
     dense_attention,
 )
+from dynattn.engine.kernels import PLAIN_LOGITS
 from dynattn.engine.planner import QueryPlanner
 
 POLICIES = {
@@ -548,13 +549,15 @@ def test_the_catch_up_ratio_follows_the_first_three_catch_ups_and_every_16th():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_a_flush_moves_the_precision_guards_by_the_removed_mass(dtype):
     # from exact caches, the guards are -g times the natural mass (s, and per output column
-    # the sum of weights times |v|); a flush adds what removals took out: old keys' weights
-    # (with their old values) and, for a value change alone, the weight times |v_old|
+    # the sum of weights times |v|); a flush adds what removals took out, each exponential
+    # weighted by w = max(1, (1 + 2·|q|max·|k|) / (1 + PLAIN_LOGITS)): old keys (with their
+    # old values), new keys' (w - 1)/2 (an added exponential errs, cancelling nothing) and,
+    # for a value change alone, w times |v - v_old|
     n, d = 40, 6
     eng = make(n=n, d=d, seed=3, policy=10**6, dtype=dtype)
     Q, K_then, V_then = (np.array(a, dtype=np.float64) for a in (eng.Q, eng.K, eng.V))
     rng = np.random.default_rng(4)
-    eng.set_k_row(3, rng.random(d))
+    eng.set_k_row(3, 4 * rng.random(d))  # a key long enough to weigh more than 1 in float64
     eng.set_k_row(7, rng.random(d))
     eng.set_v_row(7, rng.random(d))
     eng.set_v_row(5, rng.random(d))
@@ -568,8 +571,15 @@ def test_a_flush_moves_the_precision_guards_by_the_removed_mass(dtype):
     w_old = np.exp(eng.scale * Q @ K_then.T - m)
     keyed = (K_then != K).any(axis=1)
     valued = (V_then != V).any(axis=1) & ~keyed
-    removed_s = w_old[:, keyed].sum(axis=1)
-    removed_c = w_old[:, keyed] @ np.abs(V_then[keyed]) + w_now[:, valued] @ np.abs(V_then[valued])
+    plain = 1 + PLAIN_LOGITS[np.dtype(dtype)]
+    qmax = eng.scale * np.linalg.norm(Q, axis=1).max()
+    w_then = np.maximum(1, (1 + 2 * qmax * np.linalg.norm(K_then, axis=1)) / plain)
+    w_key = np.maximum(1, (1 + 2 * qmax * np.linalg.norm(K, axis=1)) / plain)
+    assert (w_key[keyed] > 1).any() == (dtype == np.float64)  # both kinds of weight checked
+    gone, come = w_old[:, keyed] * w_then[keyed], w_now[:, keyed] * (w_key[keyed] - 1) / 2
+    removed_s = gone.sum(axis=1) + come.sum(axis=1)
+    removed_c = gone @ np.abs(V_then[keyed]) + come @ np.abs(V[keyed])
+    removed_c += (w_now[:, valued] * w_key[valued]) @ np.abs(V - V_then)[valued]
     g = eng._contrib.growth
     C = np.array(eng._cache, dtype=np.float64)
     tol = dict(rtol=1e-9 if dtype == np.float64 else 2e-4, atol=0)

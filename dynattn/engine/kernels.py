@@ -9,8 +9,9 @@ stabiliser ``m_i``, with ``ã_ij = exp(scale · q_i·k_j − m_i)``, ``N_i = Σ_
 Invariants and costs:
 
 * The guards are ``removed − g · natural``: the mass that removals subtracted since the row was
-  last computed exactly, each removed exponential weighted by the error of recomputing it
-  (``w ≥ 1``, growing with its logit's magnitude: :meth:`Contributions.weights`), less ``g``
+  last computed exactly (for a value changed under its key, ``ã·|v − v_old|``), each removed
+  exponential weighted by the error of recomputing it (``w ≥ 1``, growing with its logit's
+  magnitude: :meth:`Contributions.weights`), less ``g``
   (:data:`GROWTH`) times the row's natural scale (``s_i`` and ``Σ_j ã_ij |v_jc|``). Both
   parts are linear in the contributions, so every product that moves N and s moves the guards
   too. A positive guard (or ``s ≤ 0``, or NaN) means the subtractions may have left an error
@@ -36,17 +37,20 @@ from .._blas import add_product
 # exp(x − m) carries a relative error of about u·(|x| + |m|) (u the unit roundoff: the
 # logit product rounds at that magnitude), the one it cancels carried as much, so removing
 # mass R leaves an error of about 2u·(1 + |x| + |m|)·R. With the weights below that is at
-# most 2u·(1 + PLAIN_LOGITS)·g of the entry's natural scale: 1.2e-13 (float64), 3e-5
-# (float32), whatever the logits' size.
-GROWTH = {np.dtype(np.float64): 16.0, np.dtype(np.float32): 8.0}
+# most 2u·(1 + PLAIN_LOGITS)·g of the entry's natural scale, whatever the logits' size:
+# 1.0e-14 in float64 (2u·9·5, the floor the precision tests hold it to) and 3e-5 in float32.
+# A smaller g costs recomputations: a stream of row rewrites recomputes every row after about
+# g·n/w replacements (w the weight of plain keys, 1 to 7 at d = 64).
+GROWTH = {np.dtype(np.float64): 5.0, np.dtype(np.float32): 8.0}
 
 # g where removals subtract the very exponentials that were added (EagerDense stores them):
 # only the sums' rounding remains, about u·(1 + 2g), 2.3e-13 (float64) and 8e-6 (float32).
 GROWTH_EXACT_REMOVAL = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): 64.0}
 
 # Logits up to this magnitude (|x| + |m| for the mass that counts) weigh 1 in the guards;
-# larger ones weigh proportionally more (Contributions.weights).
-PLAIN_LOGITS = 32.0
+# larger ones weigh proportionally more (Contributions.weights). Lower in float64, whose floor
+# is tight: there keys with small logits may move more mass before a recomputation.
+PLAIN_LOGITS = {np.dtype(np.float64): 8.0, np.dtype(np.float32): 32.0}
 
 # From this many rows on, corrections and fresh rows are matrix products (compute-bound)
 # rather than matrix-vector products (memory-bound).
@@ -88,8 +92,8 @@ class Contributions:
 
     ``new``: a key-value pair coming in, ``[v, 1, a−g, (a−g)|v|]`` with ``a = (w − 1)/2``;
     ``old``: one going out, ``[−v, −1, w+g, (w+g)|v|]``; ``changed``: a value replaced under
-    an unchanged key, ``[v − v_old, 0, 0, (w+g)|v_old| + (a−g)|v|]`` (s is untouched, so
-    nothing cancels in it). O(rows·d) each.
+    an unchanged key, ``[v − v_old, 0, 0, w|v − v_old| + g|v_old| − g|v|]`` (s is untouched,
+    so nothing cancels in it). O(rows·d) each.
 
     ``w`` weighs removed mass by the error of recomputing it (:meth:`weights`); ``g`` is
     :data:`GROWTH`. With ``qnorm_max`` None removals are exact (the caller subtracts the very
@@ -101,6 +105,7 @@ class Contributions:
         self.d, self.dtype = d, dtype
         self.growth = g = (GROWTH if qnorm_max is not None else GROWTH_EXACT_REMOVAL)[dtype]
         self.qnorm_max = qnorm_max
+        self.plain = PLAIN_LOGITS[dtype]
         # s and its guard, as arrays: a tuple is converted at every call, and a catch-up
         # after one update is all such calls
         self._marks_new = np.array([1, -g], dtype=dtype)
@@ -114,13 +119,13 @@ class Contributions:
         the magnitudes its rounding sees), and the stabiliser m of a row where this entry
         carries mass lies within a few units of x; so ``w = max(1, (1 + 2·|q|max·|k|) /
         (1 + PLAIN_LOGITS))``: plain logits weigh 1 (GROWTH is calibrated for them), and a
-        logit of 10,000 some 600 times more. O(rows·d).
+        logit of 10,000 some 2,000 (float64) or 600 (float32) times more. O(rows·d).
         """
         if self.qnorm_max is None or keys is None:
             return None
         w = np.sqrt(np.einsum("ij,ij->i", keys, keys))
-        w *= 2 * self.qnorm_max / (1 + PLAIN_LOGITS)
-        w += 1 / (1 + PLAIN_LOGITS)
+        w *= 2 * self.qnorm_max / (1 + self.plain)
+        w += 1 / (1 + self.plain)
         np.maximum(w, 1.0, out=w)
         w += self.growth
         return w
@@ -160,14 +165,19 @@ class Contributions:
         np.subtract(v, v_old, out=out[:, :d])
         out[:, d : d + 2] = 0
         w = self.weights(keys)
+        # the product adds ã·(v − v_old): what it cancels in N errs by at most what was added
+        # for v_old, and that stays covered by the natural scale as long as |v| does not fall
+        # below it, so the error it leaves weighs w·|v − v_old|; a small change to one column
+        # charges little, and nothing to the others (charging all of |v_old|, as a removal
+        # does, recomputed every row after ~g·n value updates of 0.1)
+        np.abs(out[:, :d], out=out[:, d + 2 :])
         if w is None:
-            np.multiply(np.abs(v_old), 1 + g, out=out[:, d + 2 :])
-            out[:, d + 2 :] -= g * np.abs(v)
-        else:  # the old value out with weight w + g, the new one in with a − g (see new)
-            np.multiply(np.abs(v_old), w[:, None], out=out[:, d + 2 :])
-            w -= 1 + 3 * g
-            w *= 0.5
-            out[:, d + 2 :] += w[:, None] * np.abs(v)
+            w = 1.0 + g
+        else:
+            w = w[:, None]  # weights() gave w + g
+        out[:, d + 2 :] *= w - g
+        out[:, d + 2 :] += g * np.abs(v_old)
+        out[:, d + 2 :] -= g * np.abs(v)
 
 
 def row_norms(rows: np.ndarray) -> np.ndarray:
