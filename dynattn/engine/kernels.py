@@ -169,7 +169,7 @@ class Contributions:
         # for v_old, and that stays covered by the natural scale as long as |v| does not fall
         # below it, so the error it leaves weighs w·|v − v_old|; a small change to one column
         # charges little, and nothing to the others (charging all of |v_old|, as a removal
-        # does, recomputed every row after ~g·n value updates of 0.1)
+        # does, would recompute every row after ~g·n value updates of 0.1)
         np.abs(out[:, :d], out=out[:, d + 2 :])
         if w is None:
             w = 1.0 + g
