@@ -171,11 +171,8 @@ class Contributions:
         # charges little, and nothing to the others (charging all of |v_old|, as a removal
         # does, would recompute every row after ~g·n value updates of 0.1)
         np.abs(out[:, :d], out=out[:, d + 2 :])
-        if w is None:
-            w = 1.0 + g
-        else:
-            w = w[:, None]  # weights() gave w + g
-        out[:, d + 2 :] *= w - g
+        if w is not None:  # weights() gave w + g (None: removals weigh 1)
+            out[:, d + 2 :] *= w[:, None] - g
         out[:, d + 2 :] += g * np.abs(v_old)
         out[:, d + 2 :] -= g * np.abs(v)
 
