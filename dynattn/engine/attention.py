@@ -158,6 +158,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         self._schedule = FlushSchedule(policy)
         self._ask_policy_next()
         self._n_queries = self._n_flushes = 0
+        self._refreshed: set[int] = set()  # cache rows refreshed since the last flush
         self.flush_log: deque[FlushEvent] = deque(maxlen=1000)
         # long enough to span many touched-row counts even with a query after every update
         # (256 spanned one flush cycle there, and a slope fitted over it flipped the choice)
@@ -382,10 +383,48 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         if S == 0:
             return m, C, 0
         self._get_pack()
-        bad = correct_rows(self._Q_padded[idx], self._qnorm[idx], self._qnorm_max, m, C, self._pack)
+        bad = self._corrected(idx, m, C)
+        refreshed = 0
+        if bad.any():
+            pos = np.flatnonzero(bad)
+            fresh = self._refresh(idx[pos])
+            if len(fresh):  # corrected again from their refreshed cache rows
+                refreshed = len(fresh)
+                pos = pos[np.isin(idx[pos], fresh)]
+                sub = idx[pos]
+                m_sub, C_sub = self._stabiliser[sub], self._cache[sub]
+                bad[pos] = self._corrected(sub, m_sub, C_sub)
+                m[pos], C[pos] = m_sub, C_sub
         if bad.any():
             m[bad], C[bad] = self._exact(idx[bad])
-        return m, C, int(bad.sum())
+        return m, C, refreshed + int(bad.sum())
+
+    def _corrected(self, idx: np.ndarray, m: np.ndarray, C: np.ndarray) -> np.ndarray:
+        """Correct copies ``(m, C)`` of the cache rows ``idx`` in place; returns the rows that
+        lost precision (see ``correct_rows``)."""
+        QA, qnorm = self._Q_padded[idx], self._qnorm[idx]
+        return correct_rows(QA, qnorm, self._qnorm_max, m, C, self._pack)
+
+    def _refresh(self, rows: np.ndarray) -> np.ndarray:
+        """Of ``rows``, whose corrections lost precision, those not refreshed since the last
+        flush: recomputed exactly as of that flush (from the snapshot) into the caches, and
+        returned. O(len·n·d), what computing them afresh costs.
+
+        A row near its guards' limit, pushed over by the pending corrections, then takes them
+        again at every later query instead of being computed afresh each time until the next
+        flush (which no longer needs to repair it); a row whose pending corrections alone
+        cancel too much (a dominant key removed) is refreshed once, in vain. The stale view
+        keeps its meaning (the caches as of the last flush), more precisely.
+        """
+        done = self._refreshed
+        fresh = np.array([r for r in rows.tolist() if r not in done], dtype=np.intp)
+        if len(fresh):
+            done.update(fresh.tolist())
+            q = self._queue
+            growth = self._contrib.growth
+            args = (self._Q, q.K_flushed, q.V_flushed, self._scale, growth, fresh, self._work)
+            self._stabiliser[fresh], self._cache[fresh] = exact_rows(*args)
+        return fresh
 
     # ------------------------------------------------------------------ flush
     def flush(self) -> FlushEvent | None:
@@ -463,6 +502,7 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         )
         queue.clear(rows)
         self._pack.clear()
+        self._refreshed.clear()
         self._planner.forget_fresh_choice()
         self._ask_policy_next()  # a flush may change the policy's answer
         self.flush_log.append(event)
