@@ -1238,18 +1238,15 @@ def _row_stream_fresh_rows(refresh: bool) -> int:
     rng = np.random.default_rng(0)
     eng = LazyAttention(*rng.standard_normal((3, n, d)), policy=10**9)
     oracle, fresh = Oracle(eng), [0]
-    exact, refresh_rows = eng._exact, eng._refresh
+    exact = eng._exact
 
     def counted(idx, **kw):
         fresh[0] += len(idx)
         return exact(idx, **kw)
 
-    def refreshed(rows):
-        done = refresh_rows(rows) if refresh else np.empty(0, dtype=np.intp)
-        fresh[0] += len(done)
-        return done
-
-    eng._exact, eng._refresh = counted, refreshed
+    eng._exact = counted  # refreshes too compute their rows through it
+    if not refresh:
+        eng._refresh = lambda rows: np.zeros(len(rows), dtype=bool)
     for step in range(30 * n):
         eng.set_k_row(int(rng.integers(n)), rng.standard_normal(d))
         oracle.K[:] = eng.K

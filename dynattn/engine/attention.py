@@ -350,10 +350,13 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         return pack.views
 
     # ------------------------------------------------------------------ exact rows
-    def _exact(self, idx, out_m=None, out_C=None, guards=True) -> tuple[np.ndarray, np.ndarray]:
-        """Exact cache rows of query rows ``idx``, O(len(idx)·n·d); see ``exact_rows``."""
-        growth = self._contrib.growth
-        args = (self._Q, self._K, self._V, self._scale, growth, idx, self._work)
+    def _exact(
+        self, idx, out_m=None, out_C=None, guards=True, snapshot=False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cache rows of query rows ``idx``, O(len(idx)·n·d); see ``exact_rows``. With
+        ``snapshot``, as of the last flush (K and V from the snapshot): what the caches hold."""
+        K, V = (self._queue.K_flushed, self._queue.V_flushed) if snapshot else (self._K, self._V)
+        args = (self._Q, K, V, self._scale, self._contrib.growth, idx, self._work)
         return exact_rows(*args, out_m=out_m, out_C=out_C, guards=guards)
 
     def _store_exact(self) -> None:
@@ -388,9 +391,9 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         if bad.any():
             pos = np.flatnonzero(bad)
             fresh = self._refresh(idx[pos])
-            if len(fresh):  # corrected again from their refreshed cache rows
-                refreshed = len(fresh)
-                pos = pos[np.isin(idx[pos], fresh)]
+            if fresh.any():  # corrected again from their refreshed cache rows
+                refreshed = int(fresh.sum())
+                pos = pos[fresh]
                 sub = idx[pos]
                 m_sub, C_sub = self._stabiliser[sub], self._cache[sub]
                 bad[pos] = self._corrected(sub, m_sub, C_sub)
@@ -406,9 +409,9 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         return correct_rows(QA, qnorm, self._qnorm_max, m, C, self._pack)
 
     def _refresh(self, rows: np.ndarray) -> np.ndarray:
-        """Of ``rows``, whose corrections lost precision, those not refreshed since the last
-        flush: recomputed exactly as of that flush (from the snapshot) into the caches, and
-        returned. O(len·n·d), what computing them afresh costs.
+        """Which of ``rows``, whose corrections lost precision, were not refreshed since the
+        last flush (bool, shape (len(rows),)): those are recomputed exactly as of that flush
+        into the caches. O(len·n·d), what computing them afresh costs.
 
         A row near its guards' limit, pushed over by the pending corrections, then takes them
         again at every later query instead of being computed afresh each time until the next
@@ -417,13 +420,11 @@ class LazyAttention(UpdateVerbs, TokenVerbs, QueryVerbs):
         keeps its meaning (the caches as of the last flush), more precisely.
         """
         done = self._refreshed
-        fresh = np.array([r for r in rows.tolist() if r not in done], dtype=np.intp)
-        if len(fresh):
-            done.update(fresh.tolist())
-            q = self._queue
-            growth = self._contrib.growth
-            args = (self._Q, q.K_flushed, q.V_flushed, self._scale, growth, fresh, self._work)
-            self._stabiliser[fresh], self._cache[fresh] = exact_rows(*args)
+        fresh = np.array([r not in done for r in rows.tolist()], dtype=bool)
+        if fresh.any():
+            rows = rows[fresh]
+            done.update(rows.tolist())
+            self._stabiliser[rows], self._cache[rows] = self._exact(rows, snapshot=True)
         return fresh
 
     # ------------------------------------------------------------------ flush

@@ -40,7 +40,7 @@ from .._blas import add_product
 # most 2u·(1 + PLAIN_LOGITS)·g of the entry's natural scale, whatever the logits' size:
 # 1.0e-14 in float64 (2u·9·5, the floor the precision tests hold it to) and 3e-5 in float32.
 # A smaller g costs recomputations: a stream of row rewrites recomputes every row after about
-# g·n/w replacements (w the weight of plain keys, 1 to 7 at d = 64).
+# g·n/w replacements (w the weight of plain keys, 1 to 3 at d = 64).
 GROWTH = {np.dtype(np.float64): 5.0, np.dtype(np.float32): 8.0}
 
 # g where removals subtract the very exponentials that were added (EagerDense stores them):

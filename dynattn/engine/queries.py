@@ -157,14 +157,19 @@ class QueryVerbs:
             row = self._cache[i]
         else:
             self._get_pack()
-            row = _corrected_row(self, i, col)
-            if row is None and len(self._refresh(np.array([i]))):  # lost precision: see _refresh
-                row = _corrected_row(self, i, col)
+            row = self._corrected_row(i, col)
+            if row is None and self._refresh(np.array([i]))[0]:  # lost precision: see _refresh
+                row = self._corrected_row(i, col)
             if row is None:  # its correction alone would lose precision
                 row = self._exact(np.array([i]))[1][0]
         self._n_queries += 1
         self.query_log.append(_record(QueryRecord, (S, 1, time.perf_counter() - t0)))
         return row
+
+    def _corrected_row(self, i: int, col: int | None):
+        """Cache row ``i`` corrected (a copy), or None when it lost precision (``correct_row``)."""
+        cached = self._cache[i]
+        return correct_row(self._Q[i], self._qnorm[i], self._stabiliser[i], cached, self._pack, col)
 
     def _rows_out(self, idx: np.ndarray, stale: bool, count: int) -> np.ndarray:
         """Output rows ``idx``; ``count`` user queries are logged (0: internal use)."""
@@ -212,11 +217,6 @@ class QueryVerbs:
         else:
             rel = norm_diff / norm_exact
         return ErrorReport(rel, norm_diff.scale)
-
-
-def _corrected_row(eng, i: int, col: int | None):
-    """Cache row ``i`` of engine ``eng`` corrected (a copy), or None (see ``correct_row``)."""
-    return correct_row(eng._Q[i], eng._qnorm[i], eng._stabiliser[i], eng._cache[i], eng._pack, col)
 
 
 def _out(C: np.ndarray, d: int) -> np.ndarray:

@@ -196,7 +196,4 @@ class TokenVerbs:
         self._plan_next_ask()
         if len(fresh):
             fresh = np.unique(fresh)
-            m, C = exact_rows(
-                self._Q, K_flushed, V_flushed, self._scale, self._contrib.growth, fresh, self._work
-            )
-            self._stabiliser[fresh], self._cache[fresh] = m, C
+            self._stabiliser[fresh], self._cache[fresh] = self._exact(fresh, snapshot=True)
